@@ -1,0 +1,38 @@
+// Macro knobs -> typed constants. ep/envs.py declares every knob once; ep/jit.py passes the macros a
+// kernel file uses as -D flags. Kernel bodies use these constants, never the raw macros. A kernel file
+// that needs a constant whose macro was not passed fails to compile (undeclared identifier).
+#pragma once
+
+namespace ep {
+
+constexpr int kMaxWorld = 32;   // peer masks are u32 (ep/config.py MAX_WORLD_SIZE)
+constexpr int kMaxTopk = 32;    // ep/config.py MAX_TOPK
+constexpr int kWarpSize = 32;
+constexpr int kVecBytes = 16;   // every row is a multiple of 16 bytes (H % 8 == 0)
+
+#ifdef EP_NCCLEP_TMA
+constexpr bool kDispatchTma = EP_NCCLEP_TMA != 0;
+#endif
+#ifdef EP_DISPATCH_WARPS
+constexpr int kDispatchWarps = EP_DISPATCH_WARPS;
+static_assert(kDispatchWarps >= 4 && kDispatchWarps <= 32 && kDispatchWarps % 2 == 0,
+              "EP_DISPATCH_WARPS: even, in [4, 32] (half send, half receive)");
+#endif
+#ifdef EP_CMB_TMA
+constexpr bool kCombineTma = EP_CMB_TMA != 0;
+#endif
+#ifdef EP_CMB_TMA_STAGES
+constexpr int kCombineStages = EP_CMB_TMA_STAGES;
+static_assert(kCombineStages >= 1 && kCombineStages <= 4, "EP_CMB_TMA_STAGES in [1, 4]");
+#endif
+#ifdef EP_LL_WARPS
+constexpr int kLLWarps = EP_LL_WARPS;
+static_assert(kLLWarps >= 4 && kLLWarps <= 32, "EP_LL_WARPS in [4, 32]");
+#endif
+#ifdef EP_DEBUG_TRAP
+constexpr bool kTrapOnTimeout = EP_DEBUG_TRAP != 0;
+#else
+constexpr bool kTrapOnTimeout = false;
+#endif
+
+}  // namespace ep

@@ -1,0 +1,168 @@
+// Kernel parameter structs, passed by value as the single kernel argument.
+// Mirrored field by field by NumPy structured dtypes in ep/structs.py; tests/cpu/test_structs.py compiles
+// static_asserts generated from those dtypes against this file, so the two cannot drift.
+#pragma once
+#include "common/types.cuh"
+#include "common/wait.cuh"
+
+namespace ep {
+
+constexpr int kDupBit = 1 << 30;     // route/lexp flag: this slot repeats an expert named by an earlier slot
+constexpr int kRouteChunk = 128;     // tokens per block of the HT routing kernels (= their block size)
+
+struct BarrierParams {
+  const u64* sig_peers;   // [W] base of every rank's signal buffer
+  ErrorRecord* err;
+  u64 value;              // barrier generation, strictly increasing per communicator
+  u64 timeout_ns;
+  u64 flags_offset;       // byte offset of u64 flags[W] inside the signal buffer
+  i32 rank;
+  i32 world;
+};
+
+struct HtRouteParams {
+  const void* topk_ids;   // [T, K] int32 or int64
+  i32* route;             // [T, K] global expert id | kDupBit, or -1
+  i32* slot_idx;          // [T, K] index of the token among this rank's tokens of that expert
+  i32* send_pos;          // [T, W] slot in destination's region for this rank, or -1
+  i32* chunk_cnt;         // [nchunks, E + W] per-chunk counts, scanned in place into chunk bases
+  i32* bad;               // [1] smallest flat index t*K+k of an invalid id (init INT_MAX)
+  i32* info;              // per-call info, layout InfoLayout below
+  i64* expert_offsets;    // [L + 1] output
+  i32* counts_out;        // [L] output num_tokens_per_expert
+  u64* host_epoch;        // mapped pinned: set to `epoch` once host_info is written
+  i32* host_info;         // mapped pinned: copy of info + {bad_index, bad_value}
+  const u64* sig_peers;   // [W]
+  ErrorRecord* err;
+  u64 epoch;
+  u64 timeout_ns;
+  u64 cnt_offset;         // byte offset of the count slots in the signal buffer
+  i32 cnt_stride;         // bytes per source's count slot
+  i32 ids_64;
+  i32 rank;
+  i32 world;
+  i32 num_tokens;
+  i32 topk;
+  i32 num_experts;
+  i32 local_experts;
+  i32 nchunks;
+  i32 alignment;
+  i32 expert_major;       // 1: EXPERT_MAJOR (capacity = largest padded count), 0: FLAT
+  i32 reserved;
+};
+
+struct HtDispatchParams {
+  const u8* x;            // [T, H] bf16
+  const float* weights;   // [T, K] or nullptr (all ones)
+  const i32* route;
+  const i32* slot_idx;
+  const i32* send_pos;
+  const i32* info;
+  const u64* data_peers;  // [W] base of every rank's data buffer: [W][T_max][row_bytes]
+  const u64* meta_peers;  // [W] base of every rank's meta buffer: [W][T_max][meta_stride]
+  const u64* sig_peers;   // [W]
+  u8* out;                // [rows, H] (EXPERT_MAJOR viewed flat)
+  i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
+  float* recv_w;          // [n_recv, K]
+  ErrorRecord* err;
+  u64 epoch;
+  u64 timeout_ns;
+  u64 dflag_offset;       // u64 [W][max_chunks] in the signal buffer
+  u64 drange_offset;      // int2 [W][max_chunks]
+  i32 rank;
+  i32 world;
+  i32 num_tokens;
+  i32 topk;
+  i32 local_experts;
+  i32 row_bytes;
+  i32 max_tokens;
+  i32 chunk_tokens;
+  i32 max_chunks;
+  i32 meta_stride;
+};
+
+struct HtCombineParams {
+  const u8* expert_out;   // [rows, H]
+  const i32* recv_rows;
+  const float* recv_w;
+  const i32* send_pos;
+  const i32* info;
+  const u64* data_peers;
+  u8* out;                // [T, H]
+  ErrorRecord* err;
+  u64 timeout_ns;
+  i32 rank;
+  i32 world;
+  i32 num_tokens;
+  i32 topk;
+  i32 local_experts;
+  i32 row_bytes;
+  i32 max_tokens;
+};
+
+constexpr int kCombineSegBytes = 4096;   // HT combine TMA stage size (ep/sizes.py COMBINE_SEG_BYTES)
+
+struct LLParams {
+  const u8* x;            // dispatch: [T, H]
+  const void* topk_ids;   // dispatch: [T, K] int32/int64
+  const float* weights;   // dispatch: [T, K] or nullptr
+  const u8* expert_out;   // combine: [L * cap, H]
+  u8* out;                // dispatch: [L * cap, H]; combine: [T, H]
+  i32* counts_out;        // dispatch: [L]
+  const u64* recv_peers;  // [W] base of recv buffers: [2][W][T_max][row_bytes]
+  const u64* meta_peers;  // [W] base of meta buffers: [2][W][T_max][meta_stride]
+  const u64* comb_peers;  // [W] base of combine buffers: [2][W][T_max][row_bytes]
+  const u64* sig_peers;   // [W]
+  u32* state;             // local: {dispatch seq, combine seq, dispatch blocks done, combine blocks done}
+  i32* rows_local;        // local: [2][W][T_max][K] flat output row of each received slot
+  u32* send_mask;         // local: [2][T_max] ranks each own token went to
+  ErrorRecord* err;
+  ErrorRecord* input_err; // invalid expert ids (treated as -1) are reported here, not as a time-out
+  u64 timeout_ns;
+  u64 disp_cnt_offset;    // u64 [W] arrival counters in the signal buffer
+  u64 comb_cnt_offset;    // u64 [W]
+  u64 ntok_offset;        // i32 [2][W] token count of each source per buffer parity
+  i32 rank;
+  i32 world;
+  i32 num_tokens;
+  i32 topk;
+  i32 num_experts;
+  i32 local_experts;
+  i32 row_bytes;
+  i32 max_tokens;
+  i32 meta_stride;
+  i32 ids_64;
+  i32 age;                // combine: how many dispatches ago its dispatch ran (0 or 1)
+  i32 capacity;           // rows per local expert (W * T_max)
+};
+
+// Per-call HT info (i32 array), written by ht_route_exchange. Mirrored by ep/sizes.py info_layout().
+struct InfoLayout {
+  int invalid_mask, total_rows, capacity, n_recv_total;
+  int counts, base, src_base, recv_n, recv_prefix, src_T, size;
+  __device__ __forceinline__ InfoLayout(int L, int W) {
+    invalid_mask = 0;
+    total_rows = 1;
+    capacity = 2;
+    n_recv_total = 3;
+    counts = 4;
+    base = counts + L;
+    src_base = base + L + 1;
+    recv_n = src_base + W * L;
+    recv_prefix = recv_n + W;
+    src_T = recv_prefix + W + 1;
+    size = src_T + W;
+  }
+};
+
+// Per-token metadata that rides along with a dispatched token (meta buffer entry).
+struct MetaView {
+  u8* base;
+  int K;
+  __device__ __forceinline__ i32* token() const { return reinterpret_cast<i32*>(base); }
+  __device__ __forceinline__ i32* lexp() const { return reinterpret_cast<i32*>(base + 8); }
+  __device__ __forceinline__ i32* idx() const { return reinterpret_cast<i32*>(base + 8 + 4 * K); }
+  __device__ __forceinline__ float* w() const { return reinterpret_cast<float*>(base + 8 + 8 * K); }
+};
+
+}  // namespace ep

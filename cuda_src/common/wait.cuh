@@ -1,0 +1,73 @@
+// Bounded device waits and the host-visible error record.
+//
+// The error record lives in mapped pinned host memory. The first failing thread claims it (CAS on
+// `claim`), fills the fields, then release-stores `flag = 1`; the host polls `flag` and then reads the
+// fields. Every wait also gives up early once `flag` is set, so one time-out does not become W of them.
+#pragma once
+#include "common/config.cuh"
+#include "common/ptx.cuh"
+
+namespace ep {
+
+// Phase codes; ep/errors_map.py (PHASES) names them for Python errors.
+enum Phase : int {
+  kPhaseBarrier = 1,
+  kPhaseHtCounts = 2,
+  kPhaseHtDispatchRecv = 3,
+  kPhaseHtCombineRecv = 4,
+  kPhaseLLDispatchRecv = 5,
+  kPhaseLLCombineRecv = 6,
+  kPhaseBadExpertId = 7,
+  kPhaseCapacity = 8,
+};
+
+struct ErrorRecord {      // mirrored by ep/structs.py ERROR_RECORD
+  u32 claim;
+  u32 flag;
+  i32 phase;
+  i32 rank;
+  i32 peer;
+  i32 reserved;
+  u64 observed;
+  u64 expected;
+};
+static_assert(sizeof(ErrorRecord) == 40, "ErrorRecord layout is mirrored in Python");
+
+__device__ __forceinline__ bool error_raised(const ErrorRecord* err) {
+  return *reinterpret_cast<const volatile u32*>(&err->flag) != 0;
+}
+
+__device__ __noinline__ void record_error(ErrorRecord* err, int phase, int rank, int peer, u64 observed, u64 expected) {
+  if (atomicCAS(&err->claim, 0u, 1u) == 0u) {
+    err->phase = phase;
+    err->rank = rank;
+    err->peer = peer;
+    err->observed = observed;
+    err->expected = expected;
+    __threadfence_system();
+    *reinterpret_cast<volatile u32*>(&err->flag) = 1u;
+    __threadfence_system();
+  }
+  if (kTrapOnTimeout) __trap();
+}
+
+// Spin until *flag >= target (acquire, system scope). False on time-out or when another wait failed.
+__device__ __forceinline__ bool wait_geq(const u64* flag, u64 target, ErrorRecord* err, u64 timeout_ns,
+                                         int phase, int rank, int peer) {
+  u64 v = ld_acquire_sys(flag);
+  if (v >= target) return true;
+  const u64 start = global_timer_ns();
+  for (u32 iter = 1;; ++iter) {
+    v = ld_acquire_sys(flag);
+    if (v >= target) return true;
+    if ((iter & 255u) == 0u) {
+      if (error_raised(err)) return false;
+      if (global_timer_ns() - start > timeout_ns) {
+        record_error(err, phase, rank, peer, v, target);
+        return false;
+      }
+    }
+  }
+}
+
+}  // namespace ep

@@ -1,0 +1,217 @@
+// HT routing layout and count exchange (phase 1 of an uncached HT dispatch).
+//
+// ht_route_count     grid = ceil(T/128) blocks of 128 threads (one token each): validates ids, marks
+//                    repeated experts, counts (token, expert) pairs and (token, rank) pairs per chunk.
+// ht_route_exchange  one block: scans the chunk counts into chunk bases, writes this rank's totals into
+//                    every peer's count slot [rank] (plain stores, then st.release.sys of the slot's
+//                    epoch), acquire-waits for every peer's slot, derives the receive layout (expert
+//                    bases with alignment padding, per-source row bases, receive counts) into the per-call
+//                    `info` array and the mapped pinned host mirror, then sets host_epoch = epoch.
+//                    The host waits on host_epoch (bounded) to size the outputs.
+// ht_route_positions grid = ceil(T/128): per-slot index within its expert and per-destination slot, in
+//                    token order, so row order never depends on timing.
+// The count slots are safe to overwrite at the next exchange: a rank only starts exchange i+1 after its
+// dispatch i finished, which waited on data every peer sent after finishing its exchange i.
+#include "common/params.cuh"
+
+namespace ep {
+
+__device__ __forceinline__ int load_id(const void* ids, int ids_64, long long i) {
+  if (ids_64) {
+    const long long v = static_cast<const long long*>(ids)[i];
+    // Values outside int32 are invalid anyway; clamp so they stay invalid after narrowing.
+    return v < -2 ? -2 : (v > 0x7FFFFFFF ? 0x7FFFFFFF : static_cast<int>(v));
+  }
+  return static_cast<const int*>(ids)[i];
+}
+
+}  // namespace ep
+
+extern "C" __global__ void __launch_bounds__(ep::kRouteChunk) ht_route_count(const ep::HtRouteParams p) {
+  using namespace ep;
+  extern __shared__ int s_cnt[];   // [E + W]
+  const int ncols = p.num_experts + p.world;
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x) s_cnt[i] = 0;
+  __syncthreads();
+  const int t = blockIdx.x * kRouteChunk + threadIdx.x;
+  if (t < p.num_tokens) {
+    int ids[kMaxTopk];
+    u32 mask = 0;
+    for (int k = 0; k < p.topk; ++k) {
+      const long long flat = static_cast<long long>(t) * p.topk + k;
+      const int id = load_id(p.topk_ids, p.ids_64, flat);
+      ids[k] = id;
+      int code = -1;
+      if (id < -1 || id >= p.num_experts) {
+        atomicMin(p.bad, static_cast<int>(flat));
+      } else if (id >= 0) {
+        bool dup = false;
+        for (int j = 0; j < k; ++j) dup |= (ids[j] == id);
+        code = dup ? (id | kDupBit) : id;
+        if (!dup) {
+          atomicAdd(&s_cnt[id], 1);
+          mask |= 1u << (id / p.local_experts);
+        }
+      }
+      p.route[flat] = code;
+    }
+    for (int d = 0; d < p.world; ++d)
+      if (mask >> d & 1u) atomicAdd(&s_cnt[p.num_experts + d], 1);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x)
+    p.chunk_cnt[static_cast<long long>(blockIdx.x) * ncols + i] = s_cnt[i];
+}
+
+extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::HtRouteParams p) {
+  using namespace ep;
+  extern __shared__ int s_total[];   // [E + W]
+  __shared__ int s_abort;
+  __shared__ int s_cap;
+  const int ncols = p.num_experts + p.world;
+  const int L = p.local_experts, W = p.world;
+  const int tid = threadIdx.x;
+  if (tid == 0) { s_abort = 0; s_cap = 0; }
+  // 1. scan per-chunk counts into chunk bases, column by column (token order within a column).
+  for (int col = tid; col < ncols; col += blockDim.x) {
+    int running = 0;
+    for (int c = 0; c < p.nchunks; ++c) {
+      int* cell = p.chunk_cnt + static_cast<long long>(c) * ncols + col;
+      const int v = *cell;
+      *cell = running;
+      running += v;
+    }
+    s_total[col] = running;
+  }
+  __syncthreads();
+  const int bad_index = *p.bad;
+  const int invalid = bad_index != 0x7FFFFFFF;
+  // 2. publish totals: peer d's slot [rank] gets rows per expert of d and the token count for d.
+  for (int i = tid; i < W * L; i += blockDim.x) {
+    const int d = i / L, e = i % L;
+    i32* slot = reinterpret_cast<i32*>(p.sig_peers[d] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
+    slot[6 + e] = s_total[d * L + e];
+  }
+  if (tid < W) {
+    i32* slot = reinterpret_cast<i32*>(p.sig_peers[tid] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
+    slot[2] = s_total[p.num_experts + tid];   // tokens sent to tid
+    slot[3] = p.num_tokens;
+    slot[4] = invalid;
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (tid < W) {
+    u64* flag = reinterpret_cast<u64*>(p.sig_peers[tid] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
+    st_release_sys(flag, p.epoch);
+  }
+  // 3. wait for every source's slot in our own buffer.
+  const u8* my_cnt = reinterpret_cast<const u8*>(p.sig_peers[p.rank] + p.cnt_offset);
+  if (tid < W) {
+    const u64* flag = reinterpret_cast<const u64*>(my_cnt + static_cast<u64>(tid) * p.cnt_stride);
+    if (!wait_geq(flag, p.epoch, p.err, p.timeout_ns, kPhaseHtCounts, p.rank, tid)) s_abort = 1;
+  }
+  __syncthreads();
+  if (s_abort) return;
+  // 4. derive the receive layout.
+  const InfoLayout lay(L, W);
+  i32* info = p.info;
+  auto slot_of = [&](int s) { return reinterpret_cast<const volatile i32*>(my_cnt + static_cast<u64>(s) * p.cnt_stride); };
+  for (int e = tid; e < L; e += blockDim.x) {
+    int c = 0;
+    for (int s = 0; s < W; ++s) c += slot_of(s)[6 + e];
+    info[lay.counts + e] = c;
+    const int padded = (c + p.alignment - 1) / p.alignment * p.alignment;
+    info[lay.base + e] = padded;   // sizes for now, scanned below
+    atomicMax(&s_cap, padded);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int mask = 0, prefix = 0;
+    for (int s = 0; s < W; ++s) {
+      const volatile i32* sl = slot_of(s);
+      if (sl[4]) mask |= 1 << s;
+      info[lay.recv_n + s] = sl[2];
+      info[lay.src_T + s] = sl[3];
+      info[lay.recv_prefix + s] = prefix;
+      prefix += sl[2];
+    }
+    info[lay.recv_prefix + W] = prefix;
+    info[lay.n_recv_total] = prefix;
+    info[lay.invalid_mask] = mask;
+    int running = 0;
+    for (int e = 0; e < L; ++e) {
+      const int size = p.expert_major ? s_cap : info[lay.base + e];
+      info[lay.base + e] = running;
+      running += size;
+    }
+    info[lay.base + L] = running;
+    info[lay.total_rows] = running;
+    info[lay.capacity] = p.expert_major ? s_cap : 0;
+  }
+  __syncthreads();
+  for (int e = tid; e < L; e += blockDim.x) {
+    int row = info[lay.base + e];
+    for (int s = 0; s < W; ++s) {
+      info[lay.src_base + s * L + e] = row;
+      row += slot_of(s)[6 + e];
+    }
+    p.counts_out[e] = info[lay.counts + e];
+    p.expert_offsets[e] = info[lay.base + e];
+  }
+  if (tid == 0) p.expert_offsets[L] = info[lay.base + L];
+  __syncthreads();
+  for (int i = tid; i < lay.size; i += blockDim.x) p.host_info[i] = info[i];
+  if (tid == 0) {
+    p.host_info[lay.size] = bad_index;
+    p.host_info[lay.size + 1] = invalid ? load_id(p.topk_ids, p.ids_64, bad_index) : 0;
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (tid == 0) {
+    *reinterpret_cast<volatile u64*>(p.host_epoch) = p.epoch;
+    __threadfence_system();
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(ep::kRouteChunk) ht_route_positions(const ep::HtRouteParams p) {
+  using namespace ep;
+  extern __shared__ int s_route[];   // [128 * K] then u32 masks [128]
+  u32* s_mask = reinterpret_cast<u32*>(s_route + kRouteChunk * p.topk);
+  const int ncols = p.num_experts + p.world;
+  const int K = p.topk;
+  const int t0 = blockIdx.x * kRouteChunk;
+  const int i = threadIdx.x;
+  const int t = t0 + i;
+  u32 mask = 0;
+  for (int k = 0; k < K; ++k) {
+    const int code = t < p.num_tokens ? p.route[static_cast<long long>(t) * K + k] : -1;
+    s_route[i * K + k] = code;
+    if (code >= 0 && !(code & kDupBit)) mask |= 1u << (code / p.local_experts);
+  }
+  s_mask[i] = mask;
+  __syncthreads();
+  if (t >= p.num_tokens) return;
+  const int* base = p.chunk_cnt + static_cast<long long>(blockIdx.x) * ncols;
+  for (int k = 0; k < K; ++k) {
+    const int code = s_route[i * K + k];
+    int idx = -1;
+    if (code >= 0) {
+      const int e = code & ~kDupBit;
+      // Count earlier tokens of this chunk that name e (each at most once: first occurrences only).
+      int before = 0;
+      for (int j = 0; j < i; ++j)
+        for (int kk = 0; kk < K; ++kk) before += (s_route[j * K + kk] == e);
+      idx = base[e] + before;
+    }
+    p.slot_idx[static_cast<long long>(t) * K + k] = idx;
+  }
+  for (int d = 0; d < p.world; ++d) {
+    int pos = -1;
+    if (mask >> d & 1u) {
+      int before = 0;
+      for (int j = 0; j < i; ++j) before += (s_mask[j] >> d) & 1u;
+      pos = base[p.num_experts + d] + before;
+    }
+    p.send_pos[static_cast<long long>(t) * p.world + d] = pos;
+  }
+}

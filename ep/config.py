@@ -1,0 +1,158 @@
+"""Public configuration and result types of ep: frozen, keyword-only, validated at construction."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+MAX_WORLD_SIZE = 32      # peer masks are 32-bit words in the kernels
+MAX_TOPK = 32            # per-token metadata holds at most this many slots
+MAX_LOCAL_EXPERTS = 1024  # per-(source, expert) count tables live in shared memory
+
+
+class DispatchLayout(enum.Enum):
+    """How dispatched tokens are laid out for the expert MLP.
+
+    FLAT: ``tokens [N, H]``, rows grouped by local expert ascending, then source rank, then source
+    token index; ``expert_offsets [L+1]`` indexes the groups.
+    EXPERT_MAJOR: ``tokens [L, capacity, H]``; rows ``[0, count_e)`` of expert ``e`` are valid, same order.
+    """
+
+    FLAT = "flat"
+    EXPERT_MAJOR = "expert_major"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommOverlapConfig:
+    """SM budget of the data kernels, so that compute can overlap communication on the other SMs.
+
+    ``dispatch_num_sms`` / ``combine_num_sms`` (None = ``MoECommunicatorConfig.num_sms``) set the block
+    counts of the dispatch and combine data kernels independently. The env knobs ``EP_DISPATCH_NSM`` and
+    ``EP_COMBINE_NSM`` override both.
+    """
+
+    dispatch_num_sms: int | None = None
+    combine_num_sms: int | None = None
+
+    def __post_init__(self):
+        for name in ("dispatch_num_sms", "combine_num_sms"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"CommOverlapConfig.{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoECommunicatorConfig:
+    """Everything a communicator needs to size its buffers and pick its kernels.
+
+    mode: "ht" (high throughput, exact-size FLAT outputs, one host wait per uncached dispatch) or
+      "ll" (low latency: no host synchronization, fixed-capacity EXPERT_MAJOR output, graph capturable).
+    num_experts (E), hidden_size (H, multiple of 8), topk (K <= E), max_tokens_per_rank (T_max).
+    Experts are placed evenly and contiguously: rank r owns experts [r*E/W, (r+1)*E/W).
+    """
+
+    mode: str = "ht"
+    num_experts: int
+    hidden_size: int
+    topk: int
+    max_tokens_per_rank: int
+    num_sms: int = 24
+    expert_alignment: int = 1
+    output_layout: DispatchLayout | None = None   # None: FLAT for "ht", EXPERT_MAJOR for "ll"
+    dtype: str = "bfloat16"
+    timeout_s: float = 60.0
+    overlap: CommOverlapConfig = field(default_factory=CommOverlapConfig)
+
+    def __post_init__(self):
+        def positive_int(name: str, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+
+        if self.mode not in ("ht", "ll"):
+            raise ConfigError(f"mode must be 'ht' or 'll', got {self.mode!r}")
+        for name in ("num_experts", "hidden_size", "topk", "max_tokens_per_rank", "num_sms", "expert_alignment"):
+            positive_int(name, getattr(self, name))
+        if self.hidden_size % 8:
+            raise ConfigError(f"hidden_size must be a multiple of 8 (16-byte rows), got {self.hidden_size}")
+        if self.topk > self.num_experts:
+            raise ConfigError(f"topk ({self.topk}) must be <= num_experts ({self.num_experts})")
+        if self.topk > MAX_TOPK:
+            raise ConfigError(f"topk must be <= {MAX_TOPK}, got {self.topk}")
+        if self.max_tokens_per_rank > (1 << 24):
+            raise ConfigError(f"max_tokens_per_rank must be <= {1 << 24}, got {self.max_tokens_per_rank}")
+        if self.dtype != "bfloat16":
+            raise ConfigError(f"dtype must be 'bfloat16', got {self.dtype!r}")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.output_layout is not None and not isinstance(self.output_layout, DispatchLayout):
+            raise ConfigError(f"output_layout must be a DispatchLayout or None, got {self.output_layout!r}")
+        if self.mode == "ll" and self.expert_alignment != 1:
+            raise ConfigError("expert_alignment applies to mode='ht' only (LL segments have a fixed capacity)")
+        if not isinstance(self.overlap, CommOverlapConfig):
+            raise ConfigError(f"overlap must be a CommOverlapConfig, got {self.overlap!r}")
+
+    @property
+    def layout(self) -> DispatchLayout:
+        if self.output_layout is not None:
+            return self.output_layout
+        return DispatchLayout.FLAT if self.mode == "ht" else DispatchLayout.EXPERT_MAJOR
+
+    def check_world(self, world_size: int) -> None:
+        """Validate the parts of the config that depend on the number of ranks."""
+        if not 1 <= world_size <= MAX_WORLD_SIZE:
+            raise ConfigError(f"world size must be in [1, {MAX_WORLD_SIZE}], got {world_size}")
+        if self.num_experts % world_size:
+            raise ConfigError(f"num_experts ({self.num_experts}) must be divisible by the world size ({world_size})")
+        if self.num_experts // world_size > MAX_LOCAL_EXPERTS:
+            raise ConfigError(f"at most {MAX_LOCAL_EXPERTS} experts per rank, got {self.num_experts // world_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantScales:
+    """Per-block FP8 scales that travel with quantized tokens: ``scales [T, H // block]`` float32.
+
+    FP8 dispatch is not implemented yet; passing ``scales=`` raises NotImplementedError.
+    """
+
+    scales: Any
+    block_size: int = 128
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"QuantScales.block_size must be a positive int, got {self.block_size!r}")
+
+
+@dataclass(frozen=True)
+class DispatchOutput:
+    """What the local expert MLP consumes.
+
+    tokens: FLAT ``[N, H]`` or EXPERT_MAJOR ``[L, capacity, H]``, bf16, in the caller's framework.
+    num_tokens_per_expert: device int32 ``[L]`` (rows of each local expert, padding excluded).
+    num_tokens_per_expert_host: the same as a Python list (HT only; None in LL, which never syncs).
+    expert_offsets: int64 ``[L+1]``, exclusive cumulative sum of the padded segments, indexing
+      ``tokens`` viewed as ``[rows, H]`` (EXPERT_MAJOR: ``e * capacity``).
+    layout: the layout of ``tokens``.
+    """
+
+    tokens: Any
+    num_tokens_per_expert: Any
+    num_tokens_per_expert_host: list | None
+    expert_offsets: Any
+    layout: DispatchLayout
+
+
+class DispatchHandle:
+    """Opaque record of one dispatch: everything combine needs. Only the communicator reads it."""
+
+    __slots__ = ("_owner", "_mode", "_state", "num_tokens", "__weakref__")
+
+    def __init__(self, owner: int, mode: str, state: Any, num_tokens: int):
+        self._owner = owner
+        self._mode = mode
+        self._state = state
+        self.num_tokens = num_tokens
+
+    def __repr__(self) -> str:
+        return f"DispatchHandle(mode={self._mode!r}, num_tokens={self.num_tokens})"
