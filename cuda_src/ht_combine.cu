@@ -43,7 +43,7 @@ extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
   using namespace ep;
   const int W = p.world, K = p.topk;
   const InfoLayout lay(p.local_experts, W);
-  const int nwarps = blockDim.x / kWarpSize;
+  const int nwarps = combine_warps(gridDim.x);   // the host launches exactly this many warps
   const int lane = threadIdx.x % kWarpSize;
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;
@@ -223,7 +223,7 @@ extern "C" __global__ void ht_combine_gather(const ep::HtCombineParams p) {
   using namespace ep;
   extern __shared__ __align__(128) u8 smem[];   // TMA: [warps][kCombineStages][kCombineSegBytes]
   __shared__ u64 bars[32 * kCombineStages];
-  const int nwarps = blockDim.x / kWarpSize;
+  const int nwarps = combine_warps(gridDim.x);   // the host launches exactly this many warps
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int gw = blockIdx.x * nwarps + warp;
   const int RW = gridDim.x * nwarps;

@@ -25,6 +25,17 @@ constexpr bool kCombineTma = EP_CMB_TMA != 0;
 constexpr int kCombineStages = EP_CMB_TMA_STAGES;
 static_assert(kCombineStages >= 1 && kCombineStages <= 4, "EP_CMB_TMA_STAGES in [1, 4]");
 #endif
+#ifdef EP_CMB_TMA_WARPS_WIDE
+constexpr int kCombineWarpsWide = EP_CMB_TMA_WARPS_WIDE;
+constexpr int kCombineWarpsMaxCh = EP_CMB_TMA_WARPS_MAXCH;
+constexpr int kCombineWarpsNarrow = EP_CMB_TMA_WARPS_NARROW;
+static_assert(kCombineWarpsWide >= 1 && kCombineWarpsWide <= 32 && kCombineWarpsNarrow >= 1 && kCombineWarpsNarrow <= 32,
+              "EP_CMB_TMA_WARPS_WIDE / _NARROW in [1, 32]");
+// Warps per HT combine block for a grid of `blocks` blocks (ep/ht.py combine_warps uses the same rule).
+__host__ __device__ constexpr int combine_warps(int blocks) {
+  return blocks <= kCombineWarpsMaxCh ? kCombineWarpsWide : kCombineWarpsNarrow;
+}
+#endif
 #ifdef EP_LL_WARPS
 constexpr int kLLWarps = EP_LL_WARPS;
 static_assert(kLLWarps >= 4 && kLLWarps <= 32, "EP_LL_WARPS in [4, 32]");

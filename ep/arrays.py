@@ -1,0 +1,153 @@
+"""Arrays in, arrays out: validation of user arrays and conversion between torch, CuPy and NumPy.
+
+bf16 is ``torch.bfloat16`` for torch, and ``uint16`` bit patterns for CuPy and NumPy (or an
+``ml_dtypes.bfloat16`` NumPy array). Outputs come back in the caller's framework, zero-copy (DLPack).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+TORCH, CUPY, NUMPY = "torch", "cupy", "numpy"
+
+
+def framework_of(arr: Any) -> str:
+    module = type(arr).__module__
+    if module.startswith("torch"):
+        return TORCH
+    if module.startswith("cupy"):
+        return CUPY
+    if isinstance(arr, np.ndarray):
+        return NUMPY
+    raise TypeError(f"expected a torch tensor, CuPy array or NumPy array, got {type(arr).__name__}")
+
+
+def _dtype_name(arr: Any) -> str:
+    name = str(arr.dtype)
+    return name.replace("torch.", "")
+
+
+def is_bf16(arr: Any) -> bool:
+    return _dtype_name(arr) in ("bfloat16", "uint16")
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    framework: str
+    shape: tuple
+    dtype: str
+    ptr: int          # device pointer (0 for NumPy)
+    device: int       # CUDA device id, -1 on the CPU
+
+
+def describe(arr: Any, name: str) -> ArrayInfo:
+    fw = framework_of(arr)
+    shape = tuple(int(s) for s in arr.shape)
+    if fw == TORCH:
+        dev = arr.device.index if arr.device.type == "cuda" else -1
+        if arr.device.type == "cuda" and dev is None:
+            dev = 0
+        ptr = arr.data_ptr() if arr.device.type == "cuda" else 0
+        return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev)
+    if fw == CUPY:
+        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data.ptr, arr.device.id)
+    return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1)
+
+
+def is_contiguous(arr: Any) -> bool:
+    if framework_of(arr) == TORCH:
+        return arr.is_contiguous()
+    return bool(arr.flags.c_contiguous)
+
+
+def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], device: int) -> ArrayInfo:
+    """Validate one argument; ``shape`` entries of None accept any size. Raises ValueError/TypeError."""
+    info = describe(arr, name)
+    if len(info.shape) != len(shape) or any(want is not None and got != want for got, want in zip(info.shape, shape)):
+        pretty = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name}: expected shape {pretty}, got {info.shape}")
+    if info.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {info.dtype}")
+    if info.device != device:
+        where = "the CPU" if device < 0 else f"cuda:{device}"
+        got = "the CPU" if info.device < 0 else f"cuda:{info.device}"
+        raise ValueError(f"{name}: expected an array on {where}, got one on {got}")
+    if not is_contiguous(arr):
+        raise ValueError(f"{name}: must be C-contiguous")
+    return info
+
+
+def bf16_dtypes(framework_device: str) -> tuple[str, ...]:
+    return ("bfloat16",) if framework_device == TORCH else ("uint16", "bfloat16")
+
+
+# ---------------------------------------------------------------------------------------- NumPy / CPU
+def to_numpy(arr: Any) -> np.ndarray:
+    """A NumPy view/copy of a CPU array; bf16 becomes uint16 bit patterns."""
+    if framework_of(arr) == TORCH:
+        import torch
+        if arr.dtype == torch.bfloat16:
+            return arr.view(torch.int16).numpy().view(np.uint16)
+        return arr.numpy()
+    a = np.asarray(arr)
+    if a.dtype.name == "bfloat16":
+        return a.view(np.uint16)
+    return a
+
+
+def from_numpy(arr: np.ndarray, like_framework: str, bf16: bool = False, like: Any = None) -> Any:
+    """Return ``arr`` in the caller's CPU framework (torch bf16 when bf16 and the caller used torch)."""
+    if like_framework == TORCH:
+        import torch
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if bf16:
+            t = t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+        return t
+    if bf16 and like is not None and np.asarray(like).dtype.name == "bfloat16":
+        return arr.view(np.asarray(like).dtype)
+    return arr
+
+
+# ----------------------------------------------------------------------------------------- GPU side
+def to_framework(cupy_array: Any, framework: str, bf16: bool = False) -> Any:
+    """A CuPy array as the caller's framework, zero-copy; uint16 becomes torch.bfloat16 when bf16."""
+    if framework != TORCH:
+        return cupy_array
+    import torch
+    t = torch.from_dlpack(cupy_array)
+    if bf16:
+        t = t.view(torch.bfloat16)
+    return t
+
+
+def resolve_stream(stream: Any, framework: str):
+    """The CuPy stream to launch on: ``stream`` if given (torch or CuPy stream, or a raw pointer), else the
+    caller's current stream (torch's for torch inputs, CuPy's otherwise)."""
+    import cupy
+    if stream is not None:
+        if hasattr(stream, "cuda_stream"):          # torch.cuda.Stream
+            return cupy.cuda.ExternalStream(int(stream.cuda_stream))
+        if isinstance(stream, int):
+            return cupy.cuda.ExternalStream(stream)
+        return stream                               # a CuPy stream
+    if framework == TORCH:
+        import torch
+        return cupy.cuda.ExternalStream(int(torch.cuda.current_stream().cuda_stream))
+    return cupy.cuda.get_current_stream()
+
+
+def empty(framework: str, shape: tuple, kind: str, stream) -> tuple[Any, int]:
+    """Allocate an output in the caller's framework. kind: "bf16", "int32", "int64", "float32".
+    Returns (array, device pointer). Torch allocations use torch's caching allocator on its current stream."""
+    if framework == TORCH:
+        import torch
+        dtype = {"bf16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "float32": torch.float32}[kind]
+        t = torch.empty(shape, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+        return t, t.data_ptr()
+    import cupy
+    dtype = {"bf16": np.uint16, "int32": np.int32, "int64": np.int64, "float32": np.float32}[kind]
+    with stream:
+        a = cupy.empty(shape, dtype=dtype)
+    return a, a.data.ptr

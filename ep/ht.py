@@ -1,0 +1,245 @@
+"""HT mode on GPUs: buffers and the launch sequence of a dispatch and a combine.
+
+Uncached dispatch:  ht_route_count -> ht_route_exchange -> ht_route_positions (queued), host waits once on
+                    the mapped pinned epoch to size the outputs exactly, then ht_dispatch.
+Cached dispatch:    (ep_barrier if the previous op was a dispatch) -> ht_dispatch, with the handle's layout.
+Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_reduce -> ep_barrier ->
+                    ht_combine_gather.
+Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
+(combine partials) and read by itself (expansion) and by s (gather). After a combine every peer has finished
+reading, and the count exchange of an uncached dispatch is itself a rendezvous; only back-to-back cached
+dispatches or back-to-back combines need an explicit one.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import arrays, jit, sizes, structs
+from .bootstrap import Group
+from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
+from .envs import Snapshot
+from .errors import InvalidStateError, PeerInputError
+from .peer_memory import ErrorRecord, HostMapped, SymmetricBuffer, host_wait
+from .runtime_base import Barrier, block_count, load_kernels, ptr, timeout_ns
+
+log = logging.getLogger("ep.ht")
+
+INT_MAX = 2**31 - 1
+
+
+def combine_warps(knobs: Snapshot, blocks: int) -> int:
+    """Same rule as combine_warps() in cuda_src/common/config.cuh."""
+    if blocks <= knobs["EP_CMB_TMA_WARPS_MAXCH"]:
+        return knobs["EP_CMB_TMA_WARPS_WIDE"]
+    return knobs["EP_CMB_TMA_WARPS_NARROW"]
+
+
+@dataclass
+class Routing:
+    """Layout of one routing, reusable by a cached dispatch (previous_handle)."""
+
+    route: Any
+    slot_idx: Any
+    send_pos: Any
+    info: Any
+    counts_host: list
+    total_rows: int
+    capacity: int
+    n_recv: int
+    num_tokens: int
+    topk_ids_copy: Any       # only with EP_DEBUG_CHECKS
+
+
+@dataclass
+class HtHandle:
+    routing: Routing
+    recv_rows: Any
+    recv_w: Any
+    tokens_shape: tuple
+
+
+class HtRuntime:
+    def __init__(self, cfg: MoECommunicatorConfig, group: Group, knobs: Snapshot):
+        import cupy
+        self.cfg, self.group, self.knobs = cfg, group, knobs
+        self.W, self.rank = group.size, group.rank
+        self.L = cfg.num_experts // self.W
+        self.layout = sizes.ht_layout(cfg, self.W)
+        self.row_bytes = sizes.row_bytes(cfg)
+        self.meta_stride = sizes.meta_stride(cfg.topk)
+        self.timeout_ns = timeout_ns(cfg, knobs)
+        self.dispatch_blocks = block_count(cfg, knobs.dispatch_nsm, cfg.overlap.dispatch_num_sms, "dispatch")
+        self.combine_blocks = block_count(cfg, knobs.combine_nsm, cfg.overlap.combine_num_sms, "combine")
+        send_warps = knobs["EP_DISPATCH_WARPS"] // 2
+        use_tma = knobs["EP_NCCLEP_TMA"]
+        if use_tma and send_warps * self.row_bytes > sizes.SMEM_LIMIT:
+            log.warning("[rank %d] EP_NCCLEP_TMA: %d staging rows of %d bytes exceed shared memory; using warp stores",
+                        self.rank, send_warps, self.row_bytes)
+            use_tma = False
+        self.dispatch_smem = send_warps * self.row_bytes if use_tma else 0
+        self.combine_warps = combine_warps(knobs, self.combine_blocks)
+        self.combine_smem = (self.combine_warps * knobs["EP_CMB_TMA_STAGES"] * sizes.COMBINE_SEG_BYTES
+                             if knobs["EP_CMB_TMA"] else 0)
+        self._bufs = []
+        self.data = self._sym(self.layout.data_bytes, "ht.data")
+        self.meta = self._sym(self.layout.meta_bytes, "ht.meta")
+        self.sig = self._sym(self.layout.sig_bytes, "ht.sig")
+        self.err = ErrorRecord()
+        self.info_size = sizes.info_layout(self.L, self.W)["size"]
+        self.host = HostMapped(8 + 4 * (self.info_size + 2))
+        self.host_epoch = self.host.view(np.uint64, 1)
+        self.host_info = self.host.view(np.int32, self.info_size + 2, offset=8)
+        kernels = load_kernels(group, knobs, [
+            (jit.KernelVariant.of("barrier.cu", knobs), ["ep_barrier"]),
+            (jit.KernelVariant.of("ht_layout.cu", knobs), ["ht_route_count", "ht_route_exchange", "ht_route_positions"]),
+            (jit.KernelVariant.of("ht_dispatch.cu", knobs, EP_NCCLEP_TMA=use_tma), ["ht_dispatch"]),
+            (jit.KernelVariant.of("ht_combine.cu", knobs), ["ht_combine_reduce", "ht_combine_gather"]),
+        ])
+        self.k = kernels
+        self.barrier = Barrier(kernels["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
+                               self.W, self.timeout_ns)
+        self.epoch = 0
+        self.last_op = None
+        self._cupy = cupy
+        group.barrier()
+
+    def _sym(self, nbytes: int, name: str) -> SymmetricBuffer:
+        buf = SymmetricBuffer(self.group, nbytes, name)
+        self._bufs.append(buf)
+        return buf
+
+    # ------------------------------------------------------------------------------------ errors
+    def check_errors(self) -> None:
+        if self.err.raised():
+            raise self.err.as_timeout()
+
+    # ---------------------------------------------------------------------------------- dispatch
+    def _route(self, topk_ids, ids_ptr: int, ids_64: bool, T: int, stream, offsets_ptr: int, counts_ptr: int) -> Routing:
+        cp = self._cupy
+        cfg, W, L, K, E = self.cfg, self.W, self.L, self.cfg.topk, self.cfg.num_experts
+        nchunks = -(-T // sizes.ROUTE_CHUNK)
+        with stream:
+            route = cp.empty((max(T, 1), K), np.int32)
+            slot_idx = cp.empty((max(T, 1), K), np.int32)
+            send_pos = cp.empty((max(T, 1), W), np.int32)
+            chunk_cnt = cp.empty((max(nchunks, 1), E + W), np.int32)
+            bad = cp.full(1, INT_MAX, np.int32)
+            info = cp.zeros(self.info_size, np.int32)
+        self.epoch += 1
+        params = structs.pack(
+            structs.HT_ROUTE_PARAMS, topk_ids=ids_ptr, route=ptr(route), slot_idx=ptr(slot_idx), send_pos=ptr(send_pos),
+            chunk_cnt=ptr(chunk_cnt), bad=ptr(bad), info=ptr(info), expert_offsets=offsets_ptr,
+            counts_out=counts_ptr, host_epoch=self.host.ptr, host_info=self.host.ptr + 8,
+            sig_peers=ptr(self.sig.table), err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns,
+            cnt_offset=self.layout.cnt_offset, cnt_stride=self.layout.cnt_stride, ids_64=int(ids_64), rank=self.rank,
+            world=W, num_tokens=T, topk=K, num_experts=E, local_experts=L, nchunks=nchunks,
+            alignment=cfg.expert_alignment, expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR))
+        if nchunks:
+            self.k["ht_route_count"].launch(nchunks, sizes.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
+        self.k["ht_route_exchange"].launch(1, 1024, params, smem=4 * (E + W), stream=stream)
+        if nchunks:
+            self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
+                                                smem=4 * sizes.ROUTE_CHUNK * (K + 1), stream=stream)
+        epoch = self.epoch
+        host_wait(lambda: int(self.host_epoch[0]) == epoch, self.timeout_ns / 1e9, "ht count exchange", self.err)
+        lay = sizes.info_layout(L, W)
+        hi = self.host_info.copy()
+        invalid = int(hi[lay["invalid_mask"]])
+        if invalid:
+            if invalid >> self.rank & 1:
+                flat, value = int(hi[self.info_size]), int(hi[self.info_size + 1])
+                raise ValueError(f"topk_ids[{flat // K}, {flat % K}] = {value} is outside [-1, {E}); nothing was sent")
+            bad_ranks = [r for r in range(W) if invalid >> r & 1]
+            raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids to this dispatch; nothing was sent")
+        counts = [int(c) for c in hi[lay["counts"]:lay["counts"] + L]]
+        copy = _as_cupy(topk_ids).astype(np.int32) if self.knobs.debug_checks else None
+        return Routing(route, slot_idx, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
+                       int(hi[lay["n_recv_total"]]), T, copy)
+
+    def dispatch(self, x, x_info, topk_ids, ids_info, weights, w_info, previous, stream, framework):
+        cp = self._cupy
+        cfg, W, L, K, H = self.cfg, self.W, self.L, self.cfg.topk, self.cfg.hidden_size
+        T = x_info.shape[0]
+        if previous is None:
+            offsets, offsets_ptr = arrays.empty(framework, (L + 1,), "int64", stream)
+            counts_dev, counts_ptr = arrays.empty(framework, (L,), "int32", stream)
+            routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr)
+        else:
+            routing = previous.routing
+            if routing.num_tokens != T:
+                raise ValueError(f"previous_handle was made for {routing.num_tokens} tokens, x has {T}")
+            if self.knobs.debug_checks:
+                same = bool((_as_cupy(topk_ids).astype(np.int32) == routing.topk_ids_copy).all())
+                if not same:
+                    raise ValueError("previous_handle: topk_ids differ from the routing the handle was made for")
+            if self.last_op == "dispatch":
+                self.barrier(stream)
+            self.epoch += 1
+            lay = sizes.info_layout(L, W)
+            with stream:   # the routing's arrays are shared; the outputs are fresh copies
+                offsets = arrays.to_framework(routing.info[lay["base"]:lay["base"] + L + 1].astype(np.int64), framework)
+                counts_dev = arrays.to_framework(routing.info[lay["counts"]:lay["counts"] + L].copy(), framework)
+        with stream:
+            n = max(routing.n_recv, 1)
+            recv_rows = cp.empty((n, K), np.int32)
+            recv_w = cp.empty((n, K), np.float32)
+        if cfg.layout is DispatchLayout.EXPERT_MAJOR:
+            shape = (L, routing.capacity, H)
+        else:
+            shape = (routing.total_rows, H)
+        tokens, tokens_ptr = arrays.empty(framework, shape, "bf16", stream)
+        params = structs.pack(
+            structs.HT_DISPATCH_PARAMS, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr,
+            route=ptr(routing.route), slot_idx=ptr(routing.slot_idx), send_pos=ptr(routing.send_pos),
+            info=ptr(routing.info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
+            sig_peers=ptr(self.sig.table), out=tokens_ptr, recv_rows=ptr(recv_rows), recv_w=ptr(recv_w),
+            err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
+            drange_offset=self.layout.drange_offset, rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L,
+            row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS,
+            max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride)
+        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.knobs["EP_DISPATCH_WARPS"] * 32, params,
+                                     smem=self.dispatch_smem, stream=stream)
+        self.last_op = "dispatch"
+        out = DispatchOutput(
+            tokens=tokens,
+            num_tokens_per_expert=counts_dev,
+            num_tokens_per_expert_host=list(routing.counts_host),
+            expert_offsets=offsets,
+            layout=cfg.layout)
+        return out, HtHandle(routing, recv_rows, recv_w, shape)
+
+    # ----------------------------------------------------------------------------------- combine
+    def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
+        cfg, W, L, K = self.cfg, self.W, self.L, self.cfg.topk
+        routing = handle.routing
+        if self.last_op == "combine":
+            self.barrier(stream)
+        params = structs.pack(
+            structs.HT_COMBINE_PARAMS, expert_out=y_info.ptr, recv_rows=ptr(handle.recv_rows), recv_w=ptr(handle.recv_w),
+            send_pos=ptr(routing.send_pos), info=ptr(routing.info), data_peers=ptr(self.data.table), out=out_ptr,
+            err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=W, num_tokens=routing.num_tokens,
+            topk=K, local_experts=L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
+        block = self.combine_warps * 32
+        self.k["ht_combine_reduce"].launch(self.combine_blocks, block, params, stream=stream)
+        self.barrier(stream)
+        self.k["ht_combine_gather"].launch(self.combine_blocks, block, params, smem=self.combine_smem, stream=stream)
+        self.last_op = "combine"
+
+    def close(self) -> None:
+        for buf in self._bufs:
+            buf.close()
+        self._bufs = []
+        self.err.close()
+        self.host.close()
+
+
+def _as_cupy(arr):
+    """A CuPy view of a torch CUDA tensor (zero-copy) or the CuPy array itself."""
+    import cupy
+    if arrays.framework_of(arr) == arrays.TORCH:
+        return cupy.from_dlpack(arr)
+    return cupy.asarray(arr)

@@ -1,0 +1,123 @@
+"""Buffer-size arithmetic, as plain functions (testable without a GPU).
+
+Every byte offset that a kernel receives is computed here; the C side only adds them to base pointers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import MoECommunicatorConfig
+
+ROUTE_CHUNK = 128          # cuda_src/common/params.cuh kRouteChunk: tokens per HT routing block
+COMBINE_SEG_BYTES = 4096   # cuda_src/common/params.cuh kCombineSegBytes: HT combine TMA stage
+HT_CHUNK_TOKENS = 16       # tokens per HT dispatch chunk (one flag per chunk and destination)
+BARRIER_SLOTS = 32         # u64 barrier flags per signal buffer (max world size)
+SMEM_LIMIT = 227 * 1024    # Hopper: largest dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def row_bytes(cfg: MoECommunicatorConfig) -> int:
+    return cfg.hidden_size * 2
+
+
+def meta_stride(topk: int) -> int:
+    """{token, pad, lexp[K], idx[K], w[K]} rounded to 16 bytes (cuda_src/common/params.cuh MetaView)."""
+    return round_up(8 + 12 * topk, 16)
+
+
+def info_layout(L: int, W: int) -> dict[str, int]:
+    """Offsets (in int32) of the per-call HT info array; mirrors InfoLayout in params.cuh."""
+    lay = {"invalid_mask": 0, "total_rows": 1, "capacity": 2, "n_recv_total": 3, "counts": 4}
+    lay["base"] = lay["counts"] + L
+    lay["src_base"] = lay["base"] + L + 1
+    lay["recv_n"] = lay["src_base"] + W * L
+    lay["recv_prefix"] = lay["recv_n"] + W
+    lay["src_T"] = lay["recv_prefix"] + W + 1
+    lay["size"] = lay["src_T"] + W
+    return lay
+
+
+@dataclass(frozen=True)
+class HtLayout:
+    """Byte layout of the HT symmetric buffers of one rank."""
+
+    data_bytes: int        # [W][T_max][row]
+    meta_bytes: int        # [W][T_max][meta_stride]
+    sig_bytes: int
+    barrier_offset: int
+    cnt_offset: int
+    cnt_stride: int
+    dflag_offset: int
+    drange_offset: int
+    max_chunks: int
+
+    @property
+    def total(self) -> int:
+        return self.data_bytes + self.meta_bytes + self.sig_bytes
+
+
+def ht_layout(cfg: MoECommunicatorConfig, world: int) -> HtLayout:
+    L = cfg.num_experts // world
+    T = cfg.max_tokens_per_rank
+    max_chunks = -(-T // HT_CHUNK_TOKENS)
+    cnt_stride = round_up(24 + 4 * L, 16)
+    barrier_offset = 0
+    cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
+    dflag_offset = round_up(cnt_offset + world * cnt_stride, 128)
+    drange_offset = round_up(dflag_offset + world * max_chunks * 8, 128)
+    sig_bytes = round_up(drange_offset + world * max_chunks * 8, 4096)
+    return HtLayout(world * T * row_bytes(cfg), world * T * meta_stride(cfg.topk), sig_bytes, barrier_offset,
+                    cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
+
+
+@dataclass(frozen=True)
+class LLLayout:
+    recv_bytes: int        # [2][W][T_max][row]
+    meta_bytes: int        # [2][W][T_max][meta_stride]
+    comb_bytes: int        # [2][W][T_max][row]
+    sig_bytes: int
+    barrier_offset: int
+    disp_cnt_offset: int
+    comb_cnt_offset: int
+    ntok_offset: int
+    out_bytes: int         # communicator-owned output [L, W*T_max, H]
+    rows_local_bytes: int  # [2][W][T_max][K] int32
+
+    @property
+    def total(self) -> int:
+        return (self.recv_bytes + self.meta_bytes + self.comb_bytes + self.sig_bytes + self.out_bytes
+                + self.rows_local_bytes)
+
+
+def ll_layout(cfg: MoECommunicatorConfig, world: int) -> LLLayout:
+    T = cfg.max_tokens_per_rank
+    L = cfg.num_experts // world
+    rb = row_bytes(cfg)
+    disp_cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
+    comb_cnt_offset = disp_cnt_offset + BARRIER_SLOTS * 8
+    ntok_offset = comb_cnt_offset + BARRIER_SLOTS * 8
+    sig_bytes = round_up(ntok_offset + 2 * BARRIER_SLOTS * 4, 4096)
+    return LLLayout(2 * world * T * rb, 2 * world * T * meta_stride(cfg.topk), 2 * world * T * rb, sig_bytes, 0,
+                    disp_cnt_offset, comb_cnt_offset, ntok_offset, L * world * T * rb, 2 * world * T * cfg.topk * 4)
+
+
+def buffer_bytes(cfg: MoECommunicatorConfig, world: int) -> int:
+    """Device bytes a communicator of this config keeps (symmetric buffers and owned outputs)."""
+    cfg.check_world(world)
+    return ht_layout(cfg, world).total if cfg.mode == "ht" else ll_layout(cfg, world).total
+
+
+def check_row_index_range(cfg: MoECommunicatorConfig, world: int) -> None:
+    """Output rows are int32 in the kernels; refuse configs whose worst case would overflow."""
+    from .errors import ConfigError
+    L = cfg.num_experts // world
+    worst = world * cfg.max_tokens_per_rank * min(cfg.topk, L) + L * cfg.expert_alignment
+    if cfg.mode == "ht" and cfg.output_layout is not None and cfg.layout.value == "expert_major":
+        worst = L * (world * cfg.max_tokens_per_rank + cfg.expert_alignment)
+    if cfg.mode == "ll":
+        worst = L * world * cfg.max_tokens_per_rank
+    if worst >= 2 ** 31:
+        raise ConfigError(f"worst-case output rows ({worst}) exceed int32; lower max_tokens_per_rank")

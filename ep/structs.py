@@ -1,0 +1,82 @@
+"""NumPy mirrors of the C structs in ``cuda_src/common/params.cuh`` and ``wait.cuh``.
+
+Field order and types must match the C side; ``tests/cpu/test_structs.py`` compiles static_asserts
+generated from these dtypes against the C headers (NVRTC, no GPU needed).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_P = np.uint64     # device pointer
+_I = np.int32
+_U64 = np.uint64
+
+
+def _struct(*fields) -> np.dtype:
+    return np.dtype(list(fields), align=True)
+
+
+ERROR_RECORD = _struct(("claim", np.uint32), ("flag", np.uint32), ("phase", _I), ("rank", _I), ("peer", _I),
+                       ("reserved", _I), ("observed", _U64), ("expected", _U64))
+
+BARRIER_PARAMS = _struct(("sig_peers", _P), ("err", _P), ("value", _U64), ("timeout_ns", _U64),
+                         ("flags_offset", _U64), ("rank", _I), ("world", _I))
+
+HT_ROUTE_PARAMS = _struct(
+    ("topk_ids", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("chunk_cnt", _P), ("bad", _P),
+    ("info", _P), ("expert_offsets", _P), ("counts_out", _P), ("host_epoch", _P), ("host_info", _P),
+    ("sig_peers", _P), ("err", _P), ("epoch", _U64), ("timeout_ns", _U64), ("cnt_offset", _U64),
+    ("cnt_stride", _I), ("ids_64", _I), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
+    ("num_experts", _I), ("local_experts", _I), ("nchunks", _I), ("alignment", _I), ("expert_major", _I),
+    ("reserved", _I))
+
+HT_DISPATCH_PARAMS = _struct(
+    ("x", _P), ("weights", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("info", _P),
+    ("data_peers", _P), ("meta_peers", _P), ("sig_peers", _P), ("out", _P), ("recv_rows", _P), ("recv_w", _P),
+    ("err", _P), ("epoch", _U64), ("timeout_ns", _U64), ("dflag_offset", _U64), ("drange_offset", _U64),
+    ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I),
+    ("max_tokens", _I), ("chunk_tokens", _I), ("max_chunks", _I), ("meta_stride", _I))
+
+HT_COMBINE_PARAMS = _struct(
+    ("expert_out", _P), ("recv_rows", _P), ("recv_w", _P), ("send_pos", _P), ("info", _P), ("data_peers", _P),
+    ("out", _P), ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I),
+    ("topk", _I), ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I))
+
+LL_PARAMS = _struct(
+    ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("counts_out", _P),
+    ("recv_peers", _P), ("meta_peers", _P), ("comb_peers", _P), ("sig_peers", _P), ("state", _P),
+    ("rows_local", _P), ("send_mask", _P), ("err", _P), ("input_err", _P), ("timeout_ns", _U64),
+    ("disp_cnt_offset", _U64), ("comb_cnt_offset", _U64), ("ntok_offset", _U64), ("rank", _I), ("world", _I),
+    ("num_tokens", _I), ("topk", _I), ("num_experts", _I), ("local_experts", _I), ("row_bytes", _I),
+    ("max_tokens", _I), ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("capacity", _I))
+
+# C struct name -> dtype, for the layout test.
+C_STRUCTS = {
+    "ErrorRecord": ERROR_RECORD,
+    "BarrierParams": BARRIER_PARAMS,
+    "HtRouteParams": HT_ROUTE_PARAMS,
+    "HtDispatchParams": HT_DISPATCH_PARAMS,
+    "HtCombineParams": HT_COMBINE_PARAMS,
+    "LLParams": LL_PARAMS,
+}
+
+
+def pack(dtype: np.dtype, **values) -> np.ndarray:
+    """A one-element record of ``dtype``; every field must be given (a forgotten field is a bug)."""
+    missing = set(dtype.names) - set(values) - {"reserved"}
+    extra = set(values) - set(dtype.names)
+    if missing or extra:
+        raise KeyError(f"struct fields: missing {sorted(missing)}, unknown {sorted(extra)}")
+    rec = np.zeros(1, dtype=dtype)
+    for name, value in values.items():
+        rec[name] = value
+    return rec
+
+
+def static_asserts(struct_name: str, dtype: np.dtype) -> str:
+    """C++ static_asserts pinning sizeof/offsetof of ``struct_name`` to ``dtype``."""
+    lines = [f"static_assert(sizeof(ep::{struct_name}) == {dtype.itemsize}, \"sizeof {struct_name}\");"]
+    for name in dtype.names:
+        off = dtype.fields[name][1]
+        lines.append(f"static_assert(offsetof(ep::{struct_name}, {name}) == {off}, \"{struct_name}.{name}\");")
+    return "\n".join(lines)
