@@ -145,7 +145,8 @@ class HtRuntime:
             self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
                                                 smem=4 * sizes.ROUTE_CHUNK * (K + 1), stream=stream)
         epoch = self.epoch
-        host_wait(lambda: int(self.host_epoch[0]) == epoch, self.timeout_ns / 1e9, "ht count exchange", self.err)
+        # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
+        host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)
         lay = sizes.info_layout(L, W)
         hi = self.host_info.copy()
         invalid = int(hi[lay["invalid_mask"]])

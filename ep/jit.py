@@ -171,6 +171,9 @@ def device_arch() -> str:
     return f"sm_{major}{minor}"
 
 
+_MAX_DYNAMIC_SMEM_ATTR = 8   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
 class Kernel:
     """A loaded kernel entry point; ``launch`` checks the launch and names the variant in errors."""
 
@@ -193,7 +196,8 @@ class Kernel:
         if grid < 1 or block < 1:
             raise EPError(f"{self.label}: empty launch grid={grid} block={block}")
         if smem > self._smem_limit and smem > 48 * 1024:
-            self._fn.max_dynamic_shared_size_bytes = smem
+            # Opt in once to more than the default 48 KB of dynamic shared memory.
+            driver.funcSetAttribute(self._fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, smem)
             self._smem_limit = smem
         argv = (ctypes.c_void_p * 1)(params.ctypes.data)
         stream_ptr = 0 if stream is None else stream.ptr

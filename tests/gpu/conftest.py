@@ -1,0 +1,52 @@
+"""GPU tests: skipped without a CUDA device. Multi-rank tests (marked ``mpi``) run under
+``mpirun -np W python -m pytest tests/gpu`` (``make test-gpu``); every rank runs the same session.
+
+A failure on one rank must fail every rank instead of leaving the others in a collective: test bodies
+run through :func:`collective`, which shares a failure flag (and the failing rank's message) before the
+test returns. Inputs are fresh random data every run; the session seed is printed on failure.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import traceback
+
+import numpy as np
+import pytest
+
+
+def _gpu_count() -> int:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+GPUS = _gpu_count()
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPUS == 0:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run with make test-gpu)")
+        for item in items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def world():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.size > GPUS:
+        pytest.skip(f"{comm.size} ranks but {GPUS} GPUs")
+    import cupy
+    cupy.cuda.Device(comm.rank % GPUS).use()
+    return comm
+
+
+@pytest.fixture(scope="session")
+def session_seed(world):
+    seed = world.bcast(secrets.randbits(31) if world.rank == 0 else None, root=0)
+    return seed
+
+
