@@ -122,19 +122,35 @@ def to_framework(cupy_array: Any, framework: str, bf16: bool = False) -> Any:
     return t
 
 
+def _external(handle: int):
+    import cupy
+    return cupy.cuda.Stream.from_external(_RawStream(handle)) if hasattr(cupy.cuda.Stream, "from_external") \
+        else cupy.cuda.ExternalStream(handle)
+
+
+class _RawStream:
+    """A raw cudaStream_t exposed through the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, handle: int):
+        self.handle = int(handle)
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
 def resolve_stream(stream: Any, framework: str):
     """The CuPy stream to launch on: ``stream`` if given (torch or CuPy stream, or a raw pointer), else the
     caller's current stream (torch's for torch inputs, CuPy's otherwise)."""
     import cupy
     if stream is not None:
         if hasattr(stream, "cuda_stream"):          # torch.cuda.Stream
-            return cupy.cuda.ExternalStream(int(stream.cuda_stream))
+            return _external(int(stream.cuda_stream))
         if isinstance(stream, int):
-            return cupy.cuda.ExternalStream(stream)
+            return _external(stream)
         return stream                               # a CuPy stream
     if framework == TORCH:
         import torch
-        return cupy.cuda.ExternalStream(int(torch.cuda.current_stream().cuda_stream))
+        return _external(int(torch.cuda.current_stream().cuda_stream))
     return cupy.cuda.get_current_stream()
 
 
