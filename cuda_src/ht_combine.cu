@@ -11,26 +11,10 @@
 //   kCombineSegBytes shared-memory stages filled by cp.async.bulk from peer memory; lane 0 produces,
 //   the whole warp reduces from shared memory. EP_CMB_TMA=0: 16-byte L2-only loads straight from peers.
 // Rounding matches ep/reference.py exactly (fl32 adds in a fixed order, round-to-nearest-even to bf16).
-#include "common/copy.cuh"
 #include "common/params.cuh"
+#include "common/reduce.cuh"
 
 namespace ep {
-
-constexpr int kReduceUnroll = 2;
-
-__device__ __forceinline__ void add8(float* acc, const uint4& v, float w) {
-  float f[8];
-  unpack8(v, f);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, f[j]));
-}
-
-__device__ __forceinline__ void add8(float* acc, const uint4& v) {
-  float f[8];
-  unpack8(v, f);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
-}
 
 __device__ __forceinline__ u32 dest_mask(const HtCombineParams& p, int t, int lane, int* my_pos) {
   *my_pos = lane < p.world ? p.send_pos[static_cast<i64>(t) * p.world + lane] : -1;
@@ -48,7 +32,6 @@ extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;
   const int n_recv = p.info[lay.n_recv_total];
-  const int nvec = p.row_bytes / kVecBytes;
   u8* my_data = reinterpret_cast<u8*>(p.data_peers[p.rank]);
   for (int i = gw; i < n_recv; i += RW) {
     int s = 0;
@@ -61,33 +44,7 @@ extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
       w = p.recv_w[static_cast<i64>(i) * K + lane];
     }
     uint4* dst = reinterpret_cast<uint4*>(my_data + (static_cast<u64>(s) * p.max_tokens + pos) * p.row_bytes);
-    for (int base = 0; base < nvec; base += kWarpSize * kReduceUnroll) {
-      float acc[kReduceUnroll][8];
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-      for (int k = 0; k < K; ++k) {
-        const int rk = __shfl_sync(0xFFFFFFFFu, row, k);
-        const float wk = __shfl_sync(0xFFFFFFFFu, w, k);
-        if (rk < 0) continue;
-        const uint4* y = reinterpret_cast<const uint4*>(p.expert_out + static_cast<u64>(rk) * p.row_bytes);
-        uint4 v[kReduceUnroll];
-#pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-          const int vi = base + u * kWarpSize + lane;
-          if (vi < nvec) v[u] = ld_nc_v4(y + vi);
-        }
-#pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u)
-          if (base + u * kWarpSize + lane < nvec) add8(acc[u], v[u], wk);
-      }
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-        const int vi = base + u * kWarpSize + lane;
-        if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
-      }
-    }
+    warp_weighted_sum(dst, p.expert_out, p.row_bytes, K, row, w, lane);
   }
 }
 
@@ -184,36 +141,12 @@ __device__ __forceinline__ void gather_tma(const HtCombineParams& p, u8* stages,
 }
 
 __device__ __forceinline__ void gather_direct(const HtCombineParams& p, int gw, int RW, int lane) {
-  const int nvec = p.row_bytes / kVecBytes;
   for (int t = gw; t < p.num_tokens; t += RW) {
     int my_pos;
     const u32 mask = dest_mask(p, t, lane, &my_pos);
-    uint4* dst = reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes);
-    for (int base = 0; base < nvec; base += kWarpSize * kCopyUnroll) {
-      float acc[kCopyUnroll][8];
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
-      for (u32 m = mask; m; m &= m - 1) {
-        const int d = __ffs(m) - 1;
-        const uint4* src = reinterpret_cast<const uint4*>(partial_src(p, t, d));
-        uint4 v[kCopyUnroll];
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int vi = base + u * kWarpSize + lane;
-          if (vi < nvec) v[u] = ld_cg_v4(src + vi);
-        }
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u)
-          if (base + u * kWarpSize + lane < nvec) add8(acc[u], v[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int vi = base + u * kWarpSize + lane;
-        if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
-      }
-    }
+    const u64 src = lane < p.world && my_pos >= 0 ? reinterpret_cast<u64>(partial_src(p, t, lane)) : 0;
+    warp_sum_rows(reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes),
+                  compact_by_mask(mask, src, lane), __popc(mask), p.row_bytes, lane);
   }
 }
 

@@ -13,13 +13,14 @@
 // names: row = src_base[s][e] + idx (exchanged counts, so order is fixed by routing, not timing). They
 // also record recv_rows/recv_w for combine, and zero the alignment padding rows.
 // The grid must be co-resident (G <= SMs): receivers wait for senders of other blocks and other ranks.
-#include "common/copy.cuh"
 #include "common/params.cuh"
+#include "common/reduce.cuh"
 
 namespace ep {
 
 constexpr int kSendWarps = kDispatchWarps / 2;
 constexpr int kRecvWarps = kDispatchWarps - kSendWarps;
+constexpr int kExpandUnroll = 8;   // 4 KB in flight per receiver warp: expansion is latency-bound at fewer
 
 __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64* bar, int warp, int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
@@ -150,9 +151,8 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
       // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
       const int n = __popc(copy_mask);
       const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
-      const int from = lane < n ? static_cast<int>(__fns(copy_mask, 0, lane + 1)) : 0;
-      const u64 my_dst = __shfl_sync(0xFFFFFFFFu, dst_of_lane, from);
-      if (n) warp_copy_multi(my_dst, n, my_data + slot * p.row_bytes, p.row_bytes, lane);
+      const u64 my_dst = compact_by_mask(copy_mask, dst_of_lane, lane);
+      if (n) warp_copy_multi<kExpandUnroll>(my_dst, n, my_data + slot * p.row_bytes, p.row_bytes, lane);
     }
   }
   // Alignment / capacity padding rows are zero.

@@ -9,10 +9,7 @@
 //    sums the partials of the ranks in send_mask[dpar][t] in ascending order -> bf16 out[t].
 // Rounding matches ep/reference.py exactly. Parity reuse is safe for the reason given in ll_dispatch.cu.
 #include "common/ll_common.cuh"
-
-namespace ep {
-constexpr int kLLReduceUnroll = 2;
-}
+#include "common/reduce.cuh"
 
 extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine(const ep::LLParams p) {
   using namespace ep;
@@ -24,7 +21,6 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine(co
   const u32 seq = ll_read_seq(p, 1);
   const int par = seq & 1u;
   const int dpar = (*reinterpret_cast<volatile u32*>(p.state) - static_cast<u32>(p.age)) & 1u;
-  const int nvec = p.row_bytes / kVecBytes;
 
   if (threadIdx.x == 0) {
     int run = 0;
@@ -51,34 +47,7 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine(co
     }
     if (!__any_sync(0xFFFFFFFFu, row >= 0)) continue;
     uint4* dst = reinterpret_cast<uint4*>(p.comb_peers[s] + ll_slot(p, par, p.rank, t) * p.row_bytes);
-    for (int base = 0; base < nvec; base += kWarpSize * kLLReduceUnroll) {
-      float acc[kLLReduceUnroll][8];
-#pragma unroll
-      for (int u = 0; u < kLLReduceUnroll; ++u)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
-      for (int k = 0; k < K; ++k) {
-        const int rk = __shfl_sync(0xFFFFFFFFu, row, k);
-        const float wk = __shfl_sync(0xFFFFFFFFu, w, k);
-        if (rk < 0) continue;
-        const uint4* y = reinterpret_cast<const uint4*>(p.expert_out + static_cast<u64>(rk) * p.row_bytes);
-#pragma unroll
-        for (int u = 0; u < kLLReduceUnroll; ++u) {
-          const int vi = base + u * kWarpSize + lane;
-          if (vi < nvec) {
-            float f[8];
-            unpack8(ld_nc_v4(y + vi), f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[u][e] = __fadd_rn(acc[u][e], __fmul_rn(wk, f[e]));
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kLLReduceUnroll; ++u) {
-        const int vi = base + u * kWarpSize + lane;
-        if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
-      }
-    }
+    warp_weighted_sum(dst, p.expert_out, p.row_bytes, K, row, w, lane);
   }
   if (!ll_exchange_arrivals(p, p.comb_cnt_offset, seq, kPhaseLLCombineRecv, &s_abort)) {
     ll_finish_block(p, 1, seq);
@@ -88,33 +57,9 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine(co
   const u8* my_comb = reinterpret_cast<const u8*>(p.comb_peers[p.rank]);
   for (int t = gw; t < p.num_tokens; t += RW) {
     const u32 mask = p.send_mask[dpar * p.max_tokens + t];
-    uint4* dst = reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes);
-    for (int base = 0; base < nvec; base += kWarpSize * kCopyUnroll) {
-      float acc[kCopyUnroll][8];
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
-      for (u32 m = mask; m; m &= m - 1) {
-        const int d = __ffs(m) - 1;
-        const uint4* src = reinterpret_cast<const uint4*>(my_comb + ll_slot(p, par, d, t) * p.row_bytes);
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int vi = base + u * kWarpSize + lane;
-          if (vi < nvec) {
-            float f[8];
-            unpack8(ld_cg_v4(src + vi), f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[u][e] = __fadd_rn(acc[u][e], f[e]);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int vi = base + u * kWarpSize + lane;
-        if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
-      }
-    }
+    const u64 src = lane < W && ((mask >> lane) & 1u) ? reinterpret_cast<u64>(my_comb + ll_slot(p, par, lane, t) * p.row_bytes) : 0;
+    warp_sum_rows(reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes), compact_by_mask(mask, src, lane),
+                  __popc(mask), p.row_bytes, lane);
   }
   ll_finish_block(p, 1, seq);
 }
