@@ -9,7 +9,7 @@ from typing import Any
 from . import arrays, envs, sizes
 from .bootstrap import Group, bind_device, make_group
 from .config import DispatchHandle, DispatchLayout, DispatchOutput, MoECommunicatorConfig
-from .errors import ConfigError, EPError, EPTimeoutError, InvalidStateError
+from .errors import CapacityError, ConfigError, EPTimeoutError, InvalidStateError
 
 log = logging.getLogger("ep")
 _ids = itertools.count(1)
@@ -119,7 +119,7 @@ class MoECommunicator:
         xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev)
         T = xi.shape[0]
         if T > cfg.max_tokens_per_rank:
-            raise ValueError(f"x: {T} tokens exceed max_tokens_per_rank={cfg.max_tokens_per_rank}")
+            raise CapacityError(f"x: {T} tokens exceed max_tokens_per_rank={cfg.max_tokens_per_rank}; nothing was sent")
         if arrays.framework_of(topk_ids) != fw:
             raise TypeError("topk_ids must come from the same framework as x")
         ii = arrays.check_array(topk_ids, "topk_ids", shape=(T, cfg.topk), dtypes=("int32", "int64"), device=dev)

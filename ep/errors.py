@@ -18,8 +18,11 @@ class InvalidStateError(EPError):
     """The communicator is closed, broken by an earlier failure, or a handle does not fit this call."""
 
 
-class CapacityError(EPError):
-    """More rows arrive than the communicator's buffers were sized for."""
+class CapacityError(EPError, ValueError):
+    """More tokens than the communicator's buffers were sized for (T > max_tokens_per_rank).
+
+    Receive buffers hold W * max_tokens_per_rank tokens per rank, the worst case, and every rank checks
+    its own T before anything is sent, so a receiver can never be overrun."""
 
 
 class PeerInputError(EPError):
