@@ -27,7 +27,7 @@ extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
   using namespace ep;
   const int W = p.world, K = p.topk;
   const InfoLayout lay(p.local_experts, W);
-  const int nwarps = combine_warps(gridDim.x);   // the host launches exactly this many warps
+  const int nwarps = blockDim.x / kWarpSize;   // kReduceWarps (ep/sizes.py COMBINE_REDUCE_WARPS)
   const int lane = threadIdx.x % kWarpSize;
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;

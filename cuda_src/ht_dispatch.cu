@@ -20,7 +20,7 @@ namespace ep {
 
 constexpr int kSendWarps = kDispatchWarps / 2;
 constexpr int kRecvWarps = kDispatchWarps - kSendWarps;
-constexpr int kExpandUnroll = 8;   // 4 KB in flight per receiver warp: expansion is latency-bound at fewer
+constexpr int kExpandUnroll = 16;  // 8 KB in flight per receiver warp: local expansion is latency-bound
 
 __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64* bar, int warp, int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;

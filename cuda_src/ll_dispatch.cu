@@ -98,10 +98,14 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_dispatch(c
         if (ld_cg_i32(m.lexp() + k) == e) return true;
       return false;
     };
+    // Warp w scans the contiguous slot range [w*span, (w+1)*span), so warp order is slot order and the
+    // per-warp prefix below gives rows in (source, token) order.
+    const int span = (total + kLLWarps * kWarpSize - 1) / (kLLWarps * kWarpSize) * kWarpSize;
+    const int seg_end = min(total, (warp + 1) * span);
     int cnt = 0;
-    for (int seg = warp * kWarpSize; seg < total; seg += kLLWarps * kWarpSize) {
+    for (int seg = warp * span; seg < seg_end; seg += kWarpSize) {
       int s, t;
-      cnt += __popc(__ballot_sync(0xFFFFFFFFu, hit_of(seg + lane, &s, &t)));
+      cnt += __popc(__ballot_sync(0xFFFFFFFFu, seg + lane < seg_end && hit_of(seg + lane, &s, &t)));
     }
     if (lane == 0) s_warp_cnt[warp] = cnt;
     __syncthreads();
@@ -115,9 +119,9 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_dispatch(c
     }
     __syncthreads();
     int base = s_warp_base[warp];
-    for (int seg = warp * kWarpSize; seg < total; seg += kLLWarps * kWarpSize) {
+    for (int seg = warp * span; seg < seg_end; seg += kWarpSize) {
       int s = 0, t = 0;
-      const bool hit = hit_of(seg + lane, &s, &t);
+      const bool hit = seg + lane < seg_end && hit_of(seg + lane, &s, &t);
       const u32 ballot = __ballot_sync(0xFFFFFFFFu, hit);
       const int row = e * p.capacity + base + __popc(ballot & ((1u << lane) - 1u));
       if (hit) {

@@ -224,10 +224,10 @@ class HtRuntime:
             send_pos=ptr(routing.send_pos), info=ptr(routing.info), data_peers=ptr(self.data.table), out=out_ptr,
             err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=W, num_tokens=routing.num_tokens,
             topk=K, local_experts=L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
-        block = self.combine_warps * 32
-        self.k["ht_combine_reduce"].launch(self.combine_blocks, block, params, stream=stream)
+        self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
         self.barrier(stream)
-        self.k["ht_combine_gather"].launch(self.combine_blocks, block, params, smem=self.combine_smem, stream=stream)
+        self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params, smem=self.combine_smem,
+                                           stream=stream)
         self.last_op = "combine"
 
     def close(self) -> None:

@@ -21,75 +21,74 @@ __device__ __forceinline__ void add8(float* acc, const uint4& v) {
   for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
 }
 
-// dst = bf16( sum over k = 0..K-1 with row_k >= 0 of w_k * y[row_k] ), k ascending. Lane k holds
-// (my_row, my_w) of slot k. y rows are local (read through the non-coherent path).
-__device__ __forceinline__ void warp_weighted_sum(uint4* dst, const u8* y, int row_bytes, int K, int my_row,
-                                                  float my_w, int lane) {
-  const int nvec = row_bytes / kVecBytes;
-  for (int base = 0; base < nvec; base += kWarpSize * kReduceUnroll) {
-    float acc[kReduceUnroll][8];
-#pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const int rk = __shfl_sync(0xFFFFFFFFu, my_row, k);
-      const float wk = __shfl_sync(0xFFFFFFFFu, my_w, k);
-      if (rk < 0) continue;
-      const uint4* src = reinterpret_cast<const uint4*>(y + static_cast<u64>(rk) * row_bytes);
-      uint4 v[kReduceUnroll];
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-        const int vi = base + u * kWarpSize + lane;
-        if (vi < nvec) v[u] = ld_nc_v4(src + vi);
-      }
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u)
-        if (base + u * kWarpSize + lane < nvec) add8(acc[u], v[u], wk);
-    }
-#pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
-      const int vi = base + u * kWarpSize + lane;
-      if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
-    }
-  }
-}
-
-// dst = bf16( sum of the n rows whose addresses lanes 0..n-1 hold, in lane order ). The rows may be in
-// peer memory or written by peers during this kernel: L2-only loads. n == 0 writes zeros.
-__device__ __forceinline__ void warp_sum_rows(uint4* dst, u64 my_src, int n, int row_bytes, int lane) {
-  const int nvec = row_bytes / kVecBytes;
-  for (int base = 0; base < nvec; base += kWarpSize * kReduceUnroll) {
-    float acc[kReduceUnroll][8];
-#pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[u][j] = 0.f;
-    for (int j = 0; j < n; ++j) {
-      const uint4* src = reinterpret_cast<const uint4*>(__shfl_sync(0xFFFFFFFFu, my_src, j));
-      uint4 v[kReduceUnroll];
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-        const int vi = base + u * kWarpSize + lane;
-        if (vi < nvec) v[u] = ld_cg_v4(src + vi);
-      }
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u)
-        if (base + u * kWarpSize + lane < nvec) add8(acc[u], v[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
-      const int vi = base + u * kWarpSize + lane;
-      if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
-    }
-  }
-}
-
 // Lanes 0..popc(mask)-1 receive, in ascending bit order, the value lane `bit` holds (compaction).
 __device__ __forceinline__ u64 compact_by_mask(u32 mask, u64 value_of_lane, int lane) {
   const int n = __popc(mask);
   const int from = lane < n ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0;
   return __shfl_sync(0xFFFFFFFFu, value_of_lane, from);
+}
+
+constexpr int kRowBatch = 4;   // source rows whose loads are issued together (latency hiding)
+
+// dst = bf16( fold over j = 0..n-1 of acc = fl32(acc + fl32(w_j * row_j)) ), starting from 0, where lane j
+// holds (address of row_j, w_j). Loads of kRowBatch rows x kReduceUnroll vectors are in flight at once;
+// the adds still happen strictly in j order. `weighted` false: plain sum (w ignored).
+// Rows may live in peer memory or have been written by peers during this kernel: L2-only loads.
+template <bool kWeighted>
+__device__ __forceinline__ void warp_fold_rows(uint4* dst, u64 my_src, float my_w, int n, int row_bytes, int lane) {
+  const int nvec = row_bytes / kVecBytes;
+  for (int base = 0; base < nvec; base += kWarpSize * kReduceUnroll) {
+    float acc[kReduceUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
+    for (int j0 = 0; j0 < n; j0 += kRowBatch) {
+      uint4 v[kRowBatch][kReduceUnroll];
+      float w[kRowBatch];
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        const uint4* src = reinterpret_cast<const uint4*>(__shfl_sync(0xFFFFFFFFu, my_src, j0 + b < n ? j0 + b : 0));
+        w[b] = __shfl_sync(0xFFFFFFFFu, my_w, j0 + b < n ? j0 + b : 0);
+#pragma unroll
+        for (int u = 0; u < kReduceUnroll; ++u) {
+          const int vi = base + u * kWarpSize + lane;
+          if (j0 + b < n && vi < nvec) v[b][u] = ld_cg_v4(src + vi);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        if (j0 + b >= n) break;
+#pragma unroll
+        for (int u = 0; u < kReduceUnroll; ++u) {
+          if (base + u * kWarpSize + lane >= nvec) continue;
+          if (kWeighted) add8(acc[u], v[b][u], w[b]);
+          else add8(acc[u], v[b][u]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      const int vi = base + u * kWarpSize + lane;
+      if (vi < nvec) st_v4(dst + vi, pack8(acc[u]));
+    }
+  }
+}
+
+// dst = bf16( sum over k = 0..K-1 with row_k >= 0 of w_k * y[row_k] ), k ascending; lane k holds
+// (my_row, my_w) of slot k.
+__device__ __forceinline__ void warp_weighted_sum(uint4* dst, const u8* y, int row_bytes, int K, int my_row,
+                                                  float my_w, int lane) {
+  const u32 mask = __ballot_sync(0xFFFFFFFFu, lane < K && my_row >= 0);
+  const u64 addr = my_row >= 0 ? reinterpret_cast<u64>(y) + static_cast<u64>(my_row) * row_bytes : 0;
+  const u64 src = compact_by_mask(mask, addr, lane);
+  const float w = __shfl_sync(0xFFFFFFFFu, my_w, lane < __popc(mask) ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0);
+  warp_fold_rows<true>(dst, src, w, __popc(mask), row_bytes, lane);
+}
+
+// dst = bf16( sum of the n rows whose addresses lanes 0..n-1 hold, in lane order ); n == 0 writes zeros.
+__device__ __forceinline__ void warp_sum_rows(uint4* dst, u64 my_src, int n, int row_bytes, int lane) {
+  warp_fold_rows<false>(dst, my_src, 0.f, n, row_bytes, lane);
 }
 
 }  // namespace ep

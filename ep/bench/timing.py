@@ -7,6 +7,7 @@ clock reading (CPU backend: host wall time). Warm-up sections are run and thrown
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -109,6 +110,22 @@ def run_sections(clock, group, sections: list[Callable[[], dict]], warmup: int, 
     synchronize and barriers. A section returns ``{op: (start_mark, end_mark)}``. Returns the measured
     samples ``{op: [us, ...]}``. ``after_last`` runs (untimed) once after the last iteration."""
     samples: dict[str, list[float]] = {}
+    # NOTE: a garbage-collector pause between two launches shows up in the events (seen: 91 ms once).
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        _iterate(clock, group, sections, warmup, iters, samples)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    clock.synchronize()
+    if after_last is not None:
+        after_last()
+    return samples
+
+
+def _iterate(clock, group, sections, warmup: int, iters: int, samples: dict) -> None:
     for it in range(warmup + iters):
         for section in sections:
             clock.prepare()
@@ -120,10 +137,6 @@ def run_sections(clock, group, sections: list[Callable[[], dict]], warmup: int, 
                 us = clock.elapsed_us(start, end)
                 if it >= warmup:
                     samples.setdefault(op, []).append(us)
-    clock.synchronize()
-    if after_last is not None:
-        after_last()
-    return samples
 
 
 def gather_stats(group, samples: dict[str, list[float]]) -> dict[str, dict]:

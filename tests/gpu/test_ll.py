@@ -16,6 +16,9 @@ CASES = [
      True),
     ("k1_w_experts_flat", "W", 2048, 1, 32, (0, 32, 31, 2), "uniform", 0.1, True, "flat", "cupy", np.int32, False),
     ("k8_e64_flat_torch", 64, 2048, 8, 16, (16, 16, 0, 9), "uniform", 0.0, True, "flat", "torch", np.int64, False),
+    # W * T_max slots exceed one pass of the block's warps: row order must still follow (source, token).
+    ("more_slots_than_threads", 64, 1024, 8, 200, (200, 150, 0, 199), "skewed", 0.1, True, "expert_major", "cupy",
+     np.int64, False),
 ]
 
 

@@ -1,0 +1,4 @@
+"""python -m ep.bench (see ep.bench.cli)."""
+from .cli import main
+
+raise SystemExit(main())

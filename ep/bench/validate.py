@@ -1,0 +1,107 @@
+"""--validate: the timed outputs, checked once and bit for bit against ep.reference.
+
+Every rank gathers every rank's inputs, computes the reference with reference.dispatch_world /
+combine_world (the expert MLP is the identity: the expert output of rank d is its dispatch output), and
+compares its own outputs. LL outputs have a fixed capacity: only rows [0, count_e) of expert e are compared.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import reference
+from ..config import DispatchLayout
+from .workload import Inputs, Shape
+
+
+def reference_outputs(group, shape: Shape, inputs: Inputs):
+    """(this rank's ReceivedLayout, this rank's combine output uint16 [T, H]). Collective."""
+    everyone = group.allgather((inputs.x, inputs.topk_ids, inputs.weights))
+    xs = [e[0] for e in everyone]
+    ids = [e[1] for e in everyone]
+    ws = [e[2] for e in everyone]
+    W = group.size
+    ll = shape.mode == "ll"
+    layout = DispatchLayout.EXPERT_MAJOR if ll else DispatchLayout.FLAT
+    capacity = W * shape.tokens if ll else None
+    layouts = reference.dispatch_world(xs, ids, ws, shape.experts, shape.hidden, 1, layout, capacity)
+    combined = reference.combine_world([lay.tokens for lay in layouts], layouts, ids, ws, shape.experts, shape.hidden)
+    return layouts[group.rank], combined[group.rank]
+
+
+def first_difference(name: str, got: np.ndarray, want: np.ndarray) -> str | None:
+    got = np.asarray(got)
+    want = np.asarray(want)
+    if got.shape != want.shape:
+        return f"{name}: shape {got.shape}, expected {want.shape}"
+    if got.dtype.kind != want.dtype.kind or got.dtype.itemsize != want.dtype.itemsize:
+        got = got.astype(want.dtype)
+    diff = np.argwhere(got != want)
+    if len(diff) == 0:
+        return None
+    where = tuple(int(i) for i in diff[0])
+    text = (f"{name}: {len(diff)} of {want.size} elements differ; first at {where}: got {int(got[where])}, "
+            f"expected {int(want[where])}")
+    if got.ndim == 2 and _same_rows(got, want):
+        text += " (the same rows, in another order)"
+    return text
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two [n, H] arrays hold the same multiset of rows (a diagnosis of an ordering bug)."""
+    if a.shape != b.shape or a.size == 0:
+        return False
+    row = np.dtype((np.void, a.shape[1] * a.dtype.itemsize))
+    return bool(np.array_equal(np.sort(np.ascontiguousarray(a).view(row).ravel()),
+                               np.sort(np.ascontiguousarray(b).view(row).ravel())))
+
+
+def _counts(name: str, got, ref) -> str | None:
+    return first_difference(name, np.asarray(got).astype(np.int64), ref.counts.astype(np.int64))
+
+
+def _ll_rows(name: str, got: np.ndarray, ref) -> str | None:
+    """Rows [0, count_e) of every local expert of an EXPERT_MAJOR [L, cap, H] output."""
+    L, cap, H = ref.tokens.shape
+    got = np.asarray(got)
+    if got.ndim == 2:
+        got = got.reshape(L, -1, H)
+    if got.shape[0] != L or got.shape[2] != H or got.shape[1] < int(ref.counts.max(initial=0)):
+        return f"{name}: shape {got.shape}, expected [{L}, >= {int(ref.counts.max(initial=0))}, {H}]"
+    for e in range(L):
+        n = int(ref.counts[e])
+        problem = first_difference(f"{name} (local expert {e}, valid rows)", got[e, :n], ref.tokens[e, :n])
+        if problem:
+            return problem
+    return None
+
+
+def check_ep(snaps: dict, ref, ref_combine: np.ndarray, mode: str) -> list[str]:
+    """Compare every snapshot ep_runs took (dispatch tokens/counts, combine outputs) with the reference."""
+    problems = []
+    for key, got in snaps.items():
+        if key.endswith("counts"):
+            problem = _counts(f"ep {key}", got, ref)
+        elif "combine" in key:
+            problem = first_difference(f"ep {key}", got, ref_combine)
+        elif mode == "ll":
+            problem = _ll_rows(f"ep {key} tokens", got, ref)
+        else:
+            problem = first_difference(f"ep {key} tokens", got, ref.tokens)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def check_nccl(snaps: dict, ref) -> list[str]:
+    """The NCCL baseline's grouped rows follow the same order (expert, source rank, token): equal to the
+    reference FLAT tokens. Its combine sums in another order, so only its dispatch is compared."""
+    problems = []
+    if "nccl dispatch" in snaps:
+        problem = first_difference("nccl baseline dispatch rows", snaps["nccl dispatch"], ref.tokens)
+        if problem:
+            problems.append(problem)
+    if "nccl counts" in snaps:
+        problem = _counts("nccl baseline counts", snaps["nccl counts"], ref)
+        if problem:
+            problems.append(problem)
+    return problems
