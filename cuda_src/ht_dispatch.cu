@@ -107,18 +107,17 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
   const int* info = p.info;
   const int RW = gridDim.x * kRecvWarps;
   const int gw = blockIdx.x * kRecvWarps + rwarp;
-  int total_items = 0;
-  for (int s = 0; s < W; ++s) total_items += (info[lay.src_T + s] + p.chunk_tokens - 1) / p.chunk_tokens;
+  // Items (source, chunk) in chunk-major order: chunk c of every source is sent at about the same time,
+  // so receivers follow the senders' progress instead of waiting on one late source.
+  int max_nchunks = 0;
+  for (int s = 0; s < W; ++s) max_nchunks = max(max_nchunks, (info[lay.src_T + s] + p.chunk_tokens - 1) / p.chunk_tokens);
+  const int total_items = max_nchunks * W;
   const u8* my_sig = reinterpret_cast<const u8*>(p.sig_peers[p.rank]);
   const u8* my_data = reinterpret_cast<const u8*>(p.data_peers[p.rank]);
   const u8* my_meta = reinterpret_cast<const u8*>(p.meta_peers[p.rank]);
   for (int item = gw; item < total_items; item += RW) {
-    int s = 0, c = item;
-    for (;; ++s) {
-      const int n = (info[lay.src_T + s] + p.chunk_tokens - 1) / p.chunk_tokens;
-      if (c < n) break;
-      c -= n;
-    }
+    const int c = item / W, s = item % W;
+    if (c * p.chunk_tokens >= info[lay.src_T + s]) continue;   // source s has fewer chunks
     const u64 cell = static_cast<u64>(s) * p.max_chunks + c;
     int ok = 1, start = 0, end = 0;
     if (lane == 0) {
@@ -147,6 +146,7 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
         p.recv_rows[i * K + lane] = row;
         p.recv_w[i * K + lane] = w;
       }
+      if (lane == 0) p.recv_tok[i] = ld_cg_i32(meta.token());
       const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && lexp >= 0 && !(lexp & kDupBit));
       // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
       const int n = __popc(copy_mask);
