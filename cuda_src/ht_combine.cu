@@ -1,17 +1,15 @@
-// HT combine: expert-side reduction pushed to the sources, then a local sum on each source.
+// HT combine: expert-side reduction, then source-side gather.
 //
-// The host runs ep_barrier first: every peer has finished expanding the previous dispatch and summing the
-// previous combine, so the data buffers are free.
-// ht_combine_reduce (expert rank): for every token i it received (source s, token index t on s),
+// ht_combine_reduce (expert rank, local): for every token i it received from source s at slot pos,
 //   acc = 0; for k = 0..K-1 with recv_rows[i][k] >= 0: acc = fl32(acc + fl32(w * y[row]))  (no FMA)
-//   and stores bf16(acc) straight into the SOURCE's data buffer at data[rank][t] (NVLink stores: one
-//   partial per (token, rank) crosses the link, and local reads overlap remote writes across warps).
-// The host then runs ep_barrier again: every partial is written and visible (release/acquire, sys).
-// ht_combine_gather (source rank, local): token t sums data[d][t] over the ranks d it was sent to, in
-//   ascending rank order, in fp32, and writes bf16 out[t]; a token sent nowhere is zero.
-//   EP_CMB_TMA=1: each warp streams its (token, segment, rank) items through a kCombineStages-deep ring of
-//   kCombineSegBytes shared-memory stages filled by cp.async.bulk; lane 0 produces, the whole warp reduces
-//   from shared memory. EP_CMB_TMA=0: 16-byte loads, kRowBatch rows in flight.
+//   and stores bf16(acc) into its OWN data buffer at data[s][pos] (the dispatch slot, free again: the
+//   dispatch kernel finished expanding it). One partial per (token, rank) is all that crosses NVLink.
+// The host then runs ep_barrier: every rank's partials are written and visible (release/acquire, sys).
+// ht_combine_gather (source rank): token t sums, in ascending rank order, the partials peers hold at
+//   data_peers[d][rank][send_pos[t][d]], in fp32, and writes bf16 out[t]; a token sent nowhere is zero.
+//   EP_CMB_TMA=1: each warp streams its (token, segment, peer) items through a kCombineStages-deep ring of
+//   kCombineSegBytes shared-memory stages filled by cp.async.bulk from peer memory; lane 0 produces,
+//   the whole warp reduces from shared memory. EP_CMB_TMA=0: 16-byte L2-only loads straight from peers.
 // Rounding matches ep/reference.py exactly (fl32 adds in a fixed order, round-to-nearest-even to bf16).
 #include "common/params.cuh"
 #include "common/reduce.cuh"
@@ -34,17 +32,18 @@ extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;
   const int n_recv = p.info[lay.n_recv_total];
+  u8* my_data = reinterpret_cast<u8*>(p.data_peers[p.rank]);
   for (int i = gw; i < n_recv; i += RW) {
     int s = 0;
     while (s + 1 < W && p.info[lay.recv_prefix + s + 1] <= i) ++s;
-    const int t = p.recv_tok[i];
+    const int pos = i - p.info[lay.recv_prefix + s];
     int row = -1;
     float w = 0.f;
     if (lane < K) {
       row = p.recv_rows[static_cast<i64>(i) * K + lane];
       w = p.recv_w[static_cast<i64>(i) * K + lane];
     }
-    uint4* dst = reinterpret_cast<uint4*>(p.data_peers[s] + (static_cast<u64>(p.rank) * p.max_tokens + t) * p.row_bytes);
+    uint4* dst = reinterpret_cast<uint4*>(my_data + (static_cast<u64>(s) * p.max_tokens + pos) * p.row_bytes);
     warp_weighted_sum(dst, p.expert_out, p.row_bytes, K, row, w, lane);
   }
 }
@@ -87,9 +86,9 @@ __device__ __forceinline__ bool cursor_next(const HtCombineParams& p, GatherCurs
   return false;
 }
 
-// The partial that rank d pushed for our token t.
 __device__ __forceinline__ const u8* partial_src(const HtCombineParams& p, int t, int d) {
-  return reinterpret_cast<const u8*>(p.data_peers[p.rank]) + (static_cast<u64>(d) * p.max_tokens + t) * p.row_bytes;
+  const int pos = p.send_pos[static_cast<i64>(t) * p.world + d];
+  return reinterpret_cast<const u8*>(p.data_peers[d]) + (static_cast<u64>(p.rank) * p.max_tokens + pos) * p.row_bytes;
 }
 
 __device__ __forceinline__ void gather_tma(const HtCombineParams& p, u8* stages, u64* bars, int gw, int RW, int lane) {

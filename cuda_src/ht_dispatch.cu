@@ -146,7 +146,7 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
         p.recv_rows[i * K + lane] = row;
         p.recv_w[i * K + lane] = w;
       }
-      if (lane == 0) p.recv_tok[i] = ld_cg_i32(meta.token());
+
       const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && lexp >= 0 && !(lexp & kDupBit));
       // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
       const int n = __popc(copy_mask);

@@ -2,13 +2,14 @@
 
 Uncached dispatch:  ht_route_count -> ht_route_exchange -> ht_route_positions (queued), host waits once on
                     the mapped pinned epoch to size the outputs exactly, then ht_dispatch.
-Cached dispatch:    ep_barrier -> ht_dispatch, with the handle's layout.
-Combine:            ep_barrier -> ht_combine_reduce (pushes partials to the sources) -> ep_barrier ->
-                    ht_combine_gather (local sums).
-Why the leading barriers: region [d] of a rank's data buffer receives d's tokens (dispatch) and d's
-partials (combine), and is read only by its owner. A rank may write a peer's region only after that peer
-finished reading it for the previous op. The count exchange of an uncached dispatch is such a rendezvous
-already; a cached dispatch and a combine start with an explicit one.
+Cached dispatch:    (ep_barrier if the previous op was a dispatch) -> ht_dispatch, with the handle's layout.
+Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_reduce -> ep_barrier ->
+                    ht_combine_gather.
+Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
+(combine partials) and read by itself (expansion) and by s (gather). After a combine every peer has finished
+reading, and the count exchange of an uncached dispatch is itself a rendezvous; only back-to-back cached
+dispatches or back-to-back combines need an explicit one.
+(A push-based combine, partials stored straight into the source's buffer, measured slower: docs/perf.md.)
 """
 from __future__ import annotations
 
@@ -59,7 +60,6 @@ class HtHandle:
     routing: Routing
     recv_rows: Any
     recv_w: Any
-    recv_tok: Any
     tokens_shape: tuple
 
 
@@ -104,6 +104,7 @@ class HtRuntime:
         self.barrier = Barrier(kernels["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
                                self.W, self.timeout_ns)
         self.epoch = 0
+        self.last_op = None
         self._cupy = cupy
         group.barrier()
 
@@ -177,7 +178,8 @@ class HtRuntime:
                 same = bool((_as_cupy(topk_ids).astype(np.int32) == routing.topk_ids_copy).all())
                 if not same:
                     raise ValueError("previous_handle: topk_ids differ from the routing the handle was made for")
-            self.barrier(stream)
+            if self.last_op == "dispatch":
+                self.barrier(stream)
             self.epoch += 1
             lay = sizes.info_layout(L, W)
             with stream:   # the routing's arrays are shared; the outputs are fresh copies
@@ -187,7 +189,6 @@ class HtRuntime:
             n = max(routing.n_recv, 1)
             recv_rows = cp.empty((n, K), np.int32)
             recv_w = cp.empty((n, K), np.float32)
-            recv_tok = cp.empty(n, np.int32)
         if cfg.layout is DispatchLayout.EXPERT_MAJOR:
             shape = (L, routing.capacity, H)
         else:
@@ -198,29 +199,30 @@ class HtRuntime:
             route=ptr(routing.route), slot_idx=ptr(routing.slot_idx), send_pos=ptr(routing.send_pos),
             info=ptr(routing.info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
             sig_peers=ptr(self.sig.table), out=tokens_ptr, recv_rows=ptr(recv_rows), recv_w=ptr(recv_w),
-            recv_tok=ptr(recv_tok),
+
             err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
             drange_offset=self.layout.drange_offset, rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L,
             row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS,
             max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride)
         self.k["ht_dispatch"].launch(self.dispatch_blocks, self.knobs["EP_DISPATCH_WARPS"] * 32, params,
                                      smem=self.dispatch_smem, stream=stream)
+        self.last_op = "dispatch"
         out = DispatchOutput(
             tokens=tokens,
             num_tokens_per_expert=counts_dev,
             num_tokens_per_expert_host=list(routing.counts_host),
             expert_offsets=offsets,
             layout=cfg.layout)
-        return out, HtHandle(routing, recv_rows, recv_w, recv_tok, shape)
+        return out, HtHandle(routing, recv_rows, recv_w, shape)
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
         cfg, W, L, K = self.cfg, self.W, self.L, self.cfg.topk
         routing = handle.routing
-        self.barrier(stream)
+        if self.last_op == "combine":
+            self.barrier(stream)
         params = structs.pack(
             structs.HT_COMBINE_PARAMS, expert_out=y_info.ptr, recv_rows=ptr(handle.recv_rows), recv_w=ptr(handle.recv_w),
-            recv_tok=ptr(handle.recv_tok),
             send_pos=ptr(routing.send_pos), info=ptr(routing.info), data_peers=ptr(self.data.table), out=out_ptr,
             err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=W, num_tokens=routing.num_tokens,
             topk=K, local_experts=L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
@@ -228,6 +230,7 @@ class HtRuntime:
         self.barrier(stream)
         self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params, smem=self.combine_smem,
                                            stream=stream)
+        self.last_op = "combine"
 
     def close(self) -> None:
         for buf in self._bufs:

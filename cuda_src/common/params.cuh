@@ -64,7 +64,6 @@ struct HtDispatchParams {
   u8* out;                // [rows, H] (EXPERT_MAJOR viewed flat)
   i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
   float* recv_w;          // [n_recv, K]
-  i32* recv_tok;          // [n_recv] the token's index on its source (where combine sends its partial)
   ErrorRecord* err;
   u64 epoch;
   u64 timeout_ns;
@@ -86,7 +85,6 @@ struct HtCombineParams {
   const u8* expert_out;   // [rows, H]
   const i32* recv_rows;
   const float* recv_w;
-  const i32* recv_tok;
   const i32* send_pos;
   const i32* info;
   const u64* data_peers;
