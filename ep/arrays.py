@@ -66,7 +66,7 @@ def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], d
     """Validate one argument; ``shape`` entries of None accept any size. Raises ValueError/TypeError."""
     info = describe(arr, name)
     if len(info.shape) != len(shape) or any(want is not None and got != want for got, want in zip(info.shape, shape)):
-        pretty = tuple("*" if s is None else s for s in shape)
+        pretty = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{name}: expected shape {pretty}, got {info.shape}")
     if info.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {info.dtype}")

@@ -9,10 +9,27 @@ from typing import Any
 from . import arrays, envs, sizes
 from .bootstrap import Group, bind_device, make_group
 from .config import DispatchHandle, DispatchLayout, DispatchOutput, MoECommunicatorConfig
-from .errors import CapacityError, ConfigError, EPTimeoutError, InvalidStateError
+from .errors import CapacityError, ConfigError, EPError, EPTimeoutError, InvalidStateError, PeerInputError
 
 log = logging.getLogger("ep")
 _ids = itertools.count(1)
+
+
+def collective_check(group: Group, fn, peer_error=PeerInputError):
+    """Run the local check ``fn`` on every rank and share the outcome: a rank whose check failed re-raises
+    its own exception, the others raise ``peer_error`` naming the failing ranks. Returns fn's result."""
+    result, failure = None, None
+    try:
+        result = fn()
+    except (ValueError, TypeError, EPError) as exc:
+        failure = exc
+    failed = group.allgather(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    bad = {r: msg for r, msg in enumerate(failed) if msg is not None}
+    if bad:
+        raise peer_error(f"rank(s) {sorted(bad)} failed: " + "; ".join(f"rank {r}: {m}" for r, m in bad.items()))
+    return result
 
 
 def _choose_backend(knob: str) -> str:
@@ -38,22 +55,28 @@ class MoECommunicator:
         if not isinstance(config, MoECommunicatorConfig):
             raise ConfigError(f"config must be a MoECommunicatorConfig, got {type(config).__name__}")
         self.config = config
-        self._knobs = envs.read()
-        logging.getLogger("ep").setLevel(self._knobs.log_level)
         self._group: Group = make_group(group)
-        W = self._group.size
-        config.check_world(W)
-        sizes.check_row_index_range(config, W)
-        self._backend = backend or _choose_backend(self._knobs.backend)
-        if self._backend not in ("gpu", "cpu"):
-            raise ConfigError(f"backend must be 'gpu' or 'cpu', got {self._backend!r}")
+        self._closed = True   # until fully built: __del__ stays quiet, close() is a no-op
+
+        def check():
+            knobs = envs.read()
+            config.check_world(self._group.size)
+            sizes.check_row_index_range(config, self._group.size)
+            chosen = backend or _choose_backend(knobs.backend)
+            if chosen not in ("gpu", "cpu"):
+                raise ConfigError(f"backend must be 'gpu' or 'cpu', got {chosen!r}")
+            return knobs, chosen
+
+        # Every rank validates, then all agree, so a bad config or knob on one rank raises on every rank
+        # instead of leaving the others waiting in a collective.
+        self._knobs, self._backend = collective_check(self._group, check, ConfigError)
+        logging.getLogger("ep").setLevel(self._knobs.log_level)
         mine = (repr(config), sorted(self._knobs.macros().items()), self._backend)
         everyone = self._group.allgather(mine)
         if any(other != mine for other in everyone):
             bad = [r for r, other in enumerate(everyone) if other != mine]
             raise ConfigError(f"ranks {bad} differ from rank {self._group.rank} in config, macro knobs or backend")
         self._id = next(_ids)
-        self._closed = False
         self._broken: BaseException | None = None
         self.device = -1
         if self._backend == "cpu":
@@ -67,6 +90,7 @@ class MoECommunicator:
             else:
                 from .ll import LLRuntime
                 self._rt = LLRuntime(config, self._group, self._knobs)   # buffers built on first use
+        self._closed = False
 
     # -------------------------------------------------------------------------------- properties
     @property
@@ -130,6 +154,14 @@ class MoECommunicator:
             wi = arrays.check_array(weights, "weights", shape=(T, cfg.topk), dtypes=("float32",), device=dev)
         return fw, xi, ii, wi
 
+    def _validated(self, check):
+        """Input checks. The CPU backend shares the outcome (every rank raises together, peers get
+        PeerInputError); the GPU backend raises on the calling rank only, before any launch, so that a call
+        costs no host collective: peers then time out in their bounded waits."""
+        if self._backend == "cpu":
+            return collective_check(self._group, check)
+        return check()
+
     def _run(self, fn, *args):
         try:
             return fn(*args)
@@ -154,13 +186,17 @@ class MoECommunicator:
         if scales is not None:
             raise NotImplementedError("FP8 dispatch (scales=QuantScales) is not implemented yet; pass bf16 tokens")
         cfg = self.config
-        if previous_handle is not None:
-            if cfg.mode != "ht":
-                raise ValueError("previous_handle applies to mode='ht' only")
-            self._check_handle(previous_handle, "previous_handle")
-        if output_buffer is not None and cfg.mode != "ll":
-            raise ValueError("output_buffer applies to mode='ll' only")
-        fw, xi, ii, wi = self._inputs(x, topk_ids, weights)
+
+        def check():
+            if previous_handle is not None:
+                if cfg.mode != "ht":
+                    raise ValueError("previous_handle applies to mode='ht' only")
+                self._check_handle(previous_handle, "previous_handle")
+            if output_buffer is not None and cfg.mode != "ll":
+                raise ValueError("output_buffer applies to mode='ll' only")
+            return self._inputs(x, topk_ids, weights)
+
+        fw, xi, ii, wi = self._validated(check)
         prev_state = None if previous_handle is None else previous_handle._state
         if self._backend == "cpu":
             if output_buffer is not None:
@@ -202,20 +238,25 @@ class MoECommunicator:
         ``out[t] = sum_k w[t,k] * expert_output[row(t,k)]`` rounded as documented in ep.reference.
         """
         self._check_usable()
-        self._check_handle(handle, "handle")
+        T, H = (handle.num_tokens if isinstance(handle, DispatchHandle) else 0), self.config.hidden_size
+
+        def check():
+            self._check_handle(handle, "handle")
+            fw = arrays.framework_of(expert_output)
+            if self._backend == "gpu" and fw == arrays.NUMPY:
+                raise TypeError("expert_output: the GPU backend takes torch CUDA tensors or CuPy arrays")
+            bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
+            yi = arrays.check_array(expert_output, "expert_output", shape=tuple(handle._state.tokens_shape),
+                                    dtypes=bf16, device=self.device)
+            oi = None
+            if out is not None:
+                if arrays.framework_of(out) != fw:
+                    raise TypeError("out must come from the same framework as expert_output")
+                oi = arrays.check_array(out, "out", shape=(T, H), dtypes=bf16, device=self.device)
+            return fw, yi, oi
+
+        fw, yi, oi = self._validated(check)
         state = handle._state
-        fw = arrays.framework_of(expert_output)
-        if self._backend == "gpu" and fw == arrays.NUMPY:
-            raise TypeError("expert_output: the GPU backend takes torch CUDA tensors or CuPy arrays")
-        bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
-        yi = arrays.check_array(expert_output, "expert_output", shape=tuple(state.tokens_shape), dtypes=bf16,
-                                device=self.device)
-        T, H = handle.num_tokens, self.config.hidden_size
-        oi = None
-        if out is not None:
-            if arrays.framework_of(out) != fw:
-                raise TypeError("out must come from the same framework as expert_output")
-            oi = arrays.check_array(out, "out", shape=(T, H), dtypes=bf16, device=self.device)
         if self._backend == "cpu":
             return self._run(self._rt.combine, expert_output, state, out, fw)
         stream_ = arrays.resolve_stream(stream, fw)

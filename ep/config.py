@@ -39,7 +39,7 @@ class CommOverlapConfig:
     def __post_init__(self):
         for name in ("dispatch_num_sms", "combine_num_sms"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"CommOverlapConfig.{name} must be a positive int or None, got {value!r}")
 
 
@@ -84,8 +84,9 @@ class MoECommunicatorConfig:
             raise ConfigError(f"max_tokens_per_rank must be <= {1 << 24}, got {self.max_tokens_per_rank}")
         if self.dtype != "bfloat16":
             raise ConfigError(f"dtype must be 'bfloat16', got {self.dtype!r}")
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not 0 < self.timeout_s < float("inf"):
+            raise ConfigError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")
         if self.output_layout is not None and not isinstance(self.output_layout, DispatchLayout):
             raise ConfigError(f"output_layout must be a DispatchLayout or None, got {self.output_layout!r}")
         if self.mode == "ll" and self.expert_alignment != 1:

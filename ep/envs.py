@@ -28,6 +28,7 @@ class Knob:
     lo: float | None = None     # inclusive range for int/float
     hi: float | None = None
     choices: tuple[str, ...] | None = None
+    multiple_of: int = 1        # ints: the value must be a multiple of this
 
     def parse(self, raw: str) -> Any:
         text = raw.strip()
@@ -53,8 +54,12 @@ class Knob:
             if self.choices is not None and value not in self.choices:
                 raise ConfigError(f"{self.name}={raw!r}: expected one of {', '.join(self.choices)}")
             return value
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{self.name}={raw!r}: expected a finite number")
         if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
             raise ConfigError(f"{self.name}={raw!r}: out of range [{self.lo}, {self.hi}]")
+        if self.type is int and value % self.multiple_of:
+            raise ConfigError(f"{self.name}={raw!r}: must be a multiple of {self.multiple_of}")
         return value
 
     def macro_value(self, value: Any) -> str:
@@ -77,7 +82,8 @@ KNOBS: tuple[Knob, ...] = (
     # --- macro knobs (each value is its own compiled variant) ------------------------------------
     Knob("EP_NCCLEP_TMA", bool, True, "HT dispatch moves whole tokens with TMA bulk copies (G2S then S2G to each destination); 0 = warp 16-byte stores.",
          kind=MACRO),
-    Knob("EP_DISPATCH_WARPS", int, 16, "Warps per HT dispatch block: half send, half expand received tokens.", kind=MACRO, lo=4, hi=32),
+    Knob("EP_DISPATCH_WARPS", int, 16, "Warps per HT dispatch block (even): half send, half expand received tokens.", kind=MACRO,
+         lo=4, hi=32, multiple_of=2),
     Knob("EP_CMB_TMA", bool, True, "HT combine gathers partials from peers through a TMA shared-memory pipeline; 0 = warp 16-byte loads.", kind=MACRO),
     Knob("EP_CMB_TMA_STAGES", int, 2, "Shared-memory stages of the HT combine TMA pipeline, per warp.", kind=MACRO, lo=1, hi=4),
     Knob("EP_CMB_TMA_WARPS_WIDE", int, 8, "Warps per HT combine block when the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),
@@ -102,6 +108,8 @@ class Snapshot:
         return self._values[name]
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):          # copy/pickle probe dunders before __init__ ran
+            raise AttributeError(attr)
         try:
             return self._values["EP_" + attr.upper()]
         except KeyError:

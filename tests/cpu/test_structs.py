@@ -1,0 +1,174 @@
+"""Host/device structs have one source of truth: the NumPy dtypes of ep.structs pin sizeof/offsetof of the C
+structs in cuda_src/common/params.cuh and wait.cuh (checked by NVRTC, no GPU), and the buffer arithmetic of
+ep.sizes has the shape the kernels assume."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from ep import MoECommunicatorConfig, jit, sizes, structs
+
+PRELUDE = """\
+#include "common/params.cuh"
+#include "common/wait.cuh"
+#ifndef offsetof
+#define offsetof(s, m) __builtin_offsetof(s, m)
+#endif
+"""
+
+
+def nvrtc_compile(source: str, arch: str = "sm_90") -> tuple[bool, str]:
+    """(compiled, log) of ``source`` against the checkout's cuda_src/."""
+    from cupy.cuda import nvrtc
+    prog = nvrtc.createProgram(source, "struct_layout.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["-std=c++17", f"--gpu-architecture={arch}", f"-I{jit.source_dir()}"])
+            return True, nvrtc.getProgramLog(prog)
+        except nvrtc.NVRTCError:
+            return False, nvrtc.getProgramLog(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+# ------------------------------------------------------------------------------------ C <-> NumPy
+@pytest.mark.parametrize("name, dtype", sorted(structs.C_STRUCTS.items()), ids=sorted(structs.C_STRUCTS))
+def test_numpy_dtype_matches_the_c_struct(name, dtype):
+    ok, log = nvrtc_compile(PRELUDE + structs.static_asserts(name, dtype) + "\n")
+    assert ok, f"{name}: the NumPy mirror in ep/structs.py disagrees with the C struct:\n{log}"
+
+
+def test_static_asserts_pin_size_and_every_field():
+    text = structs.static_asserts("HtCombineParams", structs.HT_COMBINE_PARAMS)
+    assert f"sizeof(ep::HtCombineParams) == {structs.HT_COMBINE_PARAMS.itemsize}" in text
+    for field in structs.HT_COMBINE_PARAMS.names:
+        assert f"offsetof(ep::HtCombineParams, {field}) ==" in text
+
+
+def test_a_drifted_mirror_fails_to_compile():
+    """The check has teeth: swapped fields, a missing field or a field of the wrong width is caught by NVRTC."""
+    base = structs.BARRIER_PARAMS
+    fields = [(n, base.fields[n][0]) for n in base.names]
+    assert nvrtc_compile(PRELUDE + structs.static_asserts("BarrierParams", base))[0]
+    drifted = {
+        "swapped": fields[:2] + [fields[3], fields[2]] + fields[4:],     # value <-> timeout_ns, both u64
+        "missing": fields[:2] + fields[3:],                               # no `value`
+        "wider": fields[:-1] + [("world", np.int64)],
+    }
+    for what, dtype_fields in drifted.items():
+        ok, _ = nvrtc_compile(PRELUDE + structs.static_asserts("BarrierParams", np.dtype(dtype_fields, align=True)))
+        assert not ok, f"a {what} field must not match the C struct"
+
+
+def c_field_names(struct_name: str) -> list[str]:
+    """Data members of ``struct_name`` in declaration order, read from the headers' text."""
+    for header in ("common/params.cuh", "common/wait.cuh"):
+        text = (jit.source_dir() / header).read_text()
+        match = re.search(rf"^struct {struct_name} \{{(.*?)^\}};", text, re.S | re.M)
+        if match:
+            body = re.sub(r"//[^\n]*", "", match.group(1))
+            return [re.search(r"(\w+)\s*$", decl).group(1) for decl in body.split(";") if decl.strip()]
+    raise AssertionError(f"struct {struct_name} not found in params.cuh or wait.cuh")
+
+
+@pytest.mark.parametrize("name, dtype", sorted(structs.C_STRUCTS.items()), ids=sorted(structs.C_STRUCTS))
+def test_numpy_dtype_has_every_c_field_in_order(name, dtype):
+    # NOTE: sizeof/offsetof cannot see a C member that the mirror lacks when it sits in tail padding
+    # (e.g. a trailing i32 after an odd number of i32s); the names close that gap.
+    assert list(dtype.names) == c_field_names(name)
+
+
+@pytest.mark.parametrize("name, dtype", sorted(structs.C_STRUCTS.items()), ids=sorted(structs.C_STRUCTS))
+def test_struct_dtypes_are_c_aligned(name, dtype):
+    assert dtype.isalignedstruct
+    assert dtype.itemsize % 8 == 0
+    offsets = [dtype.fields[n][1] for n in dtype.names]
+    assert offsets == sorted(offsets)
+
+
+def test_error_record_is_40_bytes():
+    assert structs.ERROR_RECORD.itemsize == 40
+
+
+# -------------------------------------------------------------------------------------------- pack
+def test_pack_fills_every_field():
+    rec = structs.pack(structs.BARRIER_PARAMS, sig_peers=0x1000, err=0x2000, value=7, timeout_ns=10**9,
+                       flags_offset=64, rank=3, world=8)
+    assert rec.shape == (1,) and rec.dtype == structs.BARRIER_PARAMS
+    assert int(rec["sig_peers"][0]) == 0x1000 and int(rec["world"][0]) == 8 and int(rec["timeout_ns"][0]) == 10**9
+
+
+def test_pack_lets_reserved_default_to_zero():
+    values = {name: 1 for name in structs.HT_ROUTE_PARAMS.names if name != "reserved"}
+    rec = structs.pack(structs.HT_ROUTE_PARAMS, **values)
+    assert int(rec["reserved"][0]) == 0
+
+
+def test_pack_rejects_a_missing_field():
+    values = {name: 1 for name in structs.BARRIER_PARAMS.names if name != "timeout_ns"}
+    with pytest.raises(KeyError, match=r"missing \['timeout_ns'\]"):
+        structs.pack(structs.BARRIER_PARAMS, **values)
+
+
+def test_pack_rejects_an_unknown_field():
+    values = {name: 1 for name in structs.BARRIER_PARAMS.names}
+    with pytest.raises(KeyError, match=r"unknown \['timeout_s'\]"):
+        structs.pack(structs.BARRIER_PARAMS, timeout_s=1, **values)
+
+
+# ------------------------------------------------------------------------------------ info layout
+@pytest.mark.parametrize("L", [1, 2, 8, 64, 256])
+@pytest.mark.parametrize("W", [1, 2, 4, 8, 32])
+def test_info_layout_is_contiguous_with_the_documented_size(L, W):
+    lay = sizes.info_layout(L, W)
+    lengths = {"invalid_mask": 1, "total_rows": 1, "capacity": 1, "n_recv_total": 1, "counts": L, "base": L + 1,
+               "src_base": W * L, "recv_n": W, "recv_prefix": W + 1, "src_T": W}
+    order = sorted(lengths, key=lambda name: lay[name])
+    assert order == list(lengths), "fields in the order of InfoLayout in params.cuh"
+    position = 0
+    for name in order:
+        assert lay[name] == position, name
+        position += lengths[name]
+    assert lay["size"] == position == 4 + 2 * L + 1 + W * L + 3 * W + 1
+
+
+# ---------------------------------------------------------------------------------- buffer arithmetic
+@pytest.mark.parametrize("topk", [1, 2, 3, 8, 9, 32])
+def test_meta_stride_holds_token_lexp_idx_and_weights_in_16_byte_rows(topk):
+    stride = sizes.meta_stride(topk)
+    assert stride % 16 == 0
+    assert 8 + 12 * topk <= stride < 8 + 12 * topk + 16
+
+
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_signal_regions_are_aligned_and_disjoint(mode, world):
+    cfg = MoECommunicatorConfig(mode=mode, num_experts=8 * world, hidden_size=7168, topk=8, max_tokens_per_rank=1000)
+    if mode == "ht":
+        lay = sizes.ht_layout(cfg, world)
+        regions = [(lay.barrier_offset, sizes.BARRIER_SLOTS * 8), (lay.cnt_offset, world * lay.cnt_stride),
+                   (lay.dflag_offset, world * lay.max_chunks * 8), (lay.drange_offset, world * lay.max_chunks * 8)]
+        assert lay.max_chunks == -(-1000 // sizes.HT_CHUNK_TOKENS)
+        assert lay.cnt_stride % 16 == 0
+        assert lay.data_bytes == world * 1000 * 7168 * 2
+        assert lay.meta_bytes == world * 1000 * sizes.meta_stride(8)
+    else:
+        lay = sizes.ll_layout(cfg, world)
+        regions = [(lay.barrier_offset, sizes.BARRIER_SLOTS * 8), (lay.disp_cnt_offset, sizes.BARRIER_SLOTS * 8),
+                   (lay.comb_cnt_offset, sizes.BARRIER_SLOTS * 8), (lay.ntok_offset, 2 * sizes.BARRIER_SLOTS * 4)]
+        assert lay.out_bytes == 8 * world * 1000 * 7168 * 2
+    for (start, length), (next_start, _) in zip(regions, regions[1:]):
+        assert start + length <= next_start
+        assert next_start % 8 == 0
+    assert regions[-1][0] + regions[-1][1] <= lay.sig_bytes
+    assert lay.sig_bytes % 4096 == 0
+    assert sizes.buffer_bytes(cfg, world) == lay.total
+
+
+def test_buffer_bytes_checks_the_world_size():
+    from ep import ConfigError
+    cfg = MoECommunicatorConfig(num_experts=6, hidden_size=64, topk=2, max_tokens_per_rank=8)
+    with pytest.raises(ConfigError, match="divisible"):
+        sizes.buffer_bytes(cfg, 4)

@@ -1,0 +1,775 @@
+"""The CPU backend over MPI matches ep.reference bit for bit, on every rank, for both modes and layouts.
+
+Run by the Makefile at 1, 2, 4 and 8 ranks::
+
+    EP_BACKEND=cpu mpiexec -n N python -m pytest tests/mpi -q -p no:cacheprovider
+
+Each rank draws its own inputs, the inputs of all ranks are gathered, and the communicator's outputs are
+compared with ``ep.reference.dispatch_world`` / ``combine_world`` as uint16 bit patterns. See conftest.py
+for how a failure on one rank fails all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpi4py")
+
+from ep import (CapacityError, CommOverlapConfig, ConfigError, DispatchHandle, DispatchLayout,  # noqa: E402
+                InvalidStateError, MoECommunicator, MoECommunicatorConfig, PeerInputError, QuantScales, reference,
+                testing)
+from ep.reference import bf16_to_f32, f32_to_bf16  # noqa: E402
+
+FLAT, EXPERT_MAJOR = DispatchLayout.FLAT, DispatchLayout.EXPERT_MAJOR
+
+
+def param_id(value) -> str:
+    return value.value if isinstance(value, DispatchLayout) else str(value)
+
+
+# ============================================================================================ cases
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    layout: DispatchLayout
+    hidden: int
+    topk: int
+    experts_per_rank: int          # E = experts_per_rank * W
+    routing: str                   # "uniform" or "skewed"
+    drop: float                    # fraction of -1 slots
+    weights: bool                  # random weights, or None (ones)
+    alignment: int = 1
+    ids_dtype: str = "int64"
+    repeat: bool = False           # some tokens name one expert in two slots
+    t_max: int = 16
+
+    def __str__(self) -> str:
+        return (f"{self.mode}-{self.layout.value}-H{self.hidden}-K{self.topk}-E{self.experts_per_rank}W-{self.routing}"
+                f"-drop{self.drop}-{'w' if self.weights else 'now'}-a{self.alignment}-{self.ids_dtype}"
+                + ("-repeat" if self.repeat else ""))
+
+
+# A curated grid, not a product: every value of every axis appears, in varied company.
+CASES = [
+    Case("ht", FLAT, 64, 3, 4, "uniform", 0.0, True),
+    Case("ht", FLAT, 8, 1, 1, "uniform", 0.3, False, ids_dtype="int32"),
+    Case("ht", FLAT, 1024, 8, 16, "skewed", 0.0, True, alignment=4, t_max=8),
+    Case("ht", FLAT, 64, 8, 16, "skewed", 0.3, False, alignment=4, repeat=True),
+    Case("ht", FLAT, 8, 3, 1, "uniform", 0.3, True, alignment=4),
+    Case("ht", FLAT, 64, 1, 4, "skewed", 0.0, True, ids_dtype="int32"),
+    Case("ht", EXPERT_MAJOR, 64, 3, 4, "uniform", 0.3, True, repeat=True),
+    Case("ht", EXPERT_MAJOR, 8, 8, 16, "skewed", 0.0, True, alignment=4),
+    Case("ht", EXPERT_MAJOR, 1024, 1, 1, "skewed", 0.0, False, t_max=8),
+    Case("ht", EXPERT_MAJOR, 64, 8, 4, "uniform", 0.3, False, alignment=4, ids_dtype="int32"),
+    Case("ll", EXPERT_MAJOR, 64, 3, 4, "uniform", 0.0, True, repeat=True),
+    Case("ll", EXPERT_MAJOR, 8, 1, 1, "skewed", 0.3, False),
+    Case("ll", EXPERT_MAJOR, 1024, 8, 16, "uniform", 0.3, True, t_max=8, ids_dtype="int32"),
+    Case("ll", EXPERT_MAJOR, 64, 8, 1, "skewed", 0.0, True),
+    Case("ll", FLAT, 64, 8, 16, "skewed", 0.0, False),
+    Case("ll", FLAT, 1024, 3, 4, "uniform", 0.3, True, t_max=8),
+    Case("ll", FLAT, 8, 3, 1, "skewed", 0.0, True, ids_dtype="int32", repeat=True),
+    Case("ll", FLAT, 64, 1, 16, "uniform", 0.3, False),
+]
+
+
+def token_counts(world: int, t_max: int, shift: int) -> list[int]:
+    """Tokens per rank: 0, a few, T_max and 1, rotated so that every rank (even a lone one) sees each."""
+    pattern = [0, 5, t_max, 1]
+    return [pattern[(r + shift) % len(pattern)] for r in range(world)]
+
+
+# ========================================================================================== helpers
+def make_config(mode="ht", *, world: int, experts_per_rank=4, hidden=64, topk=3, t_max=16, alignment=1,
+                layout=None, **extra) -> MoECommunicatorConfig:
+    return MoECommunicatorConfig(mode=mode, num_experts=experts_per_rank * world, hidden_size=hidden, topk=topk,
+                                 max_tokens_per_rank=t_max, expert_alignment=alignment, output_layout=layout, **extra)
+
+
+@dataclass
+class Inputs:
+    """This rank's inputs and everyone's (index = rank)."""
+
+    x: np.ndarray
+    ids: np.ndarray
+    w: np.ndarray | None
+    xs: list
+    idss: list
+    ws: list
+
+
+def draw_inputs(mpi, cfg, num_tokens: int, *, call=0, routing="uniform", drop=0.0, weights=True,
+                ids_dtype="int64", repeat=False) -> Inputs:
+    """Fresh random inputs of this rank (never zeros), gathered from every rank.
+
+    weights: True (random), False (None, i.e. ones) or "mixed" (random on even ranks, None on odd ones).
+    repeat: every third token names its first expert again in its last slot.
+    """
+    rng = mpi.rng(call)
+    x = testing.random_tokens(rng, num_tokens, cfg.hidden_size)
+    ids = testing.routing(routing, rng, num_tokens, cfg.num_experts, cfg.topk, drop)
+    if repeat and cfg.topk > 1:
+        ids[::3, -1] = ids[::3, 0]
+    ids = ids.astype(ids_dtype)
+    if weights == "mixed":
+        weights = mpi.rank % 2 == 0
+    w = testing.random_weights(rng, num_tokens, cfg.topk) if weights else None
+    everyone = mpi.allgather((x, ids, w))
+    return Inputs(x, ids, w, [e[0] for e in everyone], [e[1] for e in everyone], [e[2] for e in everyone])
+
+
+def expected_dispatch(cfg, world, inp: Inputs) -> list:
+    ll = cfg.mode == "ll"
+    layout = EXPERT_MAJOR if ll or cfg.layout is EXPERT_MAJOR else FLAT
+    capacity = world * cfg.max_tokens_per_rank if ll else None
+    return reference.dispatch_world(inp.xs, inp.idss, inp.ws, cfg.num_experts, cfg.hidden_size, cfg.expert_alignment,
+                                    layout, capacity)
+
+
+def check_dispatch(out, ref, cfg, world) -> None:
+    """``out`` (this rank's DispatchOutput) equals ``ref`` (its ReceivedLayout) bit for bit."""
+    L, H = cfg.num_experts // world, cfg.hidden_size
+    tokens = np.asarray(out.tokens)
+    counts = np.asarray(out.num_tokens_per_expert)
+    offsets = np.asarray(out.expert_offsets)
+    assert out.layout is cfg.layout
+    assert tokens.dtype == np.uint16
+    assert counts.dtype == np.int32 and np.array_equal(counts, ref.counts), (counts, ref.counts)
+    assert offsets.dtype == np.int64 and np.array_equal(offsets, ref.offsets), (offsets, ref.offsets)
+    if cfg.mode == "ht":
+        assert out.num_tokens_per_expert_host == ref.counts.tolist()
+        assert tokens.shape == ref.tokens.shape
+        assert np.array_equal(tokens, ref.tokens), "HT tokens (padding rows included) differ from the reference"
+        return
+    assert out.num_tokens_per_expert_host is None, "LL never synchronizes with the host"
+    capacity = world * cfg.max_tokens_per_rank
+    assert tokens.shape == ((L, capacity, H) if cfg.layout is EXPERT_MAJOR else (L * capacity, H))
+    slabs = tokens.reshape(L, capacity, H)
+    for e in range(L):
+        n = int(ref.counts[e])       # rows past count_e are unspecified in LL
+        assert np.array_equal(slabs[e, :n], ref.tokens[e, :n]), f"LL rows of local expert {e} differ"
+
+
+def expert_scale(global_expert: int) -> float:
+    """A different power of two per expert: the 'MLP' stays exact, but which expert a row went to matters."""
+    return 2.0 ** (global_expert % 5 - 2)
+
+
+def mlp(tokens: np.ndarray, offsets, rank: int, local_experts: int) -> np.ndarray:
+    """y = bf16(x * c_e) for the rows of each local expert (padding stays zero); same shape as ``tokens``."""
+    H = tokens.shape[-1]
+    flat = np.asarray(tokens).reshape(-1, H)
+    scale = np.zeros((flat.shape[0], 1), np.float32)
+    offsets = np.asarray(offsets)
+    for e in range(local_experts):
+        scale[offsets[e]:offsets[e + 1]] = expert_scale(rank * local_experts + e)
+    return f32_to_bf16(bf16_to_f32(flat) * scale).reshape(tokens.shape)
+
+
+def expected_combine(cfg, world, rank, refs, inp: Inputs, experts="mlp") -> np.ndarray:
+    L = cfg.num_experts // world
+    ys = [r.tokens if experts == "identity" else mlp(r.tokens, r.offsets, d, L) for d, r in enumerate(refs)]
+    return reference.combine_world(ys, refs, inp.idss, inp.ws, cfg.num_experts, cfg.hidden_size)[rank]
+
+
+def check_combine(got, expected, num_tokens, hidden) -> None:
+    got = np.asarray(got)
+    assert got.dtype == np.uint16 and got.shape == (num_tokens, hidden)
+    assert np.array_equal(got, expected), f"combine differs in {int((got != expected).sum())} elements"
+
+
+def round_trip(mpi, comm, inp: Inputs, *, experts="mlp", what=""):
+    """One dispatch and one combine on ``comm``, both checked against the reference. Returns the handle."""
+    cfg, W, r = comm.config, comm.world_size, comm.rank
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    with mpi.checking(f"dispatch {what}"):
+        refs = expected_dispatch(cfg, W, inp)
+        check_dispatch(out, refs[r], cfg, W)
+        assert isinstance(handle, DispatchHandle) and handle.num_tokens == inp.x.shape[0]
+        y = out.tokens if experts == "identity" else mlp(out.tokens, out.expert_offsets, r, comm.num_local_experts)
+    got = comm.combine(y, handle)
+    with mpi.checking(f"combine {what}"):
+        check_combine(got, expected_combine(cfg, W, r, refs, inp, experts), inp.x.shape[0], cfg.hidden_size)
+    return handle
+
+
+@pytest.fixture
+def communicators():
+    """Build communicators through this fixture; they are closed (collectively) after the test."""
+    made = []
+
+    def make(cfg, **kwargs):
+        comm = MoECommunicator(cfg, backend="cpu", **kwargs)
+        made.append(comm)
+        return comm
+
+    yield make
+    for comm in made:
+        comm.close()
+
+
+# ======================================================================= dispatch/combine vs reference
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_dispatch_and_combine_match_the_reference(mpi, communicators, case):
+    W = mpi.size
+    if case.topk > case.experts_per_rank * W:
+        pytest.skip(f"topk {case.topk} > num_experts {case.experts_per_rank * W}")
+    cfg = make_config(case.mode, world=W, experts_per_rank=case.experts_per_rank, hidden=case.hidden,
+                      topk=case.topk, t_max=case.t_max, alignment=case.alignment, layout=case.layout)
+    T = token_counts(W, case.t_max, shift=CASES.index(case))
+    inp = draw_inputs(mpi, cfg, T[mpi.rank], routing=case.routing, drop=case.drop, weights=case.weights,
+                      ids_dtype=case.ids_dtype, repeat=case.repeat)
+    comm = communicators(cfg)
+    with mpi.checking("communicator properties"):
+        assert (comm.rank, comm.world_size, comm.backend) == (mpi.rank, W, "cpu")
+    round_trip(mpi, comm, inp)
+
+
+@pytest.mark.parametrize("mode", ["ht", "ll"])
+def test_every_token_row_comes_from_its_source_rank_and_index(mpi, communicators, mode):
+    """Tagged rows (rank, token index in the first elements): the received order, read directly."""
+    W, r = mpi.size, mpi.rank
+    cfg = make_config(mode, world=W, experts_per_rank=2, hidden=16, topk=2, t_max=8)
+    rng = mpi.rng()
+    ids = testing.routing("uniform", rng, 8, cfg.num_experts, 2, drop=0.2)
+    x = testing.tagged_tokens(r, 8, 16)
+    all_ids = mpi.allgather(ids)
+    comm = communicators(cfg)
+    out, _ = comm.dispatch(x, ids)
+    with mpi.checking("tagged rows"):
+        slabs = np.asarray(out.tokens).reshape(-1, 16)
+        offsets = np.asarray(out.expert_offsets)
+        for e in range(comm.num_local_experts):
+            g = r * comm.num_local_experts + e
+            n = int(np.asarray(out.num_tokens_per_expert)[e])
+            rows = slabs[offsets[e]:offsets[e] + n]
+            got = [(int(v[0]) - 1, int(v[1]) - 1) for v in bf16_to_f32(rows[:, :2])]
+            expected = [(s, t) for s in range(W) for t in range(8) if (all_ids[s][t] == g).any()]
+            assert got == expected
+
+
+# ============================================================================= many calls in a row
+@pytest.mark.parametrize("mode, layout", [("ht", None), ("ht", EXPERT_MAJOR), ("ll", None), ("ll", FLAT)],
+                         ids=param_id)
+def test_many_calls_with_changing_routing_on_one_communicator(mpi, communicators, mode, layout):
+    W = mpi.size
+    cfg = make_config(mode, world=W, experts_per_rank=4, hidden=32, topk=4, t_max=12, layout=layout,
+                      alignment=2 if mode == "ht" else 1)
+    comm = communicators(cfg)
+    for call in range(6):
+        T = token_counts(W, cfg.max_tokens_per_rank, shift=call)[mpi.rank]
+        inp = draw_inputs(mpi, cfg, T, call=call, routing=("uniform", "skewed")[call % 2], drop=0.3 * (call % 3 == 2),
+                          weights=(True, False, "mixed")[call % 3], ids_dtype=("int64", "int32")[call % 2],
+                          repeat=call % 2 == 1)
+        round_trip(mpi, comm, inp, experts=("identity", "mlp")[call % 2], what=f"call {call}")
+
+
+def test_ll_two_dispatches_in_flight_then_their_combines(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=32, topk=3, t_max=8)
+    comm = communicators(cfg)
+    a = draw_inputs(mpi, cfg, token_counts(W, 8, 1)[r], call=0)
+    b = draw_inputs(mpi, cfg, token_counts(W, 8, 2)[r], call=1, routing="skewed", weights=False)
+    out_a, ha = comm.dispatch(a.x, a.ids, a.w)
+    out_b, hb = comm.dispatch(b.x, b.ids, b.w)
+    with mpi.checking("dispatches"):
+        refs_a, refs_b = expected_dispatch(cfg, W, a), expected_dispatch(cfg, W, b)
+        check_dispatch(out_b, refs_b[r], cfg, W)
+        ya = mlp(refs_a[r].tokens, refs_a[r].offsets, r, comm.num_local_experts)   # out_a's rows may be reused
+        yb = mlp(out_b.tokens, out_b.expert_offsets, r, comm.num_local_experts)
+    got_a = comm.combine(ya, ha)        # one dispatch old: still valid
+    got_b = comm.combine(yb, hb)
+    with mpi.checking("combines"):
+        check_combine(got_a, expected_combine(cfg, W, r, refs_a, a), a.x.shape[0], 32)
+        check_combine(got_b, expected_combine(cfg, W, r, refs_b, b), b.x.shape[0], 32)
+
+
+def test_ll_a_handle_two_dispatches_old_is_refused(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=16, topk=2, t_max=8)
+    comm = communicators(cfg)
+    inps = [draw_inputs(mpi, cfg, 4, call=c) for c in range(3)]
+    handles = [comm.dispatch(i.x, i.ids, i.w)[1] for i in inps]
+    mpi.raises(InvalidStateError, comm.combine, np.zeros((comm.num_local_experts, W * 8, 16), np.uint16), handles[0],
+               match="2 dispatches old")
+    with mpi.checking("references"):
+        refs = expected_dispatch(cfg, W, inps[1])
+        y = mlp(refs[r].tokens, refs[r].offsets, r, comm.num_local_experts)
+    got = comm.combine(y, handles[1])   # one dispatch old: works, and the refusal broke nothing
+    with mpi.checking("combine of the handle one dispatch old"):
+        check_combine(got, expected_combine(cfg, W, r, refs, inps[1]), 4, 16)
+
+
+def test_ht_handles_do_not_expire(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=16, topk=2, t_max=8)
+    comm = communicators(cfg)
+    first = draw_inputs(mpi, cfg, 5, call=0)
+    out, handle = comm.dispatch(first.x, first.ids, first.w)
+    for call in range(1, 4):
+        other = draw_inputs(mpi, cfg, 3, call=call)
+        comm.dispatch(other.x, other.ids, other.w)
+    got = comm.combine(out.tokens, handle)
+    with mpi.checking("combine of the first handle"):
+        refs = expected_dispatch(cfg, W, first)
+        check_combine(got, expected_combine(cfg, W, r, refs, first, "identity"), 5, 16)
+
+
+# ================================================================================= cached dispatch
+@pytest.mark.parametrize("layout", [FLAT, EXPERT_MAJOR], ids=param_id)
+def test_cached_dispatch_gives_the_uncached_output(mpi, communicators, layout):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=64, topk=4, t_max=16, layout=layout, alignment=4)
+    comm = communicators(cfg)
+    T = token_counts(W, 16, shift=3)[r]
+    first = draw_inputs(mpi, cfg, T, call=0, routing="skewed", drop=0.3)
+    _, handle = comm.dispatch(first.x, first.ids, first.w)
+    # Same routing, new tokens and weights.
+    rng = mpi.rng(1)
+    second = Inputs(testing.random_tokens(rng, T, 64), first.ids, testing.random_weights(rng, T, 4), [], [], [])
+    everyone = mpi.allgather((second.x, second.w))
+    second.xs, second.idss, second.ws = [e[0] for e in everyone], first.idss, [e[1] for e in everyone]
+    cached, cached_handle = comm.dispatch(second.x, second.ids, second.w, previous_handle=handle)
+    uncached, uncached_handle = comm.dispatch(second.x, second.ids, second.w)
+    with mpi.checking("cached vs uncached dispatch"):
+        refs = expected_dispatch(cfg, W, second)
+        check_dispatch(cached, refs[r], cfg, W)
+        check_dispatch(uncached, refs[r], cfg, W)
+        y = mlp(cached.tokens, cached.expert_offsets, r, comm.num_local_experts)
+    got_cached = comm.combine(y, cached_handle)
+    got_uncached = comm.combine(y, uncached_handle)
+    with mpi.checking("combine through the cached handle"):
+        expected = expected_combine(cfg, W, r, refs, second)
+        check_combine(got_cached, expected, T, 64)
+        check_combine(got_uncached, expected, T, 64)
+    again, _ = comm.dispatch(second.x, second.ids, second.w, previous_handle=cached_handle)   # a cached handle chains
+    with mpi.checking("chained cached dispatch"):
+        check_dispatch(again, refs[r], cfg, W)
+
+
+def test_debug_checks_refuse_a_cached_dispatch_with_other_routing(mpi, communicators, monkeypatch):
+    monkeypatch.setenv("EP_DEBUG_CHECKS", "1")      # every rank: the communicator reads its knobs when built
+    W = mpi.size
+    cfg = make_config("ht", world=W, hidden=16, topk=2, t_max=8)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, 4)
+    _, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    other = inp.ids.copy()
+    other[0] = (other[0] + 1) % cfg.num_experts
+    mpi.raises(ValueError, comm.dispatch, inp.x, other, inp.w, previous_handle=handle,
+               match="topk_ids differ from the routing the handle was made for")
+    cached, _ = comm.dispatch(inp.x, inp.ids.astype(np.int32), inp.w, previous_handle=handle)   # same routing
+    with mpi.checking("cached dispatch with the same routing"):
+        check_dispatch(cached, expected_dispatch(cfg, W, inp)[mpi.rank], cfg, W)
+    good_call(mpi, comm)
+
+
+def test_previous_handle_with_another_token_count_raises(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=16, topk=2, t_max=8)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, 4)
+    _, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    more = draw_inputs(mpi, cfg, 5, call=1)
+    mpi.raises(ValueError, comm.dispatch, more.x, more.ids, more.w, previous_handle=handle,
+               match="previous_handle was made for 4 tokens, x has 5", what="every rank changes T")
+    # Only rank 0 changes T: it raises ValueError, the others learn that a peer's input was invalid.
+    mine = more if r == 0 else inp
+    expected = ValueError if r == 0 else PeerInputError
+    mpi.raises(expected, comm.dispatch, mine.x, mine.ids, mine.w, previous_handle=handle, what="rank 0 changes T")
+    round_trip(mpi, comm, draw_inputs(mpi, cfg, 3, call=2), what="after the refusals")
+
+
+# ====================================================================================== bad inputs
+def good_call(mpi, comm, call=99):
+    """A normal dispatch + combine on every rank, checked: the communicator still works."""
+    T = token_counts(comm.world_size, comm.config.max_tokens_per_rank, shift=call)[comm.rank]
+    round_trip(mpi, comm, draw_inputs(mpi, comm.config, T, call=call), what="the call after a refusal")
+
+
+def small(mode, world, **kw):
+    return make_config(mode, world=world, hidden=16, topk=2, t_max=8, **kw)
+
+
+MODES = ["ht", "ll"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_x_of_the_wrong_dtype_raises_type_error(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    mpi.raises(TypeError, comm.dispatch, bf16_to_f32(inp.x), inp.ids, match="x: expected dtype uint16 or bfloat16")
+    mpi.raises(TypeError, comm.dispatch, inp.x.view(np.int16), inp.ids, match="x: expected dtype")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_x_of_the_wrong_shape_raises_value_error(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    wide = np.zeros((4, 24), np.uint16)
+    mpi.raises(ValueError, comm.dispatch, wide, inp.ids, match=r"x: expected shape .*16.*, got \(4, 24\)")
+    mpi.raises(ValueError, comm.dispatch, inp.x.reshape(-1), inp.ids, match="x: expected shape")
+    mpi.raises(ValueError, comm.dispatch, np.asfortranarray(np.ones((4, 16), np.uint16))[:, ::-1], inp.ids,
+               match="C-contiguous")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_more_tokens_than_max_tokens_per_rank_raise_capacity_error(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    rng = mpi.rng()
+    x = testing.random_tokens(rng, 9, 16)
+    ids = testing.uniform_routing(rng, 9, comm.config.num_experts, 2)
+    error = mpi.raises(CapacityError, comm.dispatch, x, ids, match="9 tokens exceed max_tokens_per_rank=8")
+    with mpi.checking("CapacityError is a ValueError"):
+        assert isinstance(error, ValueError)
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_ids_of_a_float_dtype_raise_type_error(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    mpi.raises(TypeError, comm.dispatch, inp.x, inp.ids.astype(np.float32),
+               match="topk_ids: expected dtype int32 or int64")
+    mpi.raises(TypeError, comm.dispatch, inp.x, inp.ids.astype(np.int16), match="topk_ids: expected dtype")
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids[:, :1], match=r"topk_ids: expected shape \(4, 2\)")
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids[:3], match=r"topk_ids: expected shape \(4, 2\), got \(3, 2\)")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_of_the_wrong_shape_or_dtype_raise(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, inp.w[:, :1], match=r"weights: expected shape \(4, 2\)")
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, inp.w.T.copy(), match="weights: expected shape")
+    mpi.raises(TypeError, comm.dispatch, inp.x, inp.ids, inp.w.astype(np.float64),
+               match="weights: expected dtype float32")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad_id", ["E", "-2"])
+def test_an_invalid_expert_id_on_one_rank_fails_every_rank(mpi, communicators, mode, bad_id):
+    W, r = mpi.size, mpi.rank
+    comm = communicators(small(mode, W))
+    E = comm.config.num_experts
+    inp = draw_inputs(mpi, comm.config, 4)
+    culprit = W - 1 if bad_id == "E" else 0
+    ids = inp.ids.copy()
+    if r == culprit:
+        ids[2, 1] = E if bad_id == "E" else -2
+    if r == culprit:
+        expected, match = ValueError, rf"topk_ids\[2, 1\] = {ids[2, 1]} is outside \[-1, {E}\)"
+    else:
+        expected, match = PeerInputError, rf"rank\(s\) \[{culprit}\] passed invalid input"
+    mpi.raises(expected, comm.dispatch, inp.x, ids, inp.w, match=match)
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_handle_from_another_communicator_raises(mpi, communicators, mode):
+    cfg = small(mode, mpi.size)
+    one, other = communicators(cfg), communicators(cfg)
+    inp = draw_inputs(mpi, cfg, 4)
+    out, handle = one.dispatch(inp.x, inp.ids, inp.w)
+    mpi.raises(InvalidStateError, other.combine, out.tokens, handle, match="handle comes from another communicator")
+    if mode == "ht":
+        mpi.raises(InvalidStateError, other.dispatch, inp.x, inp.ids, inp.w, previous_handle=handle,
+                   match="previous_handle comes from another communicator")
+    mpi.raises(TypeError, one.combine, out.tokens, "not a handle", match="handle must be a DispatchHandle")
+    good_call(mpi, other)
+    good_call(mpi, one)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expert_output_of_the_wrong_shape_or_dtype_raises(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    tokens = np.asarray(out.tokens)
+    mpi.raises(ValueError, comm.combine, tokens.reshape(-1)[:tokens.size - 16], handle,
+               match="expert_output: expected shape")
+    mpi.raises(ValueError, comm.combine, np.zeros(tokens.shape[:-1] + (24,), np.uint16), handle,
+               match="expert_output: expected shape")
+    mpi.raises(TypeError, comm.combine, bf16_to_f32(tokens), handle, match="expert_output: expected dtype")
+    mpi.raises(ValueError, comm.combine, tokens, handle, out=np.zeros((5, 16), np.uint16),
+               match=r"out: expected shape \(4, 16\)")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_combine_writes_into_out(mpi, communicators, mode):
+    W, r = mpi.size, mpi.rank
+    comm = communicators(small(mode, W))
+    inp = draw_inputs(mpi, comm.config, 6)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    buffer = np.full((6, 16), 0xFFFF, np.uint16)
+    got = comm.combine(out.tokens, handle, out=buffer)
+    with mpi.checking("combine into out"):
+        assert got is buffer
+        check_combine(buffer, expected_combine(comm.config, W, r, expected_dispatch(comm.config, W, inp), inp,
+                                               "identity"), 6, 16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp8_scales_are_not_implemented(mpi, communicators, mode):
+    comm = communicators(small(mode, mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    scales = QuantScales(scales=np.ones((4, 1), np.float32), block_size=16)
+    mpi.raises(NotImplementedError, comm.dispatch, inp.x, inp.ids, inp.w, scales, match="FP8 dispatch")
+    good_call(mpi, comm)
+
+
+def test_output_buffer_is_refused_in_ht(mpi, communicators):
+    comm = communicators(small("ht", mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    buf = np.zeros((comm.num_local_experts, mpi.size * 8, 16), np.uint16)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, inp.w, output_buffer=buf,
+               match="output_buffer applies to mode='ll' only")
+    good_call(mpi, comm)
+
+
+def test_previous_handle_is_refused_in_ll(mpi, communicators):
+    comm = communicators(small("ll", mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    _, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, inp.w, previous_handle=handle,
+               match="previous_handle applies to mode='ht' only")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("layout", [EXPERT_MAJOR, FLAT], ids=param_id)
+def test_ll_output_buffer_receives_the_tokens(mpi, communicators, layout):
+    W, r = mpi.size, mpi.rank
+    comm = communicators(small("ll", W, layout=layout))
+    L = comm.num_local_experts
+    inp = draw_inputs(mpi, comm.config, token_counts(W, 8, 2)[r], routing="skewed")
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, inp.w, output_buffer=np.zeros((L, W * 8 + 1, 16), np.uint16),
+               match="output_buffer: expected shape")
+    buf = np.full((L, W * 8, 16), 0x7FC0, np.uint16)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w, output_buffer=buf)
+    with mpi.checking("dispatch into output_buffer"):
+        refs = expected_dispatch(comm.config, W, inp)
+        check_dispatch(out, refs[r], comm.config, W)
+        assert np.shares_memory(np.asarray(out.tokens), buf)
+        for e in range(L):
+            n = int(refs[r].counts[e])
+            assert np.array_equal(buf[e, :n], refs[r].tokens[e, :n])
+        y = mlp(out.tokens, out.expert_offsets, r, L)
+    got = comm.combine(y, handle)
+    with mpi.checking("combine after output_buffer"):
+        check_combine(got, expected_combine(comm.config, W, r, refs, inp), inp.x.shape[0], 16)
+
+
+# ======================================================================================= lifetime
+@pytest.mark.parametrize("mode", MODES)
+def test_use_after_close_raises_and_close_twice_is_fine(mpi, mode):
+    comm = MoECommunicator(small(mode, mpi.size), backend="cpu")
+    inp = draw_inputs(mpi, comm.config, 4)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    comm.close()
+    comm.close()
+    mpi.raises(InvalidStateError, comm.dispatch, inp.x, inp.ids, inp.w, match="closed")
+    mpi.raises(InvalidStateError, comm.combine, out.tokens, handle, match="closed")
+    mpi.raises(InvalidStateError, comm.synchronize, match="closed")
+    mpi.raises(InvalidStateError, comm.prepare, match="closed")
+
+
+def test_the_context_manager_closes(mpi):
+    with MoECommunicator(small("ht", mpi.size), backend="cpu") as comm:
+        good_call(mpi, comm)
+    inp = draw_inputs(mpi, comm.config, 2)
+    mpi.raises(InvalidStateError, comm.dispatch, inp.x, inp.ids, match="closed")
+
+
+def test_the_context_manager_closes_when_the_body_raises(mpi):
+    def body():
+        with MoECommunicator(small("ll", mpi.size), backend="cpu") as comm:
+            body.comm = comm
+            raise KeyError("boom")
+    mpi.raises(KeyError, body, match="boom")
+    inp = draw_inputs(mpi, body.comm.config, 2)
+    mpi.raises(InvalidStateError, body.comm.dispatch, inp.x, inp.ids, match="closed")
+
+
+def test_prepare_and_synchronize_are_harmless_on_the_cpu(mpi, communicators):
+    comm = communicators(small("ll", mpi.size))
+    comm.prepare()
+    comm.synchronize()
+    good_call(mpi, comm)
+    comm.synchronize()
+
+
+# ================================================================================== construction
+def test_ranks_that_disagree_on_the_config_all_raise(mpi):
+    if mpi.size < 2:
+        pytest.skip("needs two ranks")
+    cfg = small("ht", mpi.size, num_sms=24 if mpi.rank == 0 else 20)
+    mpi.raises(ConfigError, MoECommunicator, cfg, backend="cpu", match="differ from rank")
+
+
+def test_ranks_that_disagree_on_a_macro_knob_all_raise(mpi, monkeypatch):
+    if mpi.size < 2:
+        pytest.skip("needs two ranks")
+    if mpi.rank == 0:
+        monkeypatch.setenv("EP_LL_WARPS", "8")      # a different kernel variant than the other ranks'
+    mpi.raises(ConfigError, MoECommunicator, small("ll", mpi.size), backend="cpu", match="differ from rank")
+
+
+def test_a_communicator_dropped_without_close_warns(mpi):
+    import gc
+    with mpi.checking("ResourceWarning"):
+        with pytest.warns(ResourceWarning, match="was not closed"):
+            comm = MoECommunicator(small("ht", mpi.size), backend="cpu")
+            del comm
+            gc.collect()
+
+
+def test_a_config_that_does_not_fit_the_world_raises_everywhere(mpi):
+    if mpi.size < 2:
+        pytest.skip("every expert count divides by one rank")
+    cfg = MoECommunicatorConfig(num_experts=mpi.size + 1, hidden_size=16, topk=1, max_tokens_per_rank=4)
+    mpi.raises(ConfigError, MoECommunicator, cfg, backend="cpu", match="must be divisible by the world size")
+
+
+def test_backend_and_config_arguments_are_checked(mpi):
+    mpi.raises(ConfigError, MoECommunicator, {"mode": "ht"}, backend="cpu",
+               match="config must be a MoECommunicatorConfig")
+    mpi.raises(ConfigError, MoECommunicator, small("ht", mpi.size), backend="tpu",
+               match="backend must be 'gpu' or 'cpu'")
+
+
+def test_overlap_config_is_accepted_by_the_cpu_backend(mpi, communicators):
+    comm = communicators(small("ht", mpi.size, overlap=CommOverlapConfig(dispatch_num_sms=4, combine_num_sms=2)))
+    good_call(mpi, comm)
+
+
+def test_properties_and_required_bytes(mpi, communicators):
+    cfg = small("ll", mpi.size)
+    comm = communicators(cfg)
+    with mpi.checking("properties"):
+        assert (comm.rank, comm.world_size, comm.num_local_experts, comm.backend) == (mpi.rank, mpi.size, 4, "cpu")
+        assert MoECommunicator.required_bytes(cfg, mpi.size) > 0
+
+
+def test_a_communicator_over_a_sub_group(mpi, comm_world, communicators):
+    """Ranks split in two halves (even and odd ranks); each half is its own communicator."""
+    if mpi.size < 2:
+        pytest.skip("needs two ranks")
+    sub = comm_world.Split(color=mpi.rank % 2, key=mpi.rank)
+    comm = None
+    try:
+        Ws, rs = sub.Get_size(), sub.Get_rank()
+        cfg = make_config("ht", world=Ws, experts_per_rank=2, hidden=16, topk=2, t_max=8)
+        comm = communicators(cfg, group=sub)
+        with mpi.checking("sub-group ranks"):
+            assert (comm.world_size, comm.rank) == (Ws, rs)
+        rng = mpi.rng()
+        x = testing.random_tokens(rng, 6, 16)
+        ids = testing.routing("uniform", rng, 6, cfg.num_experts, 2)
+        everyone = mpi.allgather((x, ids))
+        half = [everyone[g] for g in range(mpi.size) if g % 2 == mpi.rank % 2]
+        inp = Inputs(x, ids, None, [h[0] for h in half], [h[1] for h in half], [None] * len(half))
+        out, handle = comm.dispatch(x, ids)
+        with mpi.checking("dispatch on a sub-group"):
+            refs = expected_dispatch(cfg, Ws, inp)
+            check_dispatch(out, refs[rs], cfg, Ws)
+        got = comm.combine(out.tokens, handle)
+        with mpi.checking("combine on a sub-group"):
+            check_combine(got, expected_combine(cfg, Ws, rs, refs, inp, "identity"), 6, 16)
+    finally:
+        if comm is not None:
+            comm.close()           # before its group goes away (the fixture's second close is a no-op)
+        sub.Free()
+
+
+# ========================================================================================== torch
+def to_torch_bf16(torch, bits: np.ndarray):
+    return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+
+
+def torch_bits(tensor) -> np.ndarray:
+    import torch
+    assert tensor.dtype == torch.bfloat16
+    return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("mode, layout", [("ht", FLAT), ("ht", EXPERT_MAJOR), ("ll", EXPERT_MAJOR), ("ll", FLAT)],
+                         ids=param_id)
+def test_torch_cpu_tensors_in_give_torch_tensors_out(mpi, communicators, mode, layout):
+    torch = pytest.importorskip("torch")
+    W, r = mpi.size, mpi.rank
+    cfg = make_config(mode, world=W, hidden=32, topk=3, t_max=8, layout=layout, alignment=2 if mode == "ht" else 1)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 1)[r], drop=0.2)
+    ids_t = torch.from_numpy(inp.ids.astype(np.int32 if mode == "ll" else np.int64))
+    out, handle = comm.dispatch(to_torch_bf16(torch, inp.x), ids_t, torch.from_numpy(inp.w))
+    with mpi.checking("torch dispatch"):
+        assert isinstance(out.tokens, torch.Tensor) and out.tokens.dtype == torch.bfloat16
+        assert isinstance(out.num_tokens_per_expert, torch.Tensor) and out.num_tokens_per_expert.dtype == torch.int32
+        assert isinstance(out.expert_offsets, torch.Tensor) and out.expert_offsets.dtype == torch.int64
+        refs = expected_dispatch(cfg, W, inp)
+        plain = type(out)(torch_bits(out.tokens), out.num_tokens_per_expert.numpy(), out.num_tokens_per_expert_host,
+                          out.expert_offsets.numpy(), out.layout)
+        check_dispatch(plain, refs[r], cfg, W)
+        y = to_torch_bf16(torch, mlp(torch_bits(out.tokens), plain.expert_offsets, r, comm.num_local_experts))
+    got = comm.combine(y, handle)
+    with mpi.checking("torch combine"):
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16
+        check_combine(torch_bits(got), expected_combine(cfg, W, r, refs, inp), inp.x.shape[0], 32)
+
+
+def test_torch_ll_output_buffer(mpi, communicators):
+    torch = pytest.importorskip("torch")
+    W, r = mpi.size, mpi.rank
+    cfg = small("ll", W)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, 5)
+    buf = torch.zeros((comm.num_local_experts, W * 8, 16), dtype=torch.bfloat16)
+    out, _ = comm.dispatch(to_torch_bf16(torch, inp.x), torch.from_numpy(inp.ids), torch.from_numpy(inp.w),
+                           output_buffer=buf)
+    with mpi.checking("torch output_buffer"):
+        assert out.tokens is buf
+        refs = expected_dispatch(cfg, W, inp)
+        for e in range(comm.num_local_experts):
+            n = int(refs[r].counts[e])
+            assert np.array_equal(torch_bits(buf)[e, :n], refs[r].tokens[e, :n])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ml_dtypes_bfloat16_arrays_in_give_bfloat16_arrays_out(mpi, communicators, mode):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    W, r = mpi.size, mpi.rank
+    cfg = small(mode, W)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 3)[r])
+    out, handle = comm.dispatch(inp.x.view(ml_dtypes.bfloat16), inp.ids, inp.w)
+    with mpi.checking("ml_dtypes dispatch"):
+        assert out.tokens.dtype == ml_dtypes.bfloat16
+        refs = expected_dispatch(cfg, W, inp)
+        plain = type(out)(out.tokens.view(np.uint16), out.num_tokens_per_expert, out.num_tokens_per_expert_host,
+                          out.expert_offsets, out.layout)
+        check_dispatch(plain, refs[r], cfg, W)
+        y = mlp(plain.tokens, out.expert_offsets, r, comm.num_local_experts).view(ml_dtypes.bfloat16)
+    got = comm.combine(y, handle)
+    with mpi.checking("ml_dtypes combine"):
+        assert got.dtype == ml_dtypes.bfloat16
+        check_combine(got.view(np.uint16), expected_combine(cfg, W, r, refs, inp), inp.x.shape[0], 16)
+
+
+def test_mixing_torch_and_numpy_raises_type_error(mpi, communicators):
+    torch = pytest.importorskip("torch")
+    comm = communicators(small("ht", mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    x_t = to_torch_bf16(torch, inp.x)
+    mpi.raises(TypeError, comm.dispatch, x_t, inp.ids, match="topk_ids must come from the same framework as x")
+    mpi.raises(TypeError, comm.dispatch, x_t, torch.from_numpy(inp.ids), inp.w, match="weights must come from the same")
+    mpi.raises(TypeError, comm.dispatch, inp.x.view(np.int16).astype(np.float32).astype(np.int16), inp.ids,
+               match="x: expected dtype")
+    mpi.raises(TypeError, comm.dispatch, torch.from_numpy(inp.x.view(np.int16)), torch.from_numpy(inp.ids),
+               match="x: expected dtype bfloat16")
+    good_call(mpi, comm)
