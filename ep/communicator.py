@@ -4,11 +4,10 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from typing import Any
 
 from . import arrays, envs, sizes
 from .bootstrap import Group, bind_device, make_group
-from .config import DispatchHandle, DispatchLayout, DispatchOutput, MoECommunicatorConfig
+from .config import DispatchHandle, DispatchOutput, MoECommunicatorConfig
 from .errors import CapacityError, ConfigError, EPError, EPTimeoutError, InvalidStateError, PeerInputError
 
 log = logging.getLogger("ep")

@@ -23,7 +23,7 @@ from . import arrays, jit, sizes, structs
 from .bootstrap import Group
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
 from .envs import Snapshot
-from .errors import InvalidStateError, PeerInputError
+from .errors import PeerInputError
 from .peer_memory import ErrorRecord, HostMapped, SymmetricBuffer, host_wait
 from .runtime_base import Barrier, block_count, load_kernels, ptr, timeout_ns
 

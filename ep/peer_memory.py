@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .bootstrap import Group
-from .errors import EPError, EPTimeoutError
+from .errors import EPTimeoutError
 from .structs import ERROR_RECORD
 
 log = logging.getLogger("ep.peer_memory")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -52,12 +51,9 @@ def main() -> int:
         # Expert MLP on the rows of each local expert.
         y = torch.empty_like(out.tokens)
         if args.mode == "ht":
-            offsets = out.num_tokens_per_expert_host
-            start = 0
-            for e, count in enumerate(offsets):
-                rows = slice(int(out.expert_offsets[e]), int(out.expert_offsets[e]) + count)
-                y[rows] = out.tokens[rows] @ experts[rank * L + e]
-                start += count
+            for e, count in enumerate(out.num_tokens_per_expert_host):
+                first = int(out.expert_offsets[e])
+                y[first:first + count] = out.tokens[first:first + count] @ experts[rank * L + e]
         else:
             y.zero_()
             counts = out.num_tokens_per_expert.tolist()   # a host sync, fine in an example

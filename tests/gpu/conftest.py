@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import traceback
 
-import numpy as np
 import pytest
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_cases import expert_scale, make_inputs, mlp_numpy, to_device, to_numpy
+from gpu_cases import build, expert_scale, make_inputs, mlp_numpy, to_device, to_numpy
 from gpu_cases import collective, multi_rank
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
@@ -24,15 +24,6 @@ CASES = [
 ]
 
 
-def _build(world, E, H, K, T_max, alignment, layout):
-    from ep import DispatchLayout, MoECommunicator, MoECommunicatorConfig
-    E = world.size if E == "W" else E
-    lay = DispatchLayout.FLAT if layout == "flat" else DispatchLayout.EXPERT_MAJOR
-    cfg = MoECommunicatorConfig(mode="ht", num_experts=E, hidden_size=H, topk=K, max_tokens_per_rank=T_max,
-                                expert_alignment=alignment, output_layout=lay, num_sms=16, timeout_s=20)
-    return cfg, MoECommunicator(cfg, world, backend="gpu"), MoECommunicator(cfg, world, backend="cpu")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_seed, case):
     multi_rank(world)
@@ -41,7 +32,7 @@ def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_see
         pytest.importorskip("torch")
 
     def body():
-        cfg, gpu, ref = _build(world, E, H, K, T_max, alignment, layout)
+        cfg, gpu, ref = build(world, "ht", E, H, K, T_max, layout, alignment)
         scale = expert_scale(cfg, world.size)
         try:
             previous = None
@@ -102,6 +93,12 @@ def test_bad_inputs_raise_before_launch_and_the_next_call_works(world, session_s
                 gpu.dispatch(cupy.asfortranarray(xd), idsd, wd)
             with pytest.raises(TypeError):
                 gpu.dispatch(xd, idsd.astype(np.float32), wd)
+            other_device = (gpu.device + 1) % cupy.cuda.runtime.getDeviceCount()
+            if other_device != gpu.device:
+                with cupy.cuda.Device(other_device):
+                    x_elsewhere = cupy.asarray(x)
+                with pytest.raises(ValueError, match="cuda:"):
+                    gpu.dispatch(x_elsewhere, idsd, wd)
             with pytest.raises(ValueError):
                 gpu.dispatch(xd, idsd, wd[:, :2])
             with pytest.raises(NotImplementedError):

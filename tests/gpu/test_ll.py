@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_cases import expert_scale, make_inputs, to_device, to_numpy, valid_rows_equal
+from gpu_cases import build, expert_scale, make_inputs, to_device, to_numpy, valid_rows_equal
 from gpu_cases import collective, multi_rank
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
@@ -22,15 +22,6 @@ CASES = [
 ]
 
 
-def _build(world, E, H, K, T_max, layout):
-    from ep import DispatchLayout, MoECommunicator, MoECommunicatorConfig
-    E = world.size if E == "W" else E
-    lay = DispatchLayout.FLAT if layout == "flat" else DispatchLayout.EXPERT_MAJOR
-    cfg = MoECommunicatorConfig(mode="ll", num_experts=E, hidden_size=H, topk=K, max_tokens_per_rank=T_max,
-                                output_layout=lay, num_sms=16, timeout_s=20)
-    return cfg, MoECommunicator(cfg, world, backend="gpu"), MoECommunicator(cfg, world, backend="cpu")
-
-
 def _scaled(tokens, scale, cap, H):
     """y = tokens * scale[e] on the device, exact (power-of-two scales), any framework."""
     if type(tokens).__module__.startswith("torch"):
@@ -44,7 +35,7 @@ def _scaled(tokens, scale, cap, H):
 
 
 def _check(world, cfg, out, want, msg):
-    L, cap, H = cfg.num_experts // world.size, world.size * cfg.max_tokens_per_rank, cfg.hidden_size
+    cap, H = world.size * cfg.max_tokens_per_rank, cfg.hidden_size
     counts = to_numpy(out.num_tokens_per_expert)
     assert np.array_equal(counts, want.num_tokens_per_expert), msg
     assert valid_rows_equal(to_numpy(out.tokens), want.tokens, counts, cap, H), msg
@@ -59,7 +50,7 @@ def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_see
         pytest.importorskip("torch")
 
     def body():
-        cfg, gpu, ref = _build(world, E, H, K, T_max, layout)
+        cfg, gpu, ref = build(world, "ll", E, H, K, T_max, layout)
         scale = expert_scale(cfg, world.size)
         cap = world.size * T_max
         try:
@@ -88,7 +79,7 @@ def test_a_handle_one_dispatch_old_combines_correctly_and_two_old_is_refused(wor
     from ep import InvalidStateError
 
     def body():
-        cfg, gpu, ref = _build(world, 8 * world.size, 1024, 4, 16, "expert_major")
+        cfg, gpu, ref = build(world, "ll", 8 * world.size, 1024, 4, 16, "expert_major")
         try:
             seen = []
             for call in range(3):
@@ -112,8 +103,7 @@ def test_a_handle_one_dispatch_old_combines_correctly_and_two_old_is_refused(wor
 
 
 def _graph_case(world, session_seed, framework):
-    cfg, gpu, ref = _build(world, 64, 2048, 8, 32, "expert_major")
-    H, cap = cfg.hidden_size, world.size * 32
+    cfg, gpu, ref = build(world, "ll", 64, 2048, 8, 32, "expert_major")
     T = 32 - 3 * world.rank
     x, ids, w = make_inputs(session_seed, world.rank, 0, T, cfg, "uniform", 0.1, True)
     xd, idsd, wd = to_device(framework, x, ids, w)
