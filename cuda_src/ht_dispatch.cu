@@ -19,10 +19,14 @@
 namespace ep {
 
 constexpr int kSendWarps = kDispatchWarps / 2;
+// One token's metadata record, staged in shared memory and sent as 16-byte stores: as single-word stores it
+// was ~25 tiny NVLink writes per (token, destination).
+constexpr int kMetaBytesMax = (8 + 12 * kMaxTopk + 15) / 16 * 16;
 constexpr int kRecvWarps = kDispatchWarps - kSendWarps;
 constexpr int kExpandUnroll = 16;  // 8 KB in flight per receiver warp: local expansion is latency-bound
 
-__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64* bar, int warp, int lane) {
+__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64* bar, u8* meta_stage, int warp,
+                                        int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
   const int nchunks = (p.num_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
   u8* my_row = smem + static_cast<u64>(warp) * p.row_bytes;   // TMA staging row of this warp
@@ -47,6 +51,15 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64
       }
       const int owner = code >= 0 ? (code & ~kDupBit) / L : -1;
       const u8* src = p.x + static_cast<i64>(t) * p.row_bytes;
+      const MetaView staged{meta_stage, K};
+      if (lane == 0) {
+        *staged.token() = t;
+        staged.token()[1] = 0;
+      }
+      if (lane < K) {
+        staged.idx()[lane] = sidx;
+        staged.w()[lane] = wk;
+      }
       if (kDispatchTma && lane == 0) {
         tma_wait_read<0>();                 // the previous token's stores have read the staging row
         mbar_arrive_expect_tx(bar, p.row_bytes);
@@ -59,13 +72,12 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64
         const int d = __ffs(m) - 1;
         const int pos = __shfl_sync(0xFFFFFFFFu, my_pos, d);
         const u64 slot = static_cast<u64>(p.rank) * p.max_tokens + pos;
-        MetaView meta{reinterpret_cast<u8*>(p.meta_peers[d] + slot * p.meta_stride), K};
-        if (lane == 0) *meta.token() = t;
-        if (lane < K) {
-          meta.lexp()[lane] = owner == d ? ((code & ~kDupBit) % L) | (code & kDupBit) : -1;
-          meta.idx()[lane] = sidx;
-          meta.w()[lane] = wk;
-        }
+        if (lane < K) staged.lexp()[lane] = owner == d ? ((code & ~kDupBit) % L) | (code & kDupBit) : -1;
+        __syncwarp();
+        if (lane < p.meta_stride / kVecBytes)
+          st_v4(reinterpret_cast<uint4*>(p.meta_peers[d] + slot * p.meta_stride) + lane,
+                reinterpret_cast<const uint4*>(meta_stage)[lane]);
+        __syncwarp();   // the record is sent before the next destination rewrites lexp
         u8* dst = reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes);
         if (kDispatchTma) {
           if (lane == 0) tma_store(dst, my_row, p.row_bytes);
@@ -169,9 +181,10 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   using namespace ep;
   extern __shared__ __align__(128) u8 smem[];
   __shared__ u64 bars[kSendWarps];
+  __shared__ __align__(16) u8 meta_stage[kSendWarps][kMetaBytesMax];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (warp < kSendWarps) {
-    ht_send(p, smem, &bars[warp], warp, lane);
+    ht_send(p, smem, &bars[warp], meta_stage[warp], warp, lane);
   } else {
     ht_receive(p, warp - kSendWarps, lane);
   }
