@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-import numpy as np
 
 from . import jit, structs
 from .bootstrap import Group
@@ -74,6 +73,3 @@ def timeout_ns(cfg: MoECommunicatorConfig, knobs: Snapshot) -> int:
     seconds = knobs.timeout_s or cfg.timeout_s
     return int(seconds * 1e9)
 
-
-def as_u64(value: int) -> np.uint64:
-    return np.uint64(value)

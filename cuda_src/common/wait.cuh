@@ -9,7 +9,7 @@
 
 namespace ep {
 
-// Phase codes; ep/errors_map.py (PHASES) names them for Python errors.
+// Phase codes; ep/peer_memory.py PHASES names them for Python errors.
 enum Phase : int {
   kPhaseBarrier = 1,
   kPhaseHtCounts = 2,
