@@ -175,43 +175,56 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
 
 extern "C" __global__ void __launch_bounds__(ep::kRouteChunk) ht_route_positions(const ep::HtRouteParams p) {
   using namespace ep;
-  extern __shared__ int s_route[];   // [128 * K] then u32 masks [128]
-  u32* s_mask = reinterpret_cast<u32*>(s_route + kRouteChunk * p.topk);
+  // Per warp of 32 consecutive tokens, one bit per lane for every column (expert e, then E + rank d): bit j
+  // of s_bits[w][col] is set when token 32w+j names that column (first occurrences only). A token's index
+  // among this chunk's tokens of a column is the population count of the earlier warps' words plus the
+  // bits of the earlier lanes in its own warp's word: O(K * warps) per token. Columns go in tiles of
+  // kRoutePosTile so shared memory stays small for any E.
+  extern __shared__ u32 s_bits[];   // [kRouteWarps][tile]
+  constexpr int kRouteWarps = kRouteChunk / kWarpSize;
   const int ncols = p.num_experts + p.world;
+  const int tile = min(ncols, kRoutePosTile);
   const int K = p.topk;
-  const int t0 = blockIdx.x * kRouteChunk;
-  const int i = threadIdx.x;
-  const int t = t0 + i;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int t = blockIdx.x * kRouteChunk + threadIdx.x;
+  const bool live = t < p.num_tokens;
+  const u32 bit = 1u << lane;
+  const int* base = p.chunk_cnt + static_cast<long long>(blockIdx.x) * ncols;
+  int codes[kMaxTopk];
   u32 mask = 0;
   for (int k = 0; k < K; ++k) {
-    const int code = t < p.num_tokens ? p.route[static_cast<long long>(t) * K + k] : -1;
-    s_route[i * K + k] = code;
-    if (code >= 0 && !(code & kDupBit)) mask |= 1u << (code / p.local_experts);
+    codes[k] = live ? p.route[static_cast<long long>(t) * K + k] : -1;
+    if (codes[k] >= 0 && !(codes[k] & kDupBit)) mask |= 1u << (codes[k] / p.local_experts);
   }
-  s_mask[i] = mask;
-  __syncthreads();
-  if (t >= p.num_tokens) return;
-  const int* base = p.chunk_cnt + static_cast<long long>(blockIdx.x) * ncols;
-  for (int k = 0; k < K; ++k) {
-    const int code = s_route[i * K + k];
-    int idx = -1;
-    if (code >= 0) {
-      const int e = code & ~kDupBit;
-      // Count earlier tokens of this chunk that name e (each at most once: first occurrences only).
-      int before = 0;
-      for (int j = 0; j < i; ++j)
-        for (int kk = 0; kk < K; ++kk) before += (s_route[j * K + kk] == e);
-      idx = base[e] + before;
+  auto before = [&](int c) {   // c: column within the tile
+    int n = __popc(s_bits[warp * tile + c] & (bit - 1u));
+    for (int w = 0; w < warp; ++w) n += __popc(s_bits[w * tile + c]);
+    return n;
+  };
+  for (int lo = 0; lo < ncols; lo += tile) {
+    const int hi = min(ncols, lo + tile);
+    for (int i = threadIdx.x; i < kRouteWarps * tile; i += blockDim.x) s_bits[i] = 0;
+    __syncthreads();
+    for (int k = 0; k < K; ++k)
+      if (codes[k] >= lo && codes[k] < hi && !(codes[k] & kDupBit)) atomicOr(&s_bits[warp * tile + codes[k] - lo], bit);
+    for (int d = 0; d < p.world; ++d) {
+      const int col = p.num_experts + d;
+      if ((mask >> d & 1u) && col >= lo && col < hi) atomicOr(&s_bits[warp * tile + col - lo], bit);
     }
-    p.slot_idx[static_cast<long long>(t) * K + k] = idx;
-  }
-  for (int d = 0; d < p.world; ++d) {
-    int pos = -1;
-    if (mask >> d & 1u) {
-      int before = 0;
-      for (int j = 0; j < i; ++j) before += (s_mask[j] >> d) & 1u;
-      pos = base[p.num_experts + d] + before;
+    __syncthreads();
+    if (live) {
+      for (int k = 0; k < K; ++k) {
+        // A repeated expert (kDupBit) gets the index of its first occurrence in this token.
+        const int e = codes[k] & ~kDupBit;
+        if (codes[k] >= 0 && e >= lo && e < hi) p.slot_idx[static_cast<long long>(t) * K + k] = base[e] + before(e - lo);
+        if (codes[k] < 0 && lo == 0) p.slot_idx[static_cast<long long>(t) * K + k] = -1;
+      }
+      for (int d = 0; d < p.world; ++d) {
+        const int col = p.num_experts + d;
+        if (col >= lo && col < hi)
+          p.send_pos[static_cast<long long>(t) * p.world + d] = mask >> d & 1u ? base[col] + before(col - lo) : -1;
+      }
     }
-    p.send_pos[static_cast<long long>(t) * p.world + d] = pos;
+    __syncthreads();   // the next tile reuses s_bits
   }
 }

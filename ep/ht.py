@@ -144,7 +144,8 @@ class HtRuntime:
         self.k["ht_route_exchange"].launch(1, 1024, params, smem=4 * (E + W), stream=stream)
         if nchunks:
             self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
-                                                smem=4 * sizes.ROUTE_CHUNK * (K + 1), stream=stream)
+                                                smem=4 * (sizes.ROUTE_CHUNK // 32) * min(E + W, sizes.ROUTE_POS_TILE),
+                                                stream=stream)
         epoch = self.epoch
         # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
         host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)

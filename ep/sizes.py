@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .config import MoECommunicatorConfig
 
 ROUTE_CHUNK = 128          # cuda_src/common/params.cuh kRouteChunk: tokens per HT routing block
+ROUTE_POS_TILE = 2048      # cuda_src/common/params.cuh kRoutePosTile: columns per tile of ht_route_positions
 COMBINE_SEG_BYTES = 4096   # cuda_src/common/params.cuh kCombineSegBytes: HT combine TMA stage
 COMBINE_REDUCE_WARPS = 16  # warps per block of ht_combine_reduce (no shared memory, latency-bound loads)
 HT_CHUNK_TOKENS = 32       # tokens per HT dispatch chunk (one flag per chunk and destination; 16 drained too often)

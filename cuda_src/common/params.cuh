@@ -9,6 +9,7 @@ namespace ep {
 
 constexpr int kDupBit = 1 << 30;     // route/lexp flag: this slot repeats an expert named by an earlier slot
 constexpr int kRouteChunk = 128;     // tokens per block of the HT routing kernels (= their block size)
+constexpr int kRoutePosTile = 2048;  // columns per shared-memory tile of ht_route_positions (ep/sizes.py)
 
 struct BarrierParams {
   const u64* sig_peers;   // [W] base of every rank's signal buffer

@@ -21,6 +21,9 @@ CASES = [
      True),
     ("w_experts_k1_skewed", "W", 7168, 1, 64, (0, 64, 5, 33), "skewed", 0.1, False, 128, "flat", "cupy", np.int64,
      False),
+    # E + W > 2048 columns: ht_route_positions counts in two shared-memory tiles.
+    ("2048_experts_two_position_tiles", 2048, 1024, 8, 128, (128, 50, 0, 128), "skewed", 0.1, True, 1, "flat", "cupy",
+     np.int32, True),
 ]
 
 
