@@ -5,9 +5,9 @@
 
 namespace ep {
 
-__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
+__device__ __forceinline__ u64 ld_relaxed_sys(const u64* p) {
   u64 v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
@@ -22,6 +22,7 @@ __device__ __forceinline__ int ld_volatile_i32(const int* p) {
   return v;
 }
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
 
 __device__ __forceinline__ u64 global_timer_ns() {
   u64 t;

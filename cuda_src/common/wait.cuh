@@ -51,15 +51,27 @@ __device__ __noinline__ void record_error(ErrorRecord* err, int phase, int rank,
   if (kTrapOnTimeout) __trap();
 }
 
-// Spin until *flag >= target (acquire, system scope). False on time-out or when another wait failed.
+// Poll until *flag >= target, then acquire (system scope). False on time-out or when another wait failed.
+// Polls are relaxed loads with a short growing sleep between them, and one fence at the end: hundreds of
+// warps spinning on a few flag lines make an L2 hot spot that slows every other access of the GPU.
+constexpr u32 kPollSleepMaxNs = 256;
 __device__ __forceinline__ bool wait_geq(const u64* flag, u64 target, ErrorRecord* err, u64 timeout_ns,
                                          int phase, int rank, int peer) {
-  u64 v = ld_acquire_sys(flag);
-  if (v >= target) return true;
+  u64 v = ld_relaxed_sys(flag);
+  if (v >= target) {
+    fence_sys();
+    return true;
+  }
   const u64 start = global_timer_ns();
+  u32 sleep_ns = 32;
   for (u32 iter = 1;; ++iter) {
-    v = ld_acquire_sys(flag);
-    if (v >= target) return true;
+    __nanosleep(sleep_ns);
+    sleep_ns = min(2 * sleep_ns, kPollSleepMaxNs);
+    v = ld_relaxed_sys(flag);
+    if (v >= target) {
+      fence_sys();
+      return true;
+    }
     if ((iter & 255u) == 0u) {
       if (error_raised(err)) return false;
       if (global_timer_ns() - start > timeout_ns) {
