@@ -24,6 +24,7 @@ constexpr int kSendWarps = kDispatchWarps / 2;
 constexpr int kMetaBytesMax = (8 + 12 * kMaxTopk + 15) / 16 * 16;
 constexpr int kRecvWarps = kDispatchWarps - kSendWarps;
 constexpr int kExpandUnroll = 16;  // 8 KB in flight per receiver warp: local expansion is latency-bound
+constexpr int kSendUnroll = 16;    // warp-store senders (EP_NCCLEP_TMA=0): 8 KB of the row loaded per round
 
 __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64* bar, u8* meta_stage, int warp,
                                         int lane) {
@@ -78,14 +79,16 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64
           st_v4(reinterpret_cast<uint4*>(p.meta_peers[d] + slot * p.meta_stride) + lane,
                 reinterpret_cast<const uint4*>(meta_stage)[lane]);
         __syncwarp();   // the record is sent before the next destination rewrites lexp
-        u8* dst = reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes);
-        if (kDispatchTma) {
-          if (lane == 0) tma_store(dst, my_row, p.row_bytes);
-        } else {
-          warp_copy(dst, src, p.row_bytes, lane);
-        }
+        if (kDispatchTma && lane == 0) tma_store(reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes), my_row, p.row_bytes);
       }
       if (kDispatchTma && lane == 0) tma_commit();
+      if (!kDispatchTma) {
+        // One read of the row feeds every destination: lane j (j < n) holds the j-th destination's slot.
+        const u64 dst_of_lane = my_pos >= 0 ? p.data_peers[lane] + (static_cast<u64>(p.rank) * p.max_tokens + my_pos) *
+                                                                       p.row_bytes
+                                            : 0;
+        warp_copy_multi<kSendUnroll>(compact_by_mask(dmask, dst_of_lane, lane), __popc(dmask), src, p.row_bytes, lane);
+      }
     }
     if (kDispatchTma && lane == 0) {
       tma_wait_all();
