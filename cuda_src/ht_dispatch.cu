@@ -79,14 +79,14 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64
           st_v4(reinterpret_cast<uint4*>(p.meta_peers[d] + slot * p.meta_stride) + lane,
                 reinterpret_cast<const uint4*>(meta_stage)[lane]);
         __syncwarp();   // the record is sent before the next destination rewrites lexp
-        if (kDispatchTma && lane == 0) tma_store(reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes), my_row, p.row_bytes);
+        if (kDispatchTma && lane == 0)
+          tma_store(reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes), my_row, p.row_bytes);
       }
       if (kDispatchTma && lane == 0) tma_commit();
       if (!kDispatchTma) {
         // One read of the row feeds every destination: lane j (j < n) holds the j-th destination's slot.
-        const u64 dst_of_lane = my_pos >= 0 ? p.data_peers[lane] + (static_cast<u64>(p.rank) * p.max_tokens + my_pos) *
-                                                                       p.row_bytes
-                                            : 0;
+        const u64 my_slot = static_cast<u64>(p.rank) * p.max_tokens + my_pos;
+        const u64 dst_of_lane = my_pos >= 0 ? p.data_peers[lane] + my_slot * p.row_bytes : 0;
         warp_copy_multi<kSendUnroll>(compact_by_mask(dmask, dst_of_lane, lane), __popc(dmask), src, p.row_bytes, lane);
       }
     }

@@ -57,22 +57,17 @@ __device__ __noinline__ void record_error(ErrorRecord* err, int phase, int rank,
 constexpr u32 kPollSleepMaxNs = 256;
 __device__ __forceinline__ bool wait_geq(const u64* flag, u64 target, ErrorRecord* err, u64 timeout_ns,
                                          int phase, int rank, int peer) {
-  u64 v = ld_relaxed_sys(flag);
-  if (v >= target) {
-    fence_sys();
-    return true;
-  }
   const u64 start = global_timer_ns();
-  u32 sleep_ns = 32;
-  for (u32 iter = 1;; ++iter) {
-    __nanosleep(sleep_ns);
-    sleep_ns = min(2 * sleep_ns, kPollSleepMaxNs);
-    v = ld_relaxed_sys(flag);
+  u32 sleep_ns = 0;   // the first poll does not sleep
+  for (u32 iter = 0;; ++iter) {
+    if (sleep_ns) __nanosleep(sleep_ns);
+    sleep_ns = sleep_ns ? min(2 * sleep_ns, kPollSleepMaxNs) : 32;
+    const u64 v = ld_relaxed_sys(flag);
     if (v >= target) {
       fence_sys();
       return true;
     }
-    if ((iter & 255u) == 0u) {
+    if ((iter & 255u) == 255u) {
       if (error_raised(err)) return false;
       if (global_timer_ns() - start > timeout_ns) {
         record_error(err, phase, rank, peer, v, target);
