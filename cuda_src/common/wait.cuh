@@ -53,8 +53,9 @@ __device__ __noinline__ void record_error(ErrorRecord* err, int phase, int rank,
 
 // Poll until *flag >= target, then acquire (system scope). False on time-out or when another wait failed.
 // Polls are relaxed loads with a short growing sleep between them, and one fence at the end: hundreds of
-// warps spinning on a few flag lines make an L2 hot spot that slows every other access of the GPU.
-constexpr u32 kPollSleepMaxNs = 256;
+// warps spinning on a few flag lines make an L2 hot spot that slows every other access of the GPU, the
+// peers' incoming stores included (docs/perf.md: a 256 ns cap made 20 HT receiver SMs 4x slower than 1024).
+constexpr u32 kPollSleepMaxNs = 1024;
 __device__ __forceinline__ bool wait_geq(const u64* flag, u64 target, ErrorRecord* err, u64 timeout_ns,
                                          int phase, int rank, int peer) {
   const u64 start = global_timer_ns();
