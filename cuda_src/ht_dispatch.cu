@@ -1,93 +1,130 @@
-// HT dispatch data phase: one kernel, senders and receivers in every block.
+// HT dispatch data phase: one kernel whose blocks have one role each.
 //
 // Buffers (symmetric, one allocation each per rank):
-//   data[s][pos]  row_bytes  token `pos` that source s sent here (pos = its index among s's tokens for us)
+//   data[s][pos]  row_bytes  token `pos` that source s sent here (pos = its index among s's tokens for us);
+//                            the self region is never written: those tokens are read from x
 //   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]}
 //   sig.dflag[s][c] u64, sig.drange[s][c] int2: source s finished chunk c; its slots are [x, y)
-// Warps [0, W/2) send: block b takes chunks b, b+G, ... of CHS tokens; each token is read once and written
-// once per destination RANK (TMA bulk copy or 16-byte warp stores), with its metadata. After a chunk the
-// senders meet at a named barrier and thread d publishes the chunk's slot range on rank d, then
-// release-stores (system scope) dflag = epoch.
-// Warps [W/2, W) receive: every (source, chunk) item is owned by one receiver warp of the grid, which
-// acquire-waits (bounded) for its flag and expands each token into one output row per local expert it
-// names: row = src_base[s][e] + idx (exchanged counts, so order is fixed by routing, not timing). They
-// also record recv_rows/recv_w for combine, and zero the alignment padding rows.
+// Sender blocks [0, S): a warp takes a chunk of CHS tokens at a time and, per token, sends the metadata
+// record to every destination rank and the row (read once) to every other destination rank: 16-byte warp
+// stores, or TMA (bulk load into the warp's staging row, one bulk store per destination). Then its lanes
+// publish the chunk's slot range on each rank and release-store (system scope) dflag = epoch. No block-wide
+// barrier: a warp never waits for another. Whole SMs send, so their memory pipelines carry only those stores.
+// Receiver blocks [S, G): items (chunk, source) in chunk-major order, one warp each: wait (bounded) for the
+// flag, then expand every token of the range into one output row per local expert it names, row =
+// src_base[s][e] + idx (exchanged counts, so order is fixed by routing, not timing): 16-byte warp copies or
+// TMA (bulk load, one bulk store per row). They also record recv_rows/recv_w for combine, and zero the
+// alignment padding rows.
 // The grid must be co-resident (G <= SMs): receivers wait for senders of other blocks and other ranks.
 #include "common/params.cuh"
 #include "common/reduce.cuh"
 
 namespace ep {
 
-constexpr int kSendWarps = kDispatchWarps / 2;
 // One token's metadata record, staged in shared memory and sent as 16-byte stores: as single-word stores it
 // was ~25 tiny NVLink writes per (token, destination).
 constexpr int kMetaBytesMax = (8 + 12 * kMaxTopk + 15) / 16 * 16;
-constexpr int kRecvWarps = kDispatchWarps - kSendWarps;
-constexpr int kExpandUnroll = 16;  // 8 KB in flight per receiver warp: local expansion is latency-bound
-constexpr int kSendUnroll = 16;    // warp-store senders (EP_NCCLEP_TMA=0): 8 KB of the row loaded per round
+// 16-byte vectors in flight per lane when a warp copies a row: the register budget is 64 per thread at 32
+// warps per block.
+constexpr int kCopyVecs = kDispatchWarps > 16 ? 8 : 16;
 
-__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64* bar, u8* meta_stage, int warp,
+// What a sender needs of one token, loaded one token ahead so the loads overlap the previous row's copy.
+struct SendToken {
+  int pos;     // lane d < W: slot of the token in rank d's region for us, or -1
+  int code;    // lane k < K: global expert | kDupBit, or -1
+  int sidx;    // lane k < K: index among this rank's tokens of that expert
+  float w;     // lane k < K
+};
+
+__device__ __forceinline__ SendToken load_send_token(const HtDispatchParams& p, int t, int lane) {
+  SendToken v{-1, -1, -1, 1.f};
+  if (lane < p.world) v.pos = p.send_pos[static_cast<i64>(t) * p.world + lane];
+  if (lane < p.topk) {
+    v.code = p.route[static_cast<i64>(t) * p.topk + lane];
+    v.sidx = p.slot_idx[static_cast<i64>(t) * p.topk + lane];
+    if (p.weights) v.w = p.weights[static_cast<i64>(t) * p.topk + lane];
+  }
+  return v;
+}
+
+// Sender block b owns chunks b, b + S, b + 2S, ... and its warps take the next one from a shared counter
+// (`next`): consecutive chunks go out in parallel, so chunk c lands at about the same time on every rank and
+// the chunk-major receivers follow. After each chunk lane d publishes the slot range sent to rank d (no
+// block-wide barrier: warps never wait for each other).
+__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u64* bar, u8* meta_stage, int* next,
                                         int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
   const int nchunks = (p.num_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
-  u8* my_row = smem + static_cast<u64>(warp) * p.row_bytes;   // TMA staging row of this warp
+  const u32 remote = ~(1u << p.rank);
+  const MetaView staged{meta_stage, K};
   u32 phase = 0;
   if (kDispatchTma && lane == 0) {
     mbar_init(bar, 1);
     fence_mbar_init();
   }
   __syncwarp();
-  for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
+  for (;;) {
+    int k = 0;
+    if (lane == 0) k = atomicAdd(next, 1);
+    const int c = blockIdx.x + __shfl_sync(0xFFFFFFFFu, k, 0) * p.send_blocks;
+    if (c >= nchunks) break;
     const int t_begin = c * p.chunk_tokens;
     const int t_end = min(p.num_tokens, t_begin + p.chunk_tokens);
-    for (int t = t_begin + warp; t < t_end; t += kSendWarps) {
-      const int my_pos = lane < W ? p.send_pos[static_cast<i64>(t) * W + lane] : -1;
-      const u32 dmask = __ballot_sync(0xFFFFFFFFu, my_pos >= 0);
-      int code = -1, sidx = -1;
-      float wk = 1.f;
-      if (lane < K) {
-        code = p.route[static_cast<i64>(t) * K + lane];
-        sidx = p.slot_idx[static_cast<i64>(t) * K + lane];
-        if (p.weights) wk = p.weights[static_cast<i64>(t) * K + lane];
+    int lo = kI32Max, hi = 0;   // lane d: slots [lo, hi) of rank d's region written in this chunk
+    SendToken cur = load_send_token(p, t_begin, lane);
+    for (int t = t_begin; t < t_end; ++t) {
+      const SendToken tok = cur;
+      if (t + 1 < t_end) cur = load_send_token(p, t + 1, lane);
+      if (tok.pos >= 0) {
+        lo = min(lo, tok.pos);
+        hi = tok.pos + 1;
       }
-      const int owner = code >= 0 ? (code & ~kDupBit) / L : -1;
+      const u32 dmask = __ballot_sync(0xFFFFFFFFu, tok.pos >= 0);
+      const u32 rmask = dmask & remote;
+      const int owner = tok.code >= 0 ? (tok.code & ~kDupBit) / L : -1;
       const u8* src = p.x + static_cast<i64>(t) * p.row_bytes;
-      const MetaView staged{meta_stage, K};
+      if (kDispatchTma && lane == 0 && rmask) {
+        tma_wait_read<0>();                 // the previous token's stores have read the staging row
+        mbar_arrive_expect_tx(bar, p.row_bytes);
+        tma_load(my_row, src, p.row_bytes, bar);
+      }
+      __syncwarp();                         // the previous token's records have been sent
       if (lane == 0) {
         *staged.token() = t;
         staged.token()[1] = 0;
       }
       if (lane < K) {
-        staged.idx()[lane] = sidx;
-        staged.w()[lane] = wk;
+        staged.idx()[lane] = tok.sidx;
+        staged.w()[lane] = tok.w;
       }
-      if (kDispatchTma && lane == 0) {
-        tma_wait_read<0>();                 // the previous token's stores have read the staging row
-        mbar_arrive_expect_tx(bar, p.row_bytes);
-        tma_load(my_row, src, p.row_bytes, bar);
-        while (!mbar_try_wait(bar, phase)) {}
-        phase ^= 1u;
-      }
-      __syncwarp();
       for (u32 m = dmask; m; m &= m - 1) {
         const int d = __ffs(m) - 1;
-        const int pos = __shfl_sync(0xFFFFFFFFu, my_pos, d);
+        const int pos = __shfl_sync(0xFFFFFFFFu, tok.pos, d);
         const u64 slot = static_cast<u64>(p.rank) * p.max_tokens + pos;
-        if (lane < K) staged.lexp()[lane] = owner == d ? ((code & ~kDupBit) % L) | (code & kDupBit) : -1;
+        if (lane < K) staged.lexp()[lane] = owner == d ? ((tok.code & ~kDupBit) % L) | (tok.code & kDupBit) : -1;
         __syncwarp();
         if (lane < p.meta_stride / kVecBytes)
           st_v4(reinterpret_cast<uint4*>(p.meta_peers[d] + slot * p.meta_stride) + lane,
                 reinterpret_cast<const uint4*>(meta_stage)[lane]);
         __syncwarp();   // the record is sent before the next destination rewrites lexp
-        if (kDispatchTma && lane == 0)
-          tma_store(reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes), my_row, p.row_bytes);
       }
-      if (kDispatchTma && lane == 0) tma_commit();
-      if (!kDispatchTma) {
-        // One read of the row feeds every destination: lane j (j < n) holds the j-th destination's slot.
-        const u64 my_slot = static_cast<u64>(p.rank) * p.max_tokens + my_pos;
-        const u64 dst_of_lane = my_pos >= 0 ? p.data_peers[lane] + my_slot * p.row_bytes : 0;
-        warp_copy_multi<kSendUnroll>(compact_by_mask(dmask, dst_of_lane, lane), __popc(dmask), src, p.row_bytes, lane);
+      if (kDispatchTma) {
+        // Lane 0 waits for the staged row, then stores it to each remote rank (lane d holds rank d's slot).
+        if (lane == 0 && rmask) {
+          while (!mbar_try_wait(bar, phase)) {}
+          phase ^= 1u;
+        }
+        for (u32 m = rmask; m; m &= m - 1) {
+          const int d = __ffs(m) - 1;
+          const u64 slot = static_cast<u64>(p.rank) * p.max_tokens + __shfl_sync(0xFFFFFFFFu, tok.pos, d);
+          if (lane == 0) tma_store(reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes), my_row, p.row_bytes);
+        }
+        if (lane == 0 && rmask) tma_commit();
+      } else {
+        // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's slot.
+        const u64 my_slot = static_cast<u64>(p.rank) * p.max_tokens + tok.pos;
+        const u64 dst_of_lane = tok.pos >= 0 ? p.data_peers[lane] + my_slot * p.row_bytes : 0;
+        warp_copy_multi<kCopyVecs>(compact_by_mask(rmask, dst_of_lane, lane), __popc(rmask), src, p.row_bytes, lane);
       }
     }
     if (kDispatchTma && lane == 0) {
@@ -95,34 +132,49 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* smem, u64
       fence_proxy_async_global();
     }
     __syncwarp();
-    named_barrier(1, kSendWarps * kWarpSize);
-    if (threadIdx.x < W) {
-      const int d = threadIdx.x;
-      int start = -1, end = 0;
-      for (int t = t_begin; t < t_end; ++t) {
-        const int pos = p.send_pos[static_cast<i64>(t) * W + d];
-        if (pos >= 0) {
-          if (start < 0) start = pos;
-          end = pos + 1;
-        }
-      }
-      if (start < 0) start = end = 0;
+    if (lane < W) {
+      if (hi == 0) lo = 0;
       const u64 cell = static_cast<u64>(p.rank) * p.max_chunks + c;
-      reinterpret_cast<int2*>(p.sig_peers[d] + p.drange_offset)[cell] = make_int2(start, end);
+      reinterpret_cast<int2*>(p.sig_peers[lane] + p.drange_offset)[cell] = make_int2(lo, hi);
       fence_sys();
-      st_release_sys(reinterpret_cast<u64*>(p.sig_peers[d] + p.dflag_offset) + cell, p.epoch);
+      st_release_sys(reinterpret_cast<u64*>(p.sig_peers[lane] + p.dflag_offset) + cell, p.epoch);
     }
   }
   if (kDispatchTma && lane == 0) tma_wait_all();
 }
 
-__device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp, int lane) {
+// What a receiver needs of one received token, loaded one token ahead.
+struct RecvToken {
+  int lexp;    // lane k < K: local expert | kDupBit, or -1
+  int idx;     // lane k < K
+  float w;     // lane k < K
+  int token;   // the source's token index (self source only: its row is read from x)
+};
+
+__device__ __forceinline__ RecvToken load_recv_token(const HtDispatchParams& p, const u8* meta_rec, bool self,
+                                                     int lane) {
+  const MetaView meta{const_cast<u8*>(meta_rec), p.topk};
+  RecvToken v{-1, 0, 0.f, 0};
+  if (lane < p.topk) {
+    v.lexp = ld_cg_i32(meta.lexp() + lane);
+    v.idx = ld_cg_i32(meta.idx() + lane);
+    v.w = ld_cg_f32(meta.w() + lane);
+  }
+  if (self) v.token = ld_cg_i32(meta.token());
+  return v;
+}
+
+__device__ __forceinline__ void ht_receive(const HtDispatchParams& p, u8* stage, u64* bar, int gw, int RW, int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
+  u32 phase = 0;
+  if (kRecvTma && lane == 0) {
+    mbar_init(bar, 1);
+    fence_mbar_init();
+  }
+  __syncwarp();
   const InfoLayout lay(L, W);
   const int* info = p.info;
-  const int RW = gridDim.x * kRecvWarps;
-  const int gw = blockIdx.x * kRecvWarps + rwarp;
-  // Items (source, chunk) in chunk-major order: chunk c of every source is sent at about the same time,
+  // Items (chunk, source) in chunk-major order: chunk c of every source is sent at about the same time,
   // so receivers follow the senders' progress instead of waiting on one late source.
   int max_nchunks = 0;
   for (int s = 0; s < W; ++s) max_nchunks = max(max_nchunks, (info[lay.src_T + s] + p.chunk_tokens - 1) / p.chunk_tokens);
@@ -131,7 +183,7 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
   const u8* my_data = reinterpret_cast<const u8*>(p.data_peers[p.rank]);
   const u8* my_meta = reinterpret_cast<const u8*>(p.meta_peers[p.rank]);
   for (int item = gw; item < total_items; item += RW) {
-    const int c = item / W, s = item % W;
+    const int s = item % W, c = item / W;
     if (c * p.chunk_tokens >= info[lay.src_T + s]) continue;   // source s has fewer chunks
     const u64 cell = static_cast<u64>(s) * p.max_chunks + c;
     int ok = 1, start = 0, end = 0;
@@ -142,34 +194,53 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
       start = ld_cg_i32(range);
       end = ld_cg_i32(range + 1);
     }
+    if (kRecvTma && lane == 0) fence_proxy_async_global();   // the peers' rows, for the bulk loads below
     ok = __shfl_sync(0xFFFFFFFFu, ok, 0);
-    if (!ok) return;
+    if (!ok) break;
     start = __shfl_sync(0xFFFFFFFFu, start, 0);
     end = __shfl_sync(0xFFFFFFFFu, end, 0);
+    const bool self = s == p.rank;
+    const u64 slot0 = static_cast<u64>(s) * p.max_tokens;
+    RecvToken cur{};
+    if (start < end) cur = load_recv_token(p, my_meta + (slot0 + start) * p.meta_stride, self, lane);
     for (int pos = start; pos < end; ++pos) {
-      const u64 slot = static_cast<u64>(s) * p.max_tokens + pos;
-      const MetaView meta{const_cast<u8*>(my_meta + slot * p.meta_stride), K};
+      const RecvToken tok = cur;
+      if (pos + 1 < end) cur = load_recv_token(p, my_meta + (slot0 + pos + 1) * p.meta_stride, self, lane);
       const i64 i = info[lay.recv_prefix + s] + pos;
-      int lexp = -1, row = -1;
-      float w = 0.f;
+      int row = -1;
       if (lane < K) {
-        lexp = ld_cg_i32(meta.lexp() + lane);
-        if (lexp >= 0) {
-          row = info[lay.src_base + s * L + (lexp & ~kDupBit)] + ld_cg_i32(meta.idx() + lane);
-          w = ld_cg_f32(meta.w() + lane);
-        }
+        if (tok.lexp >= 0) row = info[lay.src_base + s * L + (tok.lexp & ~kDupBit)] + tok.idx;
         p.recv_rows[i * K + lane] = row;
-        p.recv_w[i * K + lane] = w;
+        p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
       }
-
-      const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && lexp >= 0 && !(lexp & kDupBit));
+      // The self source's rows were not copied: read them from x.
+      const u8* src = self ? p.x + static_cast<i64>(tok.token) * p.row_bytes : my_data + (slot0 + pos) * p.row_bytes;
+      const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
       // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
       const int n = __popc(copy_mask);
       const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
       const u64 my_dst = compact_by_mask(copy_mask, dst_of_lane, lane);
-      if (n) warp_copy_multi<kExpandUnroll>(my_dst, n, my_data + slot * p.row_bytes, p.row_bytes, lane);
+      if (kRecvTma) {
+        // Lane 0: bulk load of the row into the staging row (once the previous token's stores have read
+        // it), then one bulk store per expert row.
+        if (n && lane == 0) {
+          tma_wait_read<0>();
+          mbar_arrive_expect_tx(bar, p.row_bytes);
+          tma_load(stage, src, p.row_bytes, bar);
+          while (!mbar_try_wait(bar, phase)) {}
+          phase ^= 1u;
+        }
+        for (int j = 0; j < n; ++j) {
+          const u64 dst = __shfl_sync(0xFFFFFFFFu, my_dst, j);
+          if (lane == 0) tma_store(reinterpret_cast<void*>(dst), stage, p.row_bytes);
+        }
+        if (n && lane == 0) tma_commit();
+      } else if (n) {
+        warp_copy_multi<kCopyVecs>(my_dst, n, src, p.row_bytes, lane);
+      }
     }
   }
+  if (kRecvTma && lane == 0) tma_wait_all();
   // Alignment / capacity padding rows are zero.
   for (int e = gw; e < L; e += RW) {
     const i64 first = static_cast<i64>(info[lay.base + e]) + info[lay.counts + e];
@@ -182,13 +253,20 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, int rwarp,
 
 extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_dispatch(const ep::HtDispatchParams p) {
   using namespace ep;
-  extern __shared__ __align__(128) u8 smem[];
-  __shared__ u64 bars[kSendWarps];
-  __shared__ __align__(16) u8 meta_stage[kSendWarps][kMetaBytesMax];
+  extern __shared__ __align__(128) u8 smem[];   // TMA: one staging row per sending / expanding warp
+  __shared__ u64 bars[kDispatchWarps];
+  __shared__ __align__(16) u8 meta_stage[kDispatchWarps][kMetaBytesMax];
+  __shared__ int next_chunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (warp < kSendWarps) {
-    ht_send(p, smem, &bars[warp], meta_stage[warp], warp, lane);
+  if (blockIdx.x < p.send_blocks) {
+    if (warp >= p.send_warps) return;
+    if (threadIdx.x == 0) next_chunk = 0;
+    named_barrier(1, p.send_warps * kWarpSize);
+    ht_send(p, smem + static_cast<u64>(warp) * p.row_bytes, &bars[warp], meta_stage[warp], &next_chunk, lane);
   } else {
-    ht_receive(p, warp - kSendWarps, lane);
+    if (warp >= p.recv_warps) return;
+    const int rb = blockIdx.x - p.send_blocks;
+    ht_receive(p, smem + static_cast<u64>(warp) * p.row_bytes, &bars[warp], rb * p.recv_warps + warp,
+               (gridDim.x - p.send_blocks) * p.recv_warps, lane);
   }
 }

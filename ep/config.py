@@ -93,6 +93,9 @@ class MoECommunicatorConfig:
             raise ConfigError("expert_alignment applies to mode='ht' only (LL segments have a fixed capacity)")
         if not isinstance(self.overlap, CommOverlapConfig):
             raise ConfigError(f"overlap must be a CommOverlapConfig, got {self.overlap!r}")
+        if self.mode == "ht" and (self.overlap.dispatch_num_sms or self.num_sms) < 2:
+            raise ConfigError("mode='ht' dispatch needs at least 2 SMs (sender blocks and receiver blocks); "
+                              "set num_sms or overlap.dispatch_num_sms >= 2")
 
     @property
     def layout(self) -> DispatchLayout:

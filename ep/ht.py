@@ -23,7 +23,7 @@ from . import arrays, jit, sizes, structs
 from .bootstrap import Group
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
 from .envs import Snapshot
-from .errors import PeerInputError
+from .errors import ConfigError, PeerInputError
 from .peer_memory import ErrorRecord, HostMapped, SymmetricBuffer, host_wait
 from .runtime_base import Barrier, block_count, load_kernels, ptr, timeout_ns
 
@@ -37,6 +37,17 @@ def combine_warps(knobs: Snapshot, blocks: int) -> int:
     if blocks <= knobs["EP_CMB_TMA_WARPS_MAXCH"]:
         return knobs["EP_CMB_TMA_WARPS_WIDE"]
     return knobs["EP_CMB_TMA_WARPS_NARROW"]
+
+
+def dispatch_senders(knobs: Snapshot, blocks: int) -> int:
+    """Sender blocks of the HT dispatch grid (the others expand): EP_DISPATCH_SENDERS, else a third (8 of 24
+    measured best: the receivers' local expansion moves ~3x the senders' NVLink bytes, docs/perf.md)."""
+    if blocks < 2:
+        raise ConfigError(f"HT dispatch needs at least 2 blocks (senders and receivers), got {blocks}")
+    senders = knobs["EP_DISPATCH_SENDERS"] or max(1, blocks // 3)
+    if senders >= blocks:
+        raise ConfigError(f"EP_DISPATCH_SENDERS={senders} leaves no receiver block in a grid of {blocks}")
+    return senders
 
 
 @dataclass
@@ -75,13 +86,7 @@ class HtRuntime:
         self.timeout_ns = timeout_ns(cfg, knobs)
         self.dispatch_blocks = block_count(cfg, knobs.dispatch_nsm, cfg.overlap.dispatch_num_sms, "dispatch")
         self.combine_blocks = block_count(cfg, knobs.combine_nsm, cfg.overlap.combine_num_sms, "combine")
-        send_warps = knobs["EP_DISPATCH_WARPS"] // 2
-        use_tma = knobs["EP_NCCLEP_TMA"]
-        if use_tma and send_warps * self.row_bytes > sizes.SMEM_LIMIT:
-            log.warning("[rank %d] EP_NCCLEP_TMA: %d staging rows of %d bytes exceed shared memory; using warp stores",
-                        self.rank, send_warps, self.row_bytes)
-            use_tma = False
-        self.dispatch_smem = send_warps * self.row_bytes if use_tma else 0
+        self.dispatch_senders = dispatch_senders(knobs, self.dispatch_blocks)
         self.combine_warps = combine_warps(knobs, self.combine_blocks)
         self.combine_smem = (self.combine_warps * knobs["EP_CMB_TMA_STAGES"] * sizes.COMBINE_SEG_BYTES
                              if knobs["EP_CMB_TMA"] else 0)
@@ -94,12 +99,20 @@ class HtRuntime:
         self.host = HostMapped(8 + 4 * (self.info_size + 2))
         self.host_epoch = self.host.view(np.uint64, 1)
         self.host_info = self.host.view(np.int32, self.info_size + 2, offset=8)
-        kernels = load_kernels(group, knobs, [
-            (jit.KernelVariant.of("barrier.cu", knobs), ["ep_barrier"]),
-            (jit.KernelVariant.of("ht_layout.cu", knobs), ["ht_route_count", "ht_route_exchange", "ht_route_positions"]),
-            (jit.KernelVariant.of("ht_dispatch.cu", knobs, EP_NCCLEP_TMA=use_tma), ["ht_dispatch"]),
-            (jit.KernelVariant.of("ht_combine.cu", knobs), ["ht_combine_reduce", "ht_combine_gather"]),
-        ])
+        send_tma, recv_tma = knobs["EP_NCCLEP_TMA"], knobs["EP_DISPATCH_RECV_TMA"]
+        kernels = self._load(send_tma, recv_tma)
+        self.dispatch_warps = knobs["EP_DISPATCH_WARPS"]
+        # A TMA role gives each of its warps one staging row, next to the kernel's static shared memory.
+        rows = (sizes.SMEM_LIMIT - kernels["ht_dispatch"].static_smem) // self.row_bytes
+        if (send_tma or recv_tma) and rows < 1:
+            log.warning("[rank %d] HT dispatch TMA: a %d-byte staging row does not fit in shared memory; using warp "
+                        "copies", self.rank, self.row_bytes)
+            send_tma = recv_tma = False
+            kernels = self._load(False, False)
+        self.dispatch_send_warps = min(self.dispatch_warps, rows) if send_tma else self.dispatch_warps
+        self.dispatch_recv_warps = min(self.dispatch_warps, rows) if recv_tma else self.dispatch_warps
+        self.dispatch_smem = max(self.dispatch_send_warps if send_tma else 0,
+                                 self.dispatch_recv_warps if recv_tma else 0) * self.row_bytes
         self.k = kernels
         self.barrier = Barrier(kernels["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
                                self.W, self.timeout_ns)
@@ -107,6 +120,16 @@ class HtRuntime:
         self.last_op = None
         self._cupy = cupy
         group.barrier()
+
+    def _load(self, send_tma: bool, recv_tma: bool) -> dict:
+        knobs = self.knobs
+        return load_kernels(self.group, knobs, [
+            (jit.KernelVariant.of("barrier.cu", knobs), ["ep_barrier"]),
+            (jit.KernelVariant.of("ht_layout.cu", knobs), ["ht_route_count", "ht_route_exchange", "ht_route_positions"]),
+            (jit.KernelVariant.of("ht_dispatch.cu", knobs, EP_NCCLEP_TMA=send_tma,
+                                       EP_DISPATCH_RECV_TMA=recv_tma), ["ht_dispatch"]),
+            (jit.KernelVariant.of("ht_combine.cu", knobs), ["ht_combine_reduce", "ht_combine_gather"]),
+        ])
 
     def _sym(self, nbytes: int, name: str) -> SymmetricBuffer:
         buf = SymmetricBuffer(self.group, nbytes, name)
@@ -204,8 +227,9 @@ class HtRuntime:
             err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
             drange_offset=self.layout.drange_offset, rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L,
             row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS,
-            max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride)
-        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.knobs["EP_DISPATCH_WARPS"] * 32, params,
+            max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride, send_blocks=self.dispatch_senders,
+            send_warps=self.dispatch_send_warps, recv_warps=self.dispatch_recv_warps)
+        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params,
                                      smem=self.dispatch_smem, stream=stream)
         self.last_op = "dispatch"
         out = DispatchOutput(

@@ -41,7 +41,7 @@ def source_dir() -> Path:
 SOURCES: Mapping[str, tuple[str, ...]] = {
     "barrier.cu": (),
     "ht_layout.cu": (),
-    "ht_dispatch.cu": ("EP_NCCLEP_TMA", "EP_DISPATCH_WARPS"),
+    "ht_dispatch.cu": ("EP_NCCLEP_TMA", "EP_DISPATCH_RECV_TMA", "EP_DISPATCH_WARPS"),
     "ht_combine.cu": ("EP_CMB_TMA", "EP_CMB_TMA_STAGES", "EP_CMB_TMA_WARPS_WIDE", "EP_CMB_TMA_WARPS_MAXCH",
                       "EP_CMB_TMA_WARPS_NARROW"),
     "ll_dispatch.cu": ("EP_LL_WARPS",),
@@ -50,7 +50,7 @@ SOURCES: Mapping[str, tuple[str, ...]] = {
 }
 COMMON_MACROS = ("EP_DEBUG_TRAP",)
 # Short labels of macros in variant names (e.g. ht_combine_tma1_st2_wide8_maxch32_narrow4).
-SHORT = {"EP_NCCLEP_TMA": "tma", "EP_DISPATCH_WARPS": "w", "EP_CMB_TMA": "tma", "EP_CMB_TMA_STAGES": "st",
+SHORT = {"EP_NCCLEP_TMA": "tma", "EP_DISPATCH_RECV_TMA": "rtma", "EP_DISPATCH_WARPS": "w", "EP_CMB_TMA": "tma", "EP_CMB_TMA_STAGES": "st",
          "EP_CMB_TMA_WARPS_WIDE": "wide", "EP_CMB_TMA_WARPS_MAXCH": "maxch", "EP_CMB_TMA_WARPS_NARROW": "narrow",
          "EP_LL_WARPS": "w", "EP_DEBUG_TRAP": "trap"}
 
@@ -172,6 +172,7 @@ def device_arch() -> str:
 
 
 _MAX_DYNAMIC_SMEM_ATTR = 8   # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_STATIC_SMEM_ATTR = 1         # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
 
 
 class Kernel:
@@ -183,6 +184,12 @@ class Kernel:
         self._module = module
         self._fn = module.get_function(entry)
         self._smem_limit = 0
+
+    @property
+    def static_smem(self) -> int:
+        """Bytes of statically declared shared memory per block."""
+        from cupy_backends.cuda.api import driver
+        return int(driver.funcGetAttribute(_STATIC_SMEM_ATTR, self._fn.ptr))
 
     @property
     def label(self) -> str:

@@ -13,10 +13,12 @@ constexpr int kVecBytes = 16;   // every row is a multiple of 16 bytes (H % 8 ==
 #ifdef EP_NCCLEP_TMA
 constexpr bool kDispatchTma = EP_NCCLEP_TMA != 0;
 #endif
+#ifdef EP_DISPATCH_RECV_TMA
+constexpr bool kRecvTma = EP_DISPATCH_RECV_TMA != 0;
+#endif
 #ifdef EP_DISPATCH_WARPS
 constexpr int kDispatchWarps = EP_DISPATCH_WARPS;
-static_assert(kDispatchWarps >= 4 && kDispatchWarps <= 32 && kDispatchWarps % 2 == 0,
-              "EP_DISPATCH_WARPS: even, in [4, 32] (half send, half receive)");
+static_assert(kDispatchWarps >= 4 && kDispatchWarps <= 32, "EP_DISPATCH_WARPS in [4, 32]");
 #endif
 #ifdef EP_CMB_TMA
 constexpr bool kCombineTma = EP_CMB_TMA != 0;

@@ -80,6 +80,10 @@ struct HtDispatchParams {
   i32 chunk_tokens;
   i32 max_chunks;
   i32 meta_stride;
+  i32 send_blocks;        // blocks [0, send_blocks) send, the others expand what arrives
+  i32 send_warps;         // warps of a sender block that send (TMA: as many staging rows as shared memory holds)
+  i32 recv_warps;         // warps of a receiver block that expand (TMA: as many staging rows as shared memory holds)
+  i32 reserved;
 };
 
 struct HtCombineParams {

@@ -10,6 +10,8 @@ typedef long long i64;
 
 namespace ep {
 
+constexpr i32 kI32Max = 0x7FFFFFFF;
+
 // bf16 travels as its 16-bit pattern. Conversions are spelled out so they match ep/reference.py exactly.
 __device__ __forceinline__ float bf16_to_f32(u32 bits16) { return __uint_as_float(bits16 << 16); }
 

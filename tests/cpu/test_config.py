@@ -152,6 +152,15 @@ def test_overlap_must_be_a_comm_overlap_config():
         make(overlap={"dispatch_num_sms": 4})
 
 
+def test_ht_dispatch_needs_two_blocks_because_senders_and_receivers_are_separate_blocks():
+    with pytest.raises(ConfigError, match="at least 2 SMs"):
+        make(mode="ht", num_sms=1)
+    with pytest.raises(ConfigError, match="at least 2 SMs"):
+        make(mode="ht", overlap=CommOverlapConfig(dispatch_num_sms=1))
+    assert make(mode="ht", num_sms=1, overlap=CommOverlapConfig(dispatch_num_sms=2)).num_sms == 1
+    assert make(mode="ll", num_sms=1).num_sms == 1
+
+
 # ------------------------------------------------------------------------------------------ layout
 @pytest.mark.parametrize("mode, expected", [("ht", DispatchLayout.FLAT), ("ll", DispatchLayout.EXPERT_MAJOR)])
 def test_layout_defaults_per_mode(mode, expected):

@@ -58,7 +58,7 @@ def test_variant_macros_are_sorted_and_include_the_trap_macro(source):
 @pytest.mark.parametrize("source, name", [
     ("barrier.cu", "barrier"),
     ("ht_layout.cu", "ht_layout"),
-    ("ht_dispatch.cu", "ht_dispatch_tma1_w16"),
+    ("ht_dispatch.cu", "ht_dispatch_tma0_rtma0_w24"),
     ("ht_combine.cu", "ht_combine_tma1_st2_wide8_maxch32_narrow4"),
     ("ll_dispatch.cu", "ll_dispatch_w16"),
     ("ll_combine.cu", "ll_combine_w16"),
@@ -69,7 +69,7 @@ def test_default_variant_names(source, name):
 
 def test_variant_names_show_non_default_macros():
     assert KernelVariant.of("barrier.cu", EP_DEBUG_TRAP=True).name == "barrier_trap1"
-    assert KernelVariant.of("ht_dispatch.cu", EP_NCCLEP_TMA=False, EP_DISPATCH_WARPS=8).name == "ht_dispatch_tma0_w8"
+    assert KernelVariant.of("ht_dispatch.cu", EP_NCCLEP_TMA=True, EP_DISPATCH_WARPS=8).name == "ht_dispatch_tma1_rtma0_w8"
     assert KernelVariant.of("ll_combine.cu", EP_LL_WARPS=8, EP_DEBUG_TRAP=True).name == "ll_combine_w8_trap1"
 
 
