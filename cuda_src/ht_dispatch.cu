@@ -83,11 +83,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u
       const u32 rmask = dmask & remote;
       const int owner = tok.code >= 0 ? (tok.code & ~kDupBit) / L : -1;
       const u8* src = p.x + static_cast<i64>(t) * p.row_bytes;
-      if (kDispatchTma && lane == 0 && rmask) {
-        tma_wait_read<0>();                 // the previous token's stores have read the staging row
-        mbar_arrive_expect_tx(bar, p.row_bytes);
-        tma_load(my_row, src, p.row_bytes, bar);
-      }
+      if (kDispatchTma && lane == 0 && rmask) staged_row_load(my_row, src, p.row_bytes, bar);
       __syncwarp();                         // the previous token's records have been sent
       if (lane == 0) {
         *staged.token() = t;
@@ -108,23 +104,15 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u
                 reinterpret_cast<const uint4*>(meta_stage)[lane]);
         __syncwarp();   // the record is sent before the next destination rewrites lexp
       }
+      // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's slot.
+      const u64 my_slot = static_cast<u64>(p.rank) * p.max_tokens + tok.pos;
+      const u64 dst_of_lane = tok.pos >= 0 ? p.data_peers[lane] + my_slot * p.row_bytes : 0;
+      const u64 my_dst = compact_by_mask(rmask, dst_of_lane, lane);
       if (kDispatchTma) {
-        // Lane 0 waits for the staged row, then stores it to each remote rank (lane d holds rank d's slot).
-        if (lane == 0 && rmask) {
-          while (!mbar_try_wait(bar, phase)) {}
-          phase ^= 1u;
-        }
-        for (u32 m = rmask; m; m &= m - 1) {
-          const int d = __ffs(m) - 1;
-          const u64 slot = static_cast<u64>(p.rank) * p.max_tokens + __shfl_sync(0xFFFFFFFFu, tok.pos, d);
-          if (lane == 0) tma_store(reinterpret_cast<u8*>(p.data_peers[d] + slot * p.row_bytes), my_row, p.row_bytes);
-        }
-        if (lane == 0 && rmask) tma_commit();
+        if (lane == 0 && rmask) staged_row_wait(bar, phase);
+        staged_row_store(my_dst, __popc(rmask), my_row, p.row_bytes, lane);
       } else {
-        // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's slot.
-        const u64 my_slot = static_cast<u64>(p.rank) * p.max_tokens + tok.pos;
-        const u64 dst_of_lane = tok.pos >= 0 ? p.data_peers[lane] + my_slot * p.row_bytes : 0;
-        warp_copy_multi<kCopyVecs>(compact_by_mask(rmask, dst_of_lane, lane), __popc(rmask), src, p.row_bytes, lane);
+        warp_copy_multi<kCopyVecs>(my_dst, __popc(rmask), src, p.row_bytes, lane);
       }
     }
     if (kDispatchTma && lane == 0) {
@@ -221,20 +209,11 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, u8* stage,
       const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
       const u64 my_dst = compact_by_mask(copy_mask, dst_of_lane, lane);
       if (kRecvTma) {
-        // Lane 0: bulk load of the row into the staging row (once the previous token's stores have read
-        // it), then one bulk store per expert row.
         if (n && lane == 0) {
-          tma_wait_read<0>();
-          mbar_arrive_expect_tx(bar, p.row_bytes);
-          tma_load(stage, src, p.row_bytes, bar);
-          while (!mbar_try_wait(bar, phase)) {}
-          phase ^= 1u;
+          staged_row_load(stage, src, p.row_bytes, bar);
+          staged_row_wait(bar, phase);
         }
-        for (int j = 0; j < n; ++j) {
-          const u64 dst = __shfl_sync(0xFFFFFFFFu, my_dst, j);
-          if (lane == 0) tma_store(reinterpret_cast<void*>(dst), stage, p.row_bytes);
-        }
-        if (n && lane == 0) tma_commit();
+        staged_row_store(my_dst, n, stage, p.row_bytes, lane);
       } else if (n) {
         warp_copy_multi<kCopyVecs>(my_dst, n, src, p.row_bytes, lane);
       }

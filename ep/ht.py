@@ -109,10 +109,10 @@ class HtRuntime:
                         "copies", self.rank, self.row_bytes)
             send_tma = recv_tma = False
             kernels = self._load(False, False)
-        self.dispatch_send_warps = min(self.dispatch_warps, rows) if send_tma else self.dispatch_warps
-        self.dispatch_recv_warps = min(self.dispatch_warps, rows) if recv_tma else self.dispatch_warps
-        self.dispatch_smem = max(self.dispatch_send_warps if send_tma else 0,
-                                 self.dispatch_recv_warps if recv_tma else 0) * self.row_bytes
+        tma_warps = min(self.dispatch_warps, rows)
+        self.dispatch_send_warps = tma_warps if send_tma else self.dispatch_warps
+        self.dispatch_recv_warps = tma_warps if recv_tma else self.dispatch_warps
+        self.dispatch_smem = tma_warps * self.row_bytes if send_tma or recv_tma else 0
         self.k = kernels
         self.barrier = Barrier(kernels["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
                                self.W, self.timeout_ns)

@@ -37,6 +37,31 @@ __device__ __forceinline__ void warp_copy(u8* dst, const u8* src, int bytes, int
   warp_copy_multi<U>(reinterpret_cast<u64>(dst), 1, src, bytes, lane);
 }
 
+// A warp's TMA staging row in shared memory: lane 0 bulk-loads one row into it (completing on the warp's
+// mbarrier) and bulk-stores it to every destination. One row in flight per warp: the next load waits until
+// the previous stores have read the row.
+// Lane 0 only: start loading `bytes` from src.
+__device__ __forceinline__ void staged_row_load(u8* stage, const u8* src, u32 bytes, u64* bar) {
+  tma_wait_read<0>();
+  mbar_arrive_expect_tx(bar, bytes);
+  tma_load(stage, src, bytes, bar);
+}
+
+// Lane 0 only: wait until the load has landed; `phase` is the mbarrier parity, flipped per load.
+__device__ __forceinline__ void staged_row_wait(u64* bar, u32& phase) {
+  while (!mbar_try_wait(bar, phase)) {}
+  phase ^= 1u;
+}
+
+// Whole warp: lane 0 bulk-stores the staged row to the n destinations that lanes 0..n-1 hold.
+__device__ __forceinline__ void staged_row_store(u64 my_dst, int n, const u8* stage, u32 bytes, int lane) {
+  for (int j = 0; j < n; ++j) {
+    const u64 dst = __shfl_sync(0xFFFFFFFFu, my_dst, j);
+    if (lane == 0) tma_store(reinterpret_cast<void*>(dst), stage, bytes);
+  }
+  if (n && lane == 0) tma_commit();
+}
+
 __device__ __forceinline__ void warp_zero(u8* dst, int bytes, int lane) {
   const int nvec = bytes / kVecBytes;
   uint4* d = reinterpret_cast<uint4*>(dst);
