@@ -23,11 +23,12 @@ __device__ __forceinline__ u32 dest_mask(const HtCombineParams& p, int t, int la
 
 }  // namespace ep
 
-extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
+// 32 warps of the narrow fold (<= 64 registers): ep/sizes.py COMBINE_REDUCE_WARPS.
+extern "C" __global__ void __launch_bounds__(1024, 1) ht_combine_reduce(const ep::HtCombineParams p) {
   using namespace ep;
   const int W = p.world, K = p.topk;
   const InfoLayout lay(p.local_experts, W);
-  const int nwarps = blockDim.x / kWarpSize;   // kReduceWarps (ep/sizes.py COMBINE_REDUCE_WARPS)
+  const int nwarps = blockDim.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;
@@ -44,7 +45,7 @@ extern "C" __global__ void ht_combine_reduce(const ep::HtCombineParams p) {
       w = p.recv_w[static_cast<i64>(i) * K + lane];
     }
     uint4* dst = reinterpret_cast<uint4*>(my_data + (static_cast<u64>(s) * p.max_tokens + pos) * p.row_bytes);
-    warp_weighted_sum(dst, p.expert_out, p.row_bytes, K, row, w, lane);
+    warp_weighted_sum<kFoldRowsNarrow, kFoldVecsNarrow>(dst, p.expert_out, p.row_bytes, K, row, w, lane);
   }
 }
 
@@ -145,14 +146,16 @@ __device__ __forceinline__ void gather_direct(const HtCombineParams& p, int gw, 
     int my_pos;
     const u32 mask = dest_mask(p, t, lane, &my_pos);
     const u64 src = lane < p.world && my_pos >= 0 ? reinterpret_cast<u64>(partial_src(p, t, lane)) : 0;
-    warp_sum_rows(reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes),
+    warp_sum_rows<kFoldRowsNarrow, kFoldVecsNarrow>(reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes),
                   compact_by_mask(mask, src, lane), __popc(mask), p.row_bytes, lane);
   }
 }
 
 }  // namespace ep
 
-extern "C" __global__ void ht_combine_gather(const ep::HtCombineParams p) {
+// Launch bounds: the host may launch up to max(WIDE, NARROW) warps, so the registers must allow them.
+extern "C" __global__ void __launch_bounds__(32 * (ep::kCombineWarpsWide > ep::kCombineWarpsNarrow ? ep::kCombineWarpsWide : ep::kCombineWarpsNarrow), 1)
+ht_combine_gather(const ep::HtCombineParams p) {
   using namespace ep;
   extern __shared__ __align__(128) u8 smem[];   // TMA: [warps][kCombineStages][kCombineSegBytes]
   __shared__ u64 bars[32 * kCombineStages];

@@ -34,14 +34,18 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+BF16_CANONICAL_NAN = 0x7FFF
+
+
 def f32_to_bf16(values: np.ndarray) -> np.ndarray:
-    """float32 -> uint16 bf16 bit patterns, rounding to nearest even. NaN becomes a quiet NaN of the same sign."""
+    """float32 -> uint16 bf16 bit patterns, rounding to nearest even. Every NaN becomes the canonical NaN 0x7FFF,
+    as the GPU's one-instruction conversion (cvt.rn.bf16x2.f32) gives it."""
     f = np.ascontiguousarray(values, dtype=np.float32)
     u = f.view(np.uint32)
     rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     nan = np.isnan(f)
     if nan.any():
-        rounded = np.where(nan, (u >> np.uint32(16)) | np.uint32(0x0040), rounded)
+        rounded = np.where(nan, np.uint32(BF16_CANONICAL_NAN), rounded)
     return rounded.astype(np.uint16)
 
 

@@ -11,7 +11,7 @@ from .config import MoECommunicatorConfig
 ROUTE_CHUNK = 128          # cuda_src/common/params.cuh kRouteChunk: tokens per HT routing block
 ROUTE_POS_TILE = 2048      # cuda_src/common/params.cuh kRoutePosTile: columns per tile of ht_route_positions
 COMBINE_SEG_BYTES = 4096   # cuda_src/common/params.cuh kCombineSegBytes: HT combine TMA stage
-COMBINE_REDUCE_WARPS = 16  # warps per block of ht_combine_reduce (no shared memory, latency-bound loads)
+COMBINE_REDUCE_WARPS = 32  # warps per block of ht_combine_reduce (narrow fold, <= 64 registers; docs/perf.md exp. 16)
 HT_CHUNK_TOKENS = 4        # tokens per HT dispatch chunk: one sender warp sends it, then publishes (flag per chunk and destination)
 BARRIER_SLOTS = 32         # u64 barrier flags per signal buffer (max world size)
 SMEM_LIMIT = 227 * 1024    # Hopper: largest dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)

@@ -169,7 +169,7 @@ def _f32_to_bf16(a):
         _F32_TO_BF16 = cupy.ElementwiseKernel(
             "float32 f", "uint16 b",
             "unsigned int u = __float_as_uint(f);"
-            "b = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (unsigned short)((u >> 16) | 0x40u)"
+            "b = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (unsigned short)0x7FFFu"
             " : (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);",
             "ep_bench_f32_to_bf16")
     return _F32_TO_BF16(a)

@@ -67,11 +67,11 @@ def test_largest_finite_f32_rounds_to_infinity_and_largest_bf16_is_kept():
 
 
 @pytest.mark.parametrize("pattern", [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7F80FFFF])
-def test_nan_stays_nan_with_its_sign(pattern):
+def test_every_nan_becomes_the_canonical_nan(pattern):
+    """Sign and payload are dropped, as cvt.rn.bf16x2.f32 does on the GPU (checked there exhaustively)."""
     out = f32_to_bf16(f32_bits([pattern]))[0]
+    assert out == 0x7FFF
     assert np.isnan(bf16_to_f32(np.array([out], np.uint16))[0])
-    assert out >> 15 == pattern >> 31
-    assert out & 0x0040, "a quiet NaN"
 
 
 def test_every_bf16_survives_a_round_trip_through_f32():
