@@ -2,19 +2,22 @@
 //
 // Buffers (symmetric, one allocation each per rank):
 //   data[s][pos]  row_bytes  token `pos` that source s sent here (pos = its index among s's tokens for us);
-//                            the self region is never written: those tokens are read from x
-//   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]}
-//   sig.dflag[s][c] u64, sig.drange[s][c] int2: source s finished chunk c; its slots are [x, y)
+//                            the self region is never written: our own tokens are read from x
+//   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]} (remote s only)
+//   sig.dflag[s][c] u64, sig.drange[s][c] int2: remote source s finished chunk c; its slots are [x, y)
 // Sender blocks [0, S): a warp takes a chunk of CHS tokens at a time and, per token, sends the metadata
-// record to every destination rank and the row (read once) to every other destination rank: 16-byte warp
-// stores, or TMA (bulk load into the warp's staging row, one bulk store per destination). Then its lanes
-// publish the chunk's slot range on each rank and release-store (system scope) dflag = epoch. No block-wide
-// barrier: a warp never waits for another. Whole SMs send, so their memory pipelines carry only those stores.
-// Receiver blocks [S, G): items (chunk, source) in chunk-major order, one warp each: wait (bounded) for the
-// flag, then expand every token of the range into one output row per local expert it names, row =
-// src_base[s][e] + idx (exchanged counts, so order is fixed by routing, not timing): 16-byte warp copies or
-// TMA (bulk load, one bulk store per row). They also record recv_rows/recv_w for combine, and zero the
-// alignment padding rows.
+// record and the row (read once) to every other destination rank: 16-byte warp stores, or TMA (bulk load
+// into the warp's staging row, one bulk store per destination). Then its lanes publish the chunk's slot
+// range on each rank and release-store (system scope) dflag = epoch. No block-wide barrier: a warp never
+// waits for another. Whole SMs send, so their memory pipelines carry only those stores.
+// Expansion: items handed out in order by a per-rank counter, one warp each, to the receiver blocks
+// [S, G) from the start and to the sender warps once they have sent everything (the local expansion moves
+// ~3x the senders' bytes and is bound by the SMs' store throughput, so every SM that is free must help).
+// Items: our own chunks first (records from the routing, rows from x: no wait), then (chunk, remote source)
+// chunk-major, each after a bounded wait for its flag. Every token of an item becomes one output row per
+// local expert it names, row = src_base[s][e] + idx (exchanged counts, so the order is fixed by routing,
+// not by which warp expands): 16-byte warp copies or TMA (bulk load, one bulk store per row). The item
+// also records recv_rows/recv_w for combine. Receiver warps first zero the alignment padding rows.
 // The grid must be co-resident (G <= SMs): receivers wait for senders of other blocks and other ranks.
 #include "common/params.cuh"
 #include "common/reduce.cuh"
@@ -47,22 +50,21 @@ __device__ __forceinline__ SendToken load_send_token(const HtDispatchParams& p, 
   return v;
 }
 
+// Slot code as rank d sees it: its local expert | kDupBit when rank d owns global expert `code`, else -1.
+__device__ __forceinline__ int local_code(int code, int L, int d) {
+  return code >= 0 && (code & ~kDupBit) / L == d ? ((code & ~kDupBit) % L) | (code & kDupBit) : -1;
+}
+
 // Sender block b owns chunks b, b + S, b + 2S, ... and its warps take the next one from a shared counter
 // (`next`): consecutive chunks go out in parallel, so chunk c lands at about the same time on every rank and
 // the chunk-major receivers follow. After each chunk lane d publishes the slot range sent to rank d (no
 // block-wide barrier: warps never wait for each other).
-__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u64* bar, u8* meta_stage, int* next,
-                                        int lane) {
+__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u64* bar, u32& phase, u8* meta_stage,
+                                        int* next, int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
   const int nchunks = (p.num_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
   const u32 remote = ~(1u << p.rank);
   const MetaView staged{meta_stage, K};
-  u32 phase = 0;
-  if (kDispatchTma && lane == 0) {
-    mbar_init(bar, 1);
-    fence_mbar_init();
-  }
-  __syncwarp();
   for (;;) {
     int k = 0;
     if (lane == 0) k = atomicAdd(next, 1);
@@ -79,9 +81,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u
         lo = min(lo, tok.pos);
         hi = tok.pos + 1;
       }
-      const u32 dmask = __ballot_sync(0xFFFFFFFFu, tok.pos >= 0);
-      const u32 rmask = dmask & remote;
-      const int owner = tok.code >= 0 ? (tok.code & ~kDupBit) / L : -1;
+      const u32 rmask = __ballot_sync(0xFFFFFFFFu, tok.pos >= 0) & remote;
       const u8* src = p.x + static_cast<i64>(t) * p.row_bytes;
       if (kDispatchTma && lane == 0 && rmask) staged_row_load(my_row, src, p.row_bytes, bar);
       __syncwarp();                         // the previous token's records have been sent
@@ -93,11 +93,11 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u
         staged.idx()[lane] = tok.sidx;
         staged.w()[lane] = tok.w;
       }
-      for (u32 m = dmask; m; m &= m - 1) {
+      for (u32 m = rmask; m; m &= m - 1) {
         const int d = __ffs(m) - 1;
         const int pos = __shfl_sync(0xFFFFFFFFu, tok.pos, d);
         const u64 slot = static_cast<u64>(p.rank) * p.max_tokens + pos;
-        if (lane < K) staged.lexp()[lane] = owner == d ? ((tok.code & ~kDupBit) % L) | (tok.code & kDupBit) : -1;
+        if (lane < K) staged.lexp()[lane] = local_code(tok.code, L, d);
         __syncwarp();
         if (lane < p.meta_stride / kVecBytes)
           st_v4(reinterpret_cast<uint4*>(p.meta_peers[d] + slot * p.meta_stride) + lane,
@@ -120,7 +120,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u
       fence_proxy_async_global();
     }
     __syncwarp();
-    if (lane < W) {
+    if (lane < W && lane != p.rank) {   // our own tokens are expanded straight from the routing
       if (hi == 0) lo = 0;
       const u64 cell = static_cast<u64>(p.rank) * p.max_chunks + c;
       reinterpret_cast<int2*>(p.sig_peers[lane] + p.drange_offset)[cell] = make_int2(lo, hi);
@@ -136,42 +136,116 @@ struct RecvToken {
   int lexp;    // lane k < K: local expert | kDupBit, or -1
   int idx;     // lane k < K
   float w;     // lane k < K
-  int token;   // the source's token index (self source only: its row is read from x)
 };
 
-__device__ __forceinline__ RecvToken load_recv_token(const HtDispatchParams& p, const u8* meta_rec, bool self,
-                                                     int lane) {
+__device__ __forceinline__ RecvToken load_recv_token(const HtDispatchParams& p, const u8* meta_rec, int lane) {
   const MetaView meta{const_cast<u8*>(meta_rec), p.topk};
-  RecvToken v{-1, 0, 0.f, 0};
+  RecvToken v{-1, 0, 0.f};
   if (lane < p.topk) {
     v.lexp = ld_cg_i32(meta.lexp() + lane);
     v.idx = ld_cg_i32(meta.idx() + lane);
     v.w = ld_cg_f32(meta.w() + lane);
   }
-  if (self) v.token = ld_cg_i32(meta.token());
   return v;
 }
 
-__device__ __forceinline__ void ht_receive(const HtDispatchParams& p, u8* stage, u64* bar, int gw, int RW, int lane) {
-  const int W = p.world, K = p.topk, L = p.local_experts;
-  u32 phase = 0;
-  if (kRecvTma && lane == 0) {
-    mbar_init(bar, 1);
-    fence_mbar_init();
+// Expand received token i (of source s; row `src`) into one output row per local expert it names, and
+// record its rows and weights for combine.
+__device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i64 i, const RecvToken& tok,
+                                             const u8* src, u8* stage, u64* bar, u32& phase, int lane) {
+  const int K = p.topk;
+  const InfoLayout lay(p.local_experts, p.world);
+  int row = -1;
+  if (lane < K) {
+    if (tok.lexp >= 0) row = p.info[lay.src_base + s * p.local_experts + (tok.lexp & ~kDupBit)] + tok.idx;
+    p.recv_rows[i * K + lane] = row;
+    p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
   }
-  __syncwarp();
-  const InfoLayout lay(L, W);
+  const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
+  // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
+  const int n = __popc(copy_mask);
+  const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
+  const u64 my_dst = compact_by_mask(copy_mask, dst_of_lane, lane);
+  if (kRecvTma) {
+    if (n && lane == 0) {
+      staged_row_load(stage, src, p.row_bytes, bar);
+      staged_row_wait(bar, phase);
+    }
+    staged_row_store(my_dst, n, stage, p.row_bytes, lane);
+  } else if (n) {
+    warp_copy_multi<kCopyVecs>(my_dst, n, src, p.row_bytes, lane);
+  }
+}
+
+// Our own chunk c needs no sender and no wait: its records come straight from the routing and its rows
+// from x. These items go first, so expanding warps have work while the first remote chunks are in flight.
+__device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int c, u8* stage, u64* bar, u32& phase,
+                                                 int lane) {
+  const InfoLayout lay(p.local_experts, p.world);
+  const int t_begin = c * p.chunk_tokens;
+  const int t_end = min(p.num_tokens, t_begin + p.chunk_tokens);
+  SendToken cur = load_send_token(p, t_begin, lane);
+  for (int t = t_begin; t < t_end; ++t) {
+    const SendToken tok = cur;
+    if (t + 1 < t_end) cur = load_send_token(p, t + 1, lane);
+    const int pos = __shfl_sync(0xFFFFFFFFu, tok.pos, p.rank);
+    if (pos < 0) continue;
+    const RecvToken rt{local_code(tok.code, p.local_experts, p.rank), tok.sidx, tok.w};
+    expand_token(p, p.rank, static_cast<i64>(p.info[lay.recv_prefix + p.rank]) + pos, rt,
+                 p.x + static_cast<i64>(t) * p.row_bytes, stage, bar, phase, lane);
+  }
+}
+
+// Receive items come from one counter per rank, item_ctr[0], by atomicAdd (a CAS loop that tagged the
+// count with the epoch measured 2x slower dispatches: hundreds of warps retrying on one address).
+// item_ctr[1] counts the warps that are done; the last one out resets both, so the next dispatch, ordered
+// after this kernel on the stream, starts from zero. A dispatch that is never launched never touches them.
+__device__ __forceinline__ int next_item(u64* ctr) {
+  return static_cast<int>(atomicAdd(reinterpret_cast<unsigned long long*>(ctr), 1ull));
+}
+__device__ __forceinline__ void expand_done(u64* ctr, u32 participants) {
+  __threadfence();   // this warp's last item grab is counted before its exit is
+  if (atomicAdd(reinterpret_cast<unsigned long long*>(ctr + 1), 1ull) == participants - 1) {
+    atomicExch(reinterpret_cast<unsigned long long*>(ctr), 0ull);
+    atomicExch(reinterpret_cast<unsigned long long*>(ctr + 1), 0ull);
+  }
+}
+
+// Alignment / capacity padding rows are zero (receiver warps gw of RW, before they expand).
+__device__ __forceinline__ void zero_padding(const HtDispatchParams& p, int gw, int RW, int lane) {
+  const InfoLayout lay(p.local_experts, p.world);
+  for (int e = gw; e < p.local_experts; e += RW) {
+    const i64 first = static_cast<i64>(p.info[lay.base + e]) + p.info[lay.counts + e];
+    const i64 last = p.info[lay.base + e + 1];
+    for (i64 r = first; r < last; ++r) warp_zero(p.out + r * p.row_bytes, p.row_bytes, lane);
+  }
+}
+
+__device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u8* stage, u64* bar, u32& phase, int lane) {
+  const int W = p.world;
+  const InfoLayout lay(p.local_experts, W);
   const int* info = p.info;
-  // Items (chunk, source) in chunk-major order: chunk c of every source is sent at about the same time,
-  // so receivers follow the senders' progress instead of waiting on one late source.
+  // Items: our own chunks first, then (chunk, remote source) in chunk-major order: chunk c of every source
+  // is sent at about the same time, so expanding warps follow the senders instead of one late source.
+  const int own_items = (p.num_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
   int max_nchunks = 0;
-  for (int s = 0; s < W; ++s) max_nchunks = max(max_nchunks, (info[lay.src_T + s] + p.chunk_tokens - 1) / p.chunk_tokens);
-  const int total_items = max_nchunks * W;
+  for (int s = 0; s < W; ++s)
+    if (s != p.rank) max_nchunks = max(max_nchunks, (info[lay.src_T + s] + p.chunk_tokens - 1) / p.chunk_tokens);
+  const int total_items = own_items + max_nchunks * (W - 1);
   const u8* my_sig = reinterpret_cast<const u8*>(p.sig_peers[p.rank]);
   const u8* my_data = reinterpret_cast<const u8*>(p.data_peers[p.rank]);
   const u8* my_meta = reinterpret_cast<const u8*>(p.meta_peers[p.rank]);
-  for (int item = gw; item < total_items; item += RW) {
-    const int s = item % W, c = item / W;
+  for (;;) {
+    int item = 0;
+    if (lane == 0) item = next_item(p.item_ctr);
+    item = __shfl_sync(0xFFFFFFFFu, item, 0);
+    if (item >= total_items) break;
+    if (item < own_items) {
+      expand_own_chunk(p, item, stage, bar, phase, lane);
+      continue;
+    }
+    const int r = item - own_items;
+    const int s = (p.rank + 1 + r % (W - 1)) % W, c = r / (W - 1);
     if (c * p.chunk_tokens >= info[lay.src_T + s]) continue;   // source s has fewer chunks
     const u64 cell = static_cast<u64>(s) * p.max_chunks + c;
     int ok = 1, start = 0, end = 0;
@@ -187,45 +261,20 @@ __device__ __forceinline__ void ht_receive(const HtDispatchParams& p, u8* stage,
     if (!ok) break;
     start = __shfl_sync(0xFFFFFFFFu, start, 0);
     end = __shfl_sync(0xFFFFFFFFu, end, 0);
-    const bool self = s == p.rank;
     const u64 slot0 = static_cast<u64>(s) * p.max_tokens;
     RecvToken cur{};
-    if (start < end) cur = load_recv_token(p, my_meta + (slot0 + start) * p.meta_stride, self, lane);
+    if (start < end) cur = load_recv_token(p, my_meta + (slot0 + start) * p.meta_stride, lane);
     for (int pos = start; pos < end; ++pos) {
       const RecvToken tok = cur;
-      if (pos + 1 < end) cur = load_recv_token(p, my_meta + (slot0 + pos + 1) * p.meta_stride, self, lane);
-      const i64 i = info[lay.recv_prefix + s] + pos;
-      int row = -1;
-      if (lane < K) {
-        if (tok.lexp >= 0) row = info[lay.src_base + s * L + (tok.lexp & ~kDupBit)] + tok.idx;
-        p.recv_rows[i * K + lane] = row;
-        p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
-      }
-      // The self source's rows were not copied: read them from x.
-      const u8* src = self ? p.x + static_cast<i64>(tok.token) * p.row_bytes : my_data + (slot0 + pos) * p.row_bytes;
-      const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
-      // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
-      const int n = __popc(copy_mask);
-      const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
-      const u64 my_dst = compact_by_mask(copy_mask, dst_of_lane, lane);
-      if (kRecvTma) {
-        if (n && lane == 0) {
-          staged_row_load(stage, src, p.row_bytes, bar);
-          staged_row_wait(bar, phase);
-        }
-        staged_row_store(my_dst, n, stage, p.row_bytes, lane);
-      } else if (n) {
-        warp_copy_multi<kCopyVecs>(my_dst, n, src, p.row_bytes, lane);
-      }
+      if (pos + 1 < end) cur = load_recv_token(p, my_meta + (slot0 + pos + 1) * p.meta_stride, lane);
+      expand_token(p, s, static_cast<i64>(info[lay.recv_prefix + s]) + pos, tok, my_data + (slot0 + pos) * p.row_bytes,
+                   stage, bar, phase, lane);
     }
   }
   if (kRecvTma && lane == 0) tma_wait_all();
-  // Alignment / capacity padding rows are zero.
-  for (int e = gw; e < L; e += RW) {
-    const i64 first = static_cast<i64>(info[lay.base + e]) + info[lay.counts + e];
-    const i64 last = info[lay.base + e + 1];
-    for (i64 r = first; r < last; ++r) warp_zero(p.out + r * p.row_bytes, p.row_bytes, lane);
-  }
+  // Every warp that expands passes here exactly once (a timed-out wait breaks out of the loop above).
+  const u32 participants = (gridDim.x - p.send_blocks) * p.recv_warps + p.send_blocks * min(p.send_warps, p.recv_warps);
+  if (lane == 0) expand_done(p.item_ctr, participants);
 }
 
 }  // namespace ep
@@ -237,15 +286,24 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   __shared__ __align__(16) u8 meta_stage[kDispatchWarps][kMetaBytesMax];
   __shared__ int next_chunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (blockIdx.x < p.send_blocks) {
-    if (warp >= p.send_warps) return;
+  const bool sender = blockIdx.x < p.send_blocks;
+  if (warp >= (sender ? p.send_warps : p.recv_warps)) return;
+  u8* my_row = smem + static_cast<u64>(warp) * p.row_bytes;
+  u32 phase = 0;   // parity of the warp's staging-row mbarrier
+  if ((kDispatchTma || kRecvTma) && lane == 0) {
+    mbar_init(&bars[warp], 1);
+    fence_mbar_init();
+  }
+  __syncwarp();
+  if (sender) {
     if (threadIdx.x == 0) next_chunk = 0;
     named_barrier(1, p.send_warps * kWarpSize);
-    ht_send(p, smem + static_cast<u64>(warp) * p.row_bytes, &bars[warp], meta_stage[warp], &next_chunk, lane);
+    ht_send(p, my_row, &bars[warp], phase, meta_stage[warp], &next_chunk, lane);
+    // With TMA receivers only the first recv_warps warps have a staging row.
+    if (warp < p.recv_warps) ht_expand(p, my_row, &bars[warp], phase, lane);
   } else {
-    if (warp >= p.recv_warps) return;
-    const int rb = blockIdx.x - p.send_blocks;
-    ht_receive(p, smem + static_cast<u64>(warp) * p.row_bytes, &bars[warp], rb * p.recv_warps + warp,
-               (gridDim.x - p.send_blocks) * p.recv_warps, lane);
+    const int RW = (gridDim.x - p.send_blocks) * p.recv_warps;
+    zero_padding(p, (blockIdx.x - p.send_blocks) * p.recv_warps + warp, RW, lane);
+    ht_expand(p, my_row, &bars[warp], phase, lane);
   }
 }

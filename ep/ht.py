@@ -95,6 +95,7 @@ class HtRuntime:
         self.meta = self._sym(self.layout.meta_bytes, "ht.meta")
         self.sig = self._sym(self.layout.sig_bytes, "ht.sig")
         self.err = ErrorRecord()
+        self.item_ctr = cupy.zeros(2, np.uint64)   # ht_dispatch's receive-item counter; the kernel resets it
         self.info_size = sizes.info_layout(self.L, self.W)["size"]
         self.host = HostMapped(8 + 4 * (self.info_size + 2))
         self.host_epoch = self.host.view(np.uint64, 1)
@@ -223,8 +224,7 @@ class HtRuntime:
             route=ptr(routing.route), slot_idx=ptr(routing.slot_idx), send_pos=ptr(routing.send_pos),
             info=ptr(routing.info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
             sig_peers=ptr(self.sig.table), out=tokens_ptr, recv_rows=ptr(recv_rows), recv_w=ptr(recv_w),
-
-            err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
+            item_ctr=ptr(self.item_ctr), err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
             drange_offset=self.layout.drange_offset, rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L,
             row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS,
             max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride, send_blocks=self.dispatch_senders,

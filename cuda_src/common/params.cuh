@@ -65,6 +65,7 @@ struct HtDispatchParams {
   u8* out;                // [rows, H] (EXPERT_MAJOR viewed flat)
   i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
   float* recv_w;          // [n_recv, K]
+  u64* item_ctr;          // [2] this rank's receive items handed out, warps done (ht_dispatch.cu next_item)
   ErrorRecord* err;
   u64 epoch;
   u64 timeout_ns;
