@@ -24,9 +24,15 @@ def framework_of(arr: Any) -> str:
     raise TypeError(f"expected a torch tensor, CuPy array or NumPy array, got {type(arr).__name__}")
 
 
+_DTYPE_NAMES: dict = {}   # dtype object -> name; str(dtype) costs microseconds on every call's hot path
+
+
 def _dtype_name(arr: Any) -> str:
-    name = str(arr.dtype)
-    return name.replace("torch.", "")
+    dtype = arr.dtype
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
 
 
 def is_bf16(arr: Any) -> bool:

@@ -182,7 +182,7 @@ class HtRuntime:
                 raise ValueError(f"topk_ids[{flat // K}, {flat % K}] = {value} is outside [-1, {E}); nothing was sent")
             bad_ranks = [r for r in range(W) if invalid >> r & 1]
             raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids to this dispatch; nothing was sent")
-        counts = [int(c) for c in hi[lay["counts"]:lay["counts"] + L]]
+        counts = hi[lay["counts"]:lay["counts"] + L].tolist()
         copy = _as_cupy(topk_ids).astype(np.int32) if self.knobs.debug_checks else None
         return Routing(route, slot_idx, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
                        int(hi[lay["n_recv_total"]]), T, copy)
@@ -206,14 +206,13 @@ class HtRuntime:
             if self.last_op == "dispatch":
                 self.barrier(stream)
             self.epoch += 1
-            lay = sizes.info_layout(L, W)
-            with stream:   # the routing's arrays are shared; the outputs are fresh copies
-                offsets = arrays.to_framework(routing.info[lay["base"]:lay["base"] + L + 1].astype(np.int64), framework)
-                counts_dev = arrays.to_framework(routing.info[lay["counts"]:lay["counts"] + L].copy(), framework)
-        with stream:
+            # Fresh per-call outputs, filled by the dispatch kernel from the routing's info (no extra launch).
+            offsets, offsets_ptr = arrays.empty(framework, (L + 1,), "int64", stream)
+            counts_dev, counts_ptr = arrays.empty(framework, (L,), "int32", stream)
+        with stream:   # recv_rows int32 [n, K] and recv_w float32 [n, K] in one allocation
             n = max(routing.n_recv, 1)
-            recv_rows = cp.empty((n, K), np.int32)
-            recv_w = cp.empty((n, K), np.float32)
+            recv = cp.empty((2, n, K), np.int32)
+            recv_rows, recv_w = recv[0], recv[1].view(np.float32)
         if cfg.layout is DispatchLayout.EXPERT_MAJOR:
             shape = (L, routing.capacity, H)
         else:
@@ -224,11 +223,12 @@ class HtRuntime:
             route=ptr(routing.route), slot_idx=ptr(routing.slot_idx), send_pos=ptr(routing.send_pos),
             info=ptr(routing.info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
             sig_peers=ptr(self.sig.table), out=tokens_ptr, recv_rows=ptr(recv_rows), recv_w=ptr(recv_w),
-            item_ctr=ptr(self.item_ctr), err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
-            drange_offset=self.layout.drange_offset, rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L,
-            row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS,
-            max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride, send_blocks=self.dispatch_senders,
-            send_warps=self.dispatch_send_warps, recv_warps=self.dispatch_recv_warps)
+            item_ctr=ptr(self.item_ctr), counts_out=0 if previous is None else counts_ptr,
+            expert_offsets=0 if previous is None else offsets_ptr, err=self.err.ptr, epoch=self.epoch,
+            timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset,
+            rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L, row_bytes=self.row_bytes,
+            max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks,
+            meta_stride=self.meta_stride, send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps, recv_warps=self.dispatch_recv_warps)
         self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params,
                                      smem=self.dispatch_smem, stream=stream)
         self.last_op = "dispatch"

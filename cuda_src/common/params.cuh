@@ -66,6 +66,8 @@ struct HtDispatchParams {
   i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
   float* recv_w;          // [n_recv, K]
   u64* item_ctr;          // [2] this rank's receive items handed out, warps done (ht_dispatch.cu next_item)
+  i32* counts_out;        // [L] rows per local expert, or nullptr (an uncached dispatch's routing wrote them)
+  i64* expert_offsets;    // [L + 1], or nullptr
   ErrorRecord* err;
   u64 epoch;
   u64 timeout_ns;

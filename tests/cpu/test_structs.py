@@ -172,3 +172,29 @@ def test_buffer_bytes_checks_the_world_size():
     cfg = MoECommunicatorConfig(num_experts=6, hidden_size=64, topk=2, max_tokens_per_rank=8)
     with pytest.raises(ConfigError, match="divisible"):
         sizes.buffer_bytes(cfg, 4)
+
+
+@pytest.mark.parametrize("name", sorted(structs.C_STRUCTS))
+def test_pack_writes_each_field_at_its_offset_like_numpy_does(name):
+    """The struct.Struct fast path against NumPy's own field assignment, with distinct values per field."""
+    dtype = structs.C_STRUCTS[name]
+    rng = np.random.default_rng(len(name))
+    values = {}
+    for field in dtype.names:
+        fdt = dtype.fields[field][0]
+        hi = min(np.iinfo(fdt).max, 2**62)
+        lo = max(np.iinfo(fdt).min, -2**62)
+        values[field] = int(rng.integers(lo, hi))
+    fast = structs.pack(dtype, **values)
+    slow = np.zeros(1, dtype=dtype)
+    for field, value in values.items():
+        slow[field] = value
+    assert fast.tobytes() == slow.tobytes()
+    fast["rank" if "rank" in dtype.names else dtype.names[0]] = 1   # launches may update a field in place
+
+
+def test_pack_refuses_a_value_its_field_cannot_hold():
+    values = {name: 1 for name in structs.BARRIER_PARAMS.names}
+    values["rank"] = 2**40
+    with pytest.raises(OverflowError):
+        structs.pack(structs.BARRIER_PARAMS, **values)

@@ -55,6 +55,10 @@ def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_see
                 if call == 1:   # cached dispatch reuses the layout: same output, fresh arrays
                     out2, handle2 = gpu.dispatch(xd, idsd, wd, previous_handle=handle)
                     assert np.array_equal(to_numpy(out2.tokens), got_tokens), msg
+                    # The kernel itself writes a cached dispatch's fresh counts and offsets.
+                    assert np.array_equal(to_numpy(out2.num_tokens_per_expert), want.num_tokens_per_expert), msg
+                    assert np.array_equal(to_numpy(out2.expert_offsets), want.expert_offsets), msg
+                    assert out2.expert_offsets is not out.expert_offsets, msg
                     handle = handle2
                 # The "MLP": a per-expert power of two, exact in bf16.
                 y = mlp_numpy(got_tokens, want.expert_offsets, scale, cfg.layout)
