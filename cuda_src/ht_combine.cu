@@ -146,16 +146,16 @@ __device__ __forceinline__ void gather_direct(const HtCombineParams& p, int gw, 
     int my_pos;
     const u32 mask = dest_mask(p, t, lane, &my_pos);
     const u64 src = lane < p.world && my_pos >= 0 ? reinterpret_cast<u64>(partial_src(p, t, lane)) : 0;
-    warp_sum_rows<kFoldRowsNarrow, kFoldVecsNarrow>(reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes),
-                  compact_by_mask(mask, src, lane), __popc(mask), p.row_bytes, lane);
+    uint4* dst = reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes);
+    warp_sum_rows<kFoldRowsNarrow, kFoldVecsNarrow>(dst, compact_by_mask(mask, src, lane), __popc(mask), p.row_bytes,
+                                                    lane);
   }
 }
 
 }  // namespace ep
 
-// Launch bounds: the host may launch up to max(WIDE, NARROW) warps, so the registers must allow them.
-extern "C" __global__ void __launch_bounds__(32 * (ep::kCombineWarpsWide > ep::kCombineWarpsNarrow ? ep::kCombineWarpsWide : ep::kCombineWarpsNarrow), 1)
-ht_combine_gather(const ep::HtCombineParams p) {
+// Launch bounds: the host may launch up to kCombineWarpsMax warps, so the registers must allow them.
+extern "C" __global__ void __launch_bounds__(ep::kCombineWarpsMax * 32, 1) ht_combine_gather(const ep::HtCombineParams p) {
   using namespace ep;
   extern __shared__ __align__(128) u8 smem[];   // TMA: [warps][kCombineStages][kCombineSegBytes]
   __shared__ u64 bars[32 * kCombineStages];

@@ -3,7 +3,8 @@
 // Buffers (symmetric, one allocation each per rank):
 //   data[s][pos]  row_bytes  token `pos` that source s sent here (pos = its index among s's tokens for us);
 //                            the self region is never written: our own tokens are read from x
-//   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]} (remote s only)
+//   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]} (remote s only;
+//                 token is not read, it keeps the record fully defined)
 //   sig.dflag[s][c] u64, sig.drange[s][c] int2: remote source s finished chunk c; its slots are [x, y)
 // Sender blocks [0, S): a warp takes a chunk of CHS tokens at a time and, per token, sends the metadata
 // record and the row (read once) to every other destination rank: 16-byte warp stores, or TMA (bulk load
@@ -278,6 +279,15 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u8* stage, 
   if (lane == 0) expand_done(p.item_ctr, participants);
 }
 
+// A cached dispatch's fresh per-call counts_out / expert_offsets, from the routing's info (one warp).
+__device__ __forceinline__ void write_cached_counts(const HtDispatchParams& p, int lane) {
+  const InfoLayout lay(p.local_experts, p.world);
+  for (int e = lane; e <= p.local_experts; e += kWarpSize) {
+    if (e < p.local_experts) p.counts_out[e] = p.info[lay.counts + e];
+    p.expert_offsets[e] = p.info[lay.base + e];
+  }
+}
+
 }  // namespace ep
 
 extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_dispatch(const ep::HtDispatchParams p) {
@@ -303,13 +313,7 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
     // With TMA receivers only the first recv_warps warps have a staging row.
     if (warp < p.recv_warps) ht_expand(p, my_row, &bars[warp], phase, lane);
   } else {
-    if (p.counts_out && blockIdx.x == gridDim.x - 1 && warp == 0) {   // a cached dispatch's per-call outputs
-      const InfoLayout lay(p.local_experts, p.world);
-      for (int e = lane; e <= p.local_experts; e += kWarpSize) {
-        if (e < p.local_experts) p.counts_out[e] = p.info[lay.counts + e];
-        p.expert_offsets[e] = p.info[lay.base + e];
-      }
-    }
+    if (p.counts_out && blockIdx.x == gridDim.x - 1 && warp == 0) write_cached_counts(p, lane);
     const int RW = (gridDim.x - p.send_blocks) * p.recv_warps;
     zero_padding(p, (blockIdx.x - p.send_blocks) * p.recv_warps + warp, RW, lane);
     ht_expand(p, my_row, &bars[warp], phase, lane);

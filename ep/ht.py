@@ -228,7 +228,8 @@ class HtRuntime:
             timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset,
             rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L, row_bytes=self.row_bytes,
             max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks,
-            meta_stride=self.meta_stride, send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps, recv_warps=self.dispatch_recv_warps)
+            meta_stride=self.meta_stride, send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps,
+            recv_warps=self.dispatch_recv_warps)
         self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params,
                                      smem=self.dispatch_smem, stream=stream)
         self.last_op = "dispatch"

@@ -35,7 +35,8 @@ HT_ROUTE_PARAMS = _struct(
 HT_DISPATCH_PARAMS = _struct(
     ("x", _P), ("weights", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("info", _P),
     ("data_peers", _P), ("meta_peers", _P), ("sig_peers", _P), ("out", _P), ("recv_rows", _P), ("recv_w", _P),
-    ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P), ("epoch", _U64), ("timeout_ns", _U64), ("dflag_offset", _U64), ("drange_offset", _U64),
+    ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P), ("epoch", _U64), ("timeout_ns", _U64),
+    ("dflag_offset", _U64), ("drange_offset", _U64),
     ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I),
     ("max_tokens", _I), ("chunk_tokens", _I), ("max_chunks", _I), ("meta_stride", _I), ("send_blocks", _I),
     ("send_warps", _I), ("recv_warps", _I), ("reserved", _I))
@@ -69,31 +70,32 @@ _PACKERS: dict = {}
 
 
 def _packer(dtype: np.dtype):
-    """(struct.Struct or None for a dtype with sub-array fields, field names in offset order, the names a
-    caller must give). Packing the params of every launch field by field through NumPy cost ~20 us per
-    launch on the host."""
+    """(struct.Struct, or None for a dtype with sub-array fields; field names in offset order; the names a
+    caller must give; the names it may give). Packing the params of every launch field by field through
+    NumPy cost ~20 us per launch on the host."""
     if dtype not in _PACKERS:
+        allowed = frozenset(dtype.names)
+        required = allowed - {"reserved"}
         fmt, pos, names = "<", 0, []
-        required = frozenset(dtype.names) - {"reserved"}
         for name, (fdt, off) in sorted(dtype.fields.items(), key=lambda kv: kv[1][1]):
             code = _STRUCT_CODES.get(fdt)
             if code is None:                 # a sub-array field: the generic path
-                _PACKERS[dtype] = (None, (), required)
+                _PACKERS[dtype] = (None, (), required, allowed)
                 break
             fmt += "x" * (off - pos) + code
             pos = off + fdt.itemsize
             names.append(name)
         else:
-            _PACKERS[dtype] = (struct.Struct(fmt + "x" * (dtype.itemsize - pos)), tuple(names), required)
+            _PACKERS[dtype] = (struct.Struct(fmt + "x" * (dtype.itemsize - pos)), tuple(names), required, allowed)
     return _PACKERS[dtype]
 
 
 def pack(dtype: np.dtype, **values) -> np.ndarray:
     """A one-element (writable) record of ``dtype``; every field must be given (a forgotten field is a bug)."""
-    st, names, required = _packer(dtype)
-    if not required.issubset(values.keys()) or not values.keys() <= set(dtype.names):
-        missing = required - set(values)
-        extra = set(values) - set(dtype.names)
+    st, names, required, allowed = _packer(dtype)
+    if not required <= values.keys() <= allowed:
+        missing = required - values.keys()
+        extra = values.keys() - allowed
         raise KeyError(f"struct fields: missing {sorted(missing)}, unknown {sorted(extra)}")
     if st is not None:
         try:

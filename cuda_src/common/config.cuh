@@ -37,6 +37,8 @@ static_assert(kCombineWarpsWide >= 1 && kCombineWarpsWide <= 32 && kCombineWarps
 __host__ __device__ constexpr int combine_warps(int blocks) {
   return blocks <= kCombineWarpsMaxCh ? kCombineWarpsWide : kCombineWarpsNarrow;
 }
+// The most warps combine_warps() can give: the gather kernel's launch bounds.
+constexpr int kCombineWarpsMax = kCombineWarpsWide > kCombineWarpsNarrow ? kCombineWarpsWide : kCombineWarpsNarrow;
 #endif
 #ifdef EP_LL_WARPS
 constexpr int kLLWarps = EP_LL_WARPS;

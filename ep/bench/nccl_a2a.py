@@ -23,6 +23,7 @@ import socket
 
 import numpy as np
 
+from ..reference import BF16_CANONICAL_NAN
 from . import procenv
 from .workload import Shape
 
@@ -169,7 +170,7 @@ def _f32_to_bf16(a):
         _F32_TO_BF16 = cupy.ElementwiseKernel(
             "float32 f", "uint16 b",
             "unsigned int u = __float_as_uint(f);"
-            "b = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (unsigned short)0x7FFFu"
+            f"b = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? (unsigned short){BF16_CANONICAL_NAN:#x}u"
             " : (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);",
             "ep_bench_f32_to_bf16")
     return _F32_TO_BF16(a)
