@@ -90,7 +90,7 @@ KNOBS: tuple[Knob, ...] = (
          kind=MACRO, lo=4, hi=32),
     Knob("EP_CMB_TMA", bool, True, "HT combine gathers partials from peers through a TMA shared-memory pipeline; 0 = warp 16-byte loads.", kind=MACRO),
     Knob("EP_CMB_TMA_STAGES", int, 2, "Shared-memory stages of the HT combine TMA pipeline, per warp.", kind=MACRO, lo=1, hi=4),
-    Knob("EP_CMB_TMA_WARPS_WIDE", int, 8, "Warps per HT combine block when the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),
+    Knob("EP_CMB_TMA_WARPS_WIDE", int, 16, "Warps per HT combine block when the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),
     Knob("EP_CMB_TMA_WARPS_MAXCH", int, 32, "Largest block count that still uses EP_CMB_TMA_WARPS_WIDE warps per block.", kind=MACRO, lo=1, hi=1024),
     Knob("EP_CMB_TMA_WARPS_NARROW", int, 4, "Warps per HT combine block above EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),
     Knob("EP_LL_WARPS", int, 16, "Warps per LL dispatch/combine block.", kind=MACRO, lo=4, hi=32),

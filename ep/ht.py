@@ -39,6 +39,19 @@ def combine_warps(knobs: Snapshot, blocks: int) -> int:
     return knobs["EP_CMB_TMA_WARPS_NARROW"]
 
 
+def combine_smem(knobs: Snapshot, warps: int) -> int:
+    """Dynamic shared memory of the HT gather kernel: each warp's TMA ring (0 with EP_CMB_TMA=0). Raises
+    ConfigError when the rings do not fit in a block's shared memory."""
+    if not knobs["EP_CMB_TMA"]:
+        return 0
+    nbytes = warps * knobs["EP_CMB_TMA_STAGES"] * sizes.COMBINE_SEG_BYTES
+    if nbytes > sizes.SMEM_LIMIT:
+        raise ConfigError(f"HT combine: {warps} warps x EP_CMB_TMA_STAGES={knobs['EP_CMB_TMA_STAGES']} stages x "
+                          f"{sizes.COMBINE_SEG_BYTES} bytes = {nbytes} bytes of shared memory per block, more than "
+                          f"{sizes.SMEM_LIMIT}; lower EP_CMB_TMA_STAGES or EP_CMB_TMA_WARPS_WIDE/_NARROW")
+    return nbytes
+
+
 def dispatch_senders(knobs: Snapshot, blocks: int) -> int:
     """Sender blocks of the HT dispatch grid (the others expand): EP_DISPATCH_SENDERS, else a third (8 of 24
     measured best: the receivers' local expansion moves ~3x the senders' NVLink bytes, docs/perf.md)."""
@@ -88,8 +101,7 @@ class HtRuntime:
         self.combine_blocks = block_count(cfg, knobs.combine_nsm, cfg.overlap.combine_num_sms, "combine")
         self.dispatch_senders = dispatch_senders(knobs, self.dispatch_blocks)
         self.combine_warps = combine_warps(knobs, self.combine_blocks)
-        self.combine_smem = (self.combine_warps * knobs["EP_CMB_TMA_STAGES"] * sizes.COMBINE_SEG_BYTES
-                             if knobs["EP_CMB_TMA"] else 0)
+        self.combine_smem = combine_smem(knobs, self.combine_warps)
         self._bufs = []
         self.data = self._sym(self.layout.data_bytes, "ht.data")
         self.meta = self._sym(self.layout.meta_bytes, "ht.meta")

@@ -49,7 +49,7 @@ SOURCES: Mapping[str, tuple[str, ...]] = {
     "bench_copy.cu": (),
 }
 COMMON_MACROS = ("EP_DEBUG_TRAP",)
-# Short labels of macros in variant names (e.g. ht_combine_tma1_st2_wide8_maxch32_narrow4).
+# Short labels of macros in variant names (e.g. ht_combine_tma1_st2_wide16_maxch32_narrow4).
 SHORT = {"EP_NCCLEP_TMA": "tma", "EP_DISPATCH_RECV_TMA": "rtma", "EP_DISPATCH_WARPS": "w", "EP_CMB_TMA": "tma", "EP_CMB_TMA_STAGES": "st",
          "EP_CMB_TMA_WARPS_WIDE": "wide", "EP_CMB_TMA_WARPS_MAXCH": "maxch", "EP_CMB_TMA_WARPS_NARROW": "narrow",
          "EP_LL_WARPS": "w", "EP_DEBUG_TRAP": "trap"}
