@@ -48,9 +48,9 @@ class ArrayInfo:
     device: int       # CUDA device id, -1 on the CPU
 
 
-def describe(arr: Any, name: str) -> ArrayInfo:
-    fw = framework_of(arr)
-    shape = tuple(int(s) for s in arr.shape)
+def describe(arr: Any, name: str, fw: str | None = None) -> ArrayInfo:
+    fw = fw or framework_of(arr)
+    shape = tuple(arr.shape)   # ints already (torch.Size, CuPy and NumPy tuples)
     if fw == TORCH:
         dev = arr.device.index if arr.device.type == "cuda" else -1
         if arr.device.type == "cuda" and dev is None:
@@ -62,15 +62,11 @@ def describe(arr: Any, name: str) -> ArrayInfo:
     return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1)
 
 
-def is_contiguous(arr: Any) -> bool:
-    if framework_of(arr) == TORCH:
-        return arr.is_contiguous()
-    return bool(arr.flags.c_contiguous)
-
-
-def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], device: int) -> ArrayInfo:
-    """Validate one argument; ``shape`` entries of None accept any size. Raises ValueError/TypeError."""
-    info = describe(arr, name)
+def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], device: int,
+                fw: str | None = None) -> ArrayInfo:
+    """Validate one argument; ``shape`` entries of None accept any size; ``fw``: its framework when the caller
+    knows it already. Raises ValueError/TypeError."""
+    info = describe(arr, name, fw)
     if len(info.shape) != len(shape) or any(want is not None and got != want for got, want in zip(info.shape, shape)):
         pretty = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{name}: expected shape {pretty}, got {info.shape}")
@@ -80,7 +76,7 @@ def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], d
         where = "the CPU" if device < 0 else f"cuda:{device}"
         got = "the CPU" if info.device < 0 else f"cuda:{info.device}"
         raise ValueError(f"{name}: expected an array on {where}, got one on {got}")
-    if not is_contiguous(arr):
+    if not (arr.is_contiguous() if info.framework == TORCH else arr.flags.c_contiguous):
         raise ValueError(f"{name}: must be C-contiguous")
     return info
 
@@ -144,32 +140,64 @@ class _RawStream:
         return (0, self.handle)
 
 
+_EXTERNAL: dict = {}   # raw handle -> CuPy stream object wrapping it (a wrapper costs microseconds to build)
+
+
+def _external_cached(handle: int):
+    s = _EXTERNAL.get(handle)
+    if s is None:
+        if len(_EXTERNAL) > 1024:
+            _EXTERNAL.clear()
+        s = _EXTERNAL[handle] = _external(handle)
+    return s
+
+
+def _torch_current_stream() -> int:
+    """torch's current stream on the current device, as a raw handle. torch.cuda.current_stream() builds a
+    Python Stream object (~4 us); the raw query is what it calls underneath."""
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(torch.cuda.current_device()))
+    return int(torch.cuda.current_stream().cuda_stream)
+
+
 def resolve_stream(stream: Any, framework: str):
     """The CuPy stream to launch on: ``stream`` if given (torch or CuPy stream, or a raw pointer), else the
     caller's current stream (torch's for torch inputs, CuPy's otherwise)."""
     import cupy
     if stream is not None:
         if hasattr(stream, "cuda_stream"):          # torch.cuda.Stream
-            return _external(int(stream.cuda_stream))
+            return _external_cached(int(stream.cuda_stream))
         if isinstance(stream, int):
-            return _external(stream)
+            return _external_cached(stream)
         return stream                               # a CuPy stream
     if framework == TORCH:
-        import torch
-        return _external(int(torch.cuda.current_stream().cuda_stream))
+        return _external_cached(_torch_current_stream())
     return cupy.cuda.get_current_stream()
+
+
+_NUMPY_KINDS = {"bf16": np.uint16, "int32": np.int32, "int64": np.int64, "float32": np.float32}
 
 
 def empty(framework: str, shape: tuple, kind: str, stream) -> tuple[Any, int]:
     """Allocate an output in the caller's framework. kind: "bf16", "int32", "int64", "float32".
     Returns (array, device pointer). Torch allocations use torch's caching allocator on its current stream."""
+    return empty_many(framework, [(shape, kind)], stream)[0]
+
+
+def empty_many(framework: str, specs: list, stream) -> list[tuple[Any, int]]:
+    """:func:`empty` for several ``(shape, kind)`` at once (CuPy: one stream context for all)."""
     if framework == TORCH:
         import torch
-        dtype = {"bf16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "float32": torch.float32}[kind]
-        t = torch.empty(shape, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
-        return t, t.data_ptr()
+        kinds = {"bf16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "float32": torch.float32}
+        device = torch.device("cuda", torch.cuda.current_device())
+        out = []
+        for shape, kind in specs:
+            t = torch.empty(shape, dtype=kinds[kind], device=device)
+            out.append((t, t.data_ptr()))
+        return out
     import cupy
-    dtype = {"bf16": np.uint16, "int32": np.int32, "int64": np.int64, "float32": np.float32}[kind]
     with stream:
-        a = cupy.empty(shape, dtype=dtype)
-    return a, a.data.ptr
+        arrays = [cupy.empty(shape, dtype=_NUMPY_KINDS[kind]) for shape, kind in specs]
+    return [(a, a.data.ptr) for a in arrays]

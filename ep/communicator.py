@@ -139,18 +139,19 @@ class MoECommunicator:
         if self._backend == "gpu" and fw == arrays.NUMPY:
             raise TypeError("x: the GPU backend takes torch CUDA tensors or CuPy arrays, got a NumPy array")
         bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
-        xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev)
+        xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev, fw=fw)
         T = xi.shape[0]
         if T > cfg.max_tokens_per_rank:
             raise CapacityError(f"x: {T} tokens exceed max_tokens_per_rank={cfg.max_tokens_per_rank}; nothing was sent")
         if arrays.framework_of(topk_ids) != fw:
             raise TypeError("topk_ids must come from the same framework as x")
-        ii = arrays.check_array(topk_ids, "topk_ids", shape=(T, cfg.topk), dtypes=("int32", "int64"), device=dev)
+        ii = arrays.check_array(topk_ids, "topk_ids", shape=(T, cfg.topk), dtypes=("int32", "int64"), device=dev,
+                                fw=fw)
         wi = None
         if weights is not None:
             if arrays.framework_of(weights) != fw:
                 raise TypeError("weights must come from the same framework as x")
-            wi = arrays.check_array(weights, "weights", shape=(T, cfg.topk), dtypes=("float32",), device=dev)
+            wi = arrays.check_array(weights, "weights", shape=(T, cfg.topk), dtypes=("float32",), device=dev, fw=fw)
         return fw, xi, ii, wi
 
     def _validated(self, check):
@@ -246,12 +247,12 @@ class MoECommunicator:
                 raise TypeError("expert_output: the GPU backend takes torch CUDA tensors or CuPy arrays")
             bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
             yi = arrays.check_array(expert_output, "expert_output", shape=tuple(handle._state.tokens_shape),
-                                    dtypes=bf16, device=self.device)
+                                    dtypes=bf16, device=self.device, fw=fw)
             oi = None
             if out is not None:
                 if arrays.framework_of(out) != fw:
                     raise TypeError("out must come from the same framework as expert_output")
-                oi = arrays.check_array(out, "out", shape=(T, H), dtypes=bf16, device=self.device)
+                oi = arrays.check_array(out, "out", shape=(T, H), dtypes=bf16, device=self.device, fw=fw)
             return fw, yi, oi
 
         fw, yi, oi = self._validated(check)

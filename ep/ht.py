@@ -77,6 +77,7 @@ class Routing:
     n_recv: int
     num_tokens: int
     topk_ids_copy: Any       # only with EP_DEBUG_CHECKS
+    dispatch_params: Any = None   # the last ht_dispatch params of this routing; a cached dispatch updates them
 
 
 @dataclass
@@ -85,6 +86,7 @@ class HtHandle:
     recv_rows: Any
     recv_w: Any
     tokens_shape: tuple
+    combine_params: Any = None    # ht_combine params of this handle; each combine updates y and out
 
 
 class HtRuntime:
@@ -155,7 +157,10 @@ class HtRuntime:
             raise self.err.as_timeout()
 
     # ---------------------------------------------------------------------------------- dispatch
-    def _route(self, topk_ids, ids_ptr: int, ids_64: bool, T: int, stream, offsets_ptr: int, counts_ptr: int) -> Routing:
+    def _route(self, topk_ids, ids_ptr: int, ids_64: bool, T: int, stream, offsets_ptr: int, counts_ptr: int,
+               prepare=None) -> Routing:
+        """Queue the routing kernels, call ``prepare(route, slot_idx, send_pos, info)`` while they run, then wait
+        for the count exchange and return the layout."""
         cp = self._cupy
         cfg, W, L, K, E = self.cfg, self.W, self.L, self.cfg.topk, self.cfg.num_experts
         nchunks = -(-T // sizes.ROUTE_CHUNK)
@@ -182,6 +187,8 @@ class HtRuntime:
             self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
                                                 smem=4 * (sizes.ROUTE_CHUNK // 32) * min(E + W, sizes.ROUTE_POS_TILE),
                                                 stream=stream)
+        if prepare is not None:
+            prepare(route, slot_idx, send_pos, info)
         epoch = self.epoch
         # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
         host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)
@@ -200,13 +207,28 @@ class HtRuntime:
                        int(hi[lay["n_recv_total"]]), T, copy)
 
     def dispatch(self, x, x_info, topk_ids, ids_info, weights, w_info, previous, stream, framework):
-        cp = self._cupy
-        cfg, W, L, K, H = self.cfg, self.W, self.L, self.cfg.topk, self.cfg.hidden_size
+        # Everything up to the launch runs while the GPU may be idle: keep it lean (docs/perf.md).
+        cfg, L, K, H = self.cfg, self.L, self.cfg.topk, self.cfg.hidden_size
         T = x_info.shape[0]
+        x_args = dict(x=x_info.ptr, weights=0 if w_info is None else w_info.ptr)
+        early = {}
         if previous is None:
-            offsets, offsets_ptr = arrays.empty(framework, (L + 1,), "int64", stream)
-            counts_dev, counts_ptr = arrays.empty(framework, (L,), "int32", stream)
-            routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr)
+            (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
+                framework, [((L + 1,), "int64"), ((L,), "int32")], stream)
+
+            def prepare(route, slot_idx, send_pos, info):
+                # While the routing kernels run: the receive lists at their bound (W * T_max tokens, ~1 MB at
+                # W=4, T_max=4096, K=8) and every launch param but the output's address.
+                n = self.W * cfg.max_tokens_per_rank
+                (rows, rows_ptr), (w, w_ptr) = arrays.empty_many(arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")],
+                                                                 stream)
+                early["recv"] = (rows, w)
+                early["params"] = self._dispatch_params(
+                    route, slot_idx, send_pos, info, T, dict(x_args, out=0, recv_rows=rows_ptr, recv_w=w_ptr,
+                                                             counts_out=0, expert_offsets=0, epoch=self.epoch))
+
+            routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr,
+                                  prepare)
         else:
             routing = previous.routing
             if routing.num_tokens != T:
@@ -218,31 +240,24 @@ class HtRuntime:
             if self.last_op == "dispatch":
                 self.barrier(stream)
             self.epoch += 1
-            # Fresh per-call outputs, filled by the dispatch kernel from the routing's info (no extra launch).
-            offsets, offsets_ptr = arrays.empty(framework, (L + 1,), "int64", stream)
-            counts_dev, counts_ptr = arrays.empty(framework, (L,), "int32", stream)
-        with stream:   # recv_rows int32 [n, K] and recv_w float32 [n, K] in one allocation
-            n = max(routing.n_recv, 1)
-            recv = cp.empty((2, n, K), np.int32)
-            recv_rows, recv_w = recv[0], recv[1].view(np.float32)
         if cfg.layout is DispatchLayout.EXPERT_MAJOR:
             shape = (L, routing.capacity, H)
         else:
             shape = (routing.total_rows, H)
-        tokens, tokens_ptr = arrays.empty(framework, shape, "bf16", stream)
-        params = structs.pack(
-            structs.HT_DISPATCH_PARAMS, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr,
-            route=ptr(routing.route), slot_idx=ptr(routing.slot_idx), send_pos=ptr(routing.send_pos),
-            info=ptr(routing.info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
-            sig_peers=ptr(self.sig.table), out=tokens_ptr, recv_rows=ptr(recv_rows), recv_w=ptr(recv_w),
-            item_ctr=ptr(self.item_ctr), counts_out=0 if previous is None else counts_ptr,
-            expert_offsets=0 if previous is None else offsets_ptr, err=self.err.ptr, epoch=self.epoch,
-            timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset,
-            rank=self.rank, world=W, num_tokens=T, topk=K, local_experts=L, row_bytes=self.row_bytes,
-            max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks,
-            meta_stride=self.meta_stride, send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps,
-            recv_warps=self.dispatch_recv_warps)
-        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params,
+        if previous is None:
+            (tokens, tokens_ptr), = arrays.empty_many(framework, [(shape, "bf16")], stream)
+            recv_rows, recv_w = early["recv"]
+            routing.dispatch_params = structs.update(early["params"], out=tokens_ptr)
+        else:   # fresh per-call outputs; the dispatch kernel fills counts and offsets from the routing's info
+            (tokens, tokens_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
+                framework, [(shape, "bf16"), ((L + 1,), "int64"), ((L,), "int32")], stream)
+            n = max(routing.n_recv, 1)
+            (recv_rows, rows_ptr), (recv_w, w_ptr) = arrays.empty_many(
+                arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")], stream)
+            routing.dispatch_params = structs.update(
+                routing.dispatch_params, **x_args, out=tokens_ptr, recv_rows=rows_ptr, recv_w=w_ptr,
+                counts_out=counts_ptr, expert_offsets=offsets_ptr, epoch=self.epoch)
+        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, routing.dispatch_params,
                                      smem=self.dispatch_smem, stream=stream)
         self.last_op = "dispatch"
         out = DispatchOutput(
@@ -253,17 +268,34 @@ class HtRuntime:
             layout=cfg.layout)
         return out, HtHandle(routing, recv_rows, recv_w, shape)
 
+    def _dispatch_params(self, route, slot_idx, send_pos, info, T: int, per_call: dict):
+        cfg = self.cfg
+        return structs.pack(
+            structs.HT_DISPATCH_PARAMS, route=ptr(route), slot_idx=ptr(slot_idx), send_pos=ptr(send_pos),
+            info=ptr(info), data_peers=ptr(self.data.table),
+            meta_peers=ptr(self.meta.table), sig_peers=ptr(self.sig.table), item_ctr=ptr(self.item_ctr),
+            err=self.err.ptr, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
+            drange_offset=self.layout.drange_offset, rank=self.rank, world=self.W, num_tokens=T,
+            topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank,
+            chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride,
+            send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps,
+            recv_warps=self.dispatch_recv_warps, **per_call)
+
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
-        cfg, W, L, K = self.cfg, self.W, self.L, self.cfg.topk
-        routing = handle.routing
         if self.last_op == "combine":
             self.barrier(stream)
-        params = structs.pack(
-            structs.HT_COMBINE_PARAMS, expert_out=y_info.ptr, recv_rows=ptr(handle.recv_rows), recv_w=ptr(handle.recv_w),
-            send_pos=ptr(routing.send_pos), info=ptr(routing.info), data_peers=ptr(self.data.table), out=out_ptr,
-            err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=W, num_tokens=routing.num_tokens,
-            topk=K, local_experts=L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
+        if handle.combine_params is None:
+            cfg, routing = self.cfg, handle.routing
+            handle.combine_params = structs.pack(
+                structs.HT_COMBINE_PARAMS, expert_out=y_info.ptr, recv_rows=ptr(handle.recv_rows),
+                recv_w=ptr(handle.recv_w), send_pos=ptr(routing.send_pos), info=ptr(routing.info),
+                data_peers=ptr(self.data.table), out=out_ptr, err=self.err.ptr, timeout_ns=self.timeout_ns,
+                rank=self.rank, world=self.W, num_tokens=routing.num_tokens, topk=cfg.topk, local_experts=self.L,
+                row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
+        else:
+            handle.combine_params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
+        params = handle.combine_params
         self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
         self.barrier(stream)
         self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params, smem=self.combine_smem,

@@ -183,7 +183,10 @@ class Kernel:
         self.entry = entry
         self._module = module
         self._fn = module.get_function(entry)
+        self._fn_ptr = self._fn.ptr
         self._smem_limit = 0
+        from cupy_backends.cuda.api import driver
+        self._driver = driver
 
     @property
     def static_smem(self) -> int:
@@ -196,20 +199,21 @@ class Kernel:
         return f"{self.variant.name}:{self.entry}"
 
     def launch(self, grid: int, block: int, params: np.ndarray, *, smem: int = 0, stream=None) -> None:
-        """Launch with one by-value struct argument ``params`` (a one-element structured array)."""
-        from cupy_backends.cuda.api import driver
+        """Launch with one by-value struct argument ``params`` (a one-element structured array). This runs on
+        every op's host path before the GPU has work: keep it lean."""
         if not (isinstance(params, np.ndarray) and params.dtype.names and params.size == 1):
             raise EPError(f"{self.label}: params must be a one-element structured array")
         if grid < 1 or block < 1:
             raise EPError(f"{self.label}: empty launch grid={grid} block={block}")
+        driver = self._driver
         if smem > self._smem_limit and smem > 48 * 1024:
             # Opt in once to more than the default 48 KB of dynamic shared memory.
-            driver.funcSetAttribute(self._fn.ptr, _MAX_DYNAMIC_SMEM_ATTR, smem)
+            driver.funcSetAttribute(self._fn_ptr, _MAX_DYNAMIC_SMEM_ATTR, smem)
             self._smem_limit = smem
-        argv = (ctypes.c_void_p * 1)(params.ctypes.data)
+        argv = ctypes.c_void_p(params.ctypes.data)   # kernelParams: an array of one pointer, to the struct
         stream_ptr = 0 if stream is None else stream.ptr
         try:
-            driver.launchKernel(self._fn.ptr, grid, 1, 1, block, 1, 1, smem, stream_ptr, ctypes.addressof(argv), 0)
+            driver.launchKernel(self._fn_ptr, grid, 1, 1, block, 1, 1, smem, stream_ptr, ctypes.addressof(argv), 0)
         except Exception as exc:   # CUDADriverError carries the CUDA error name
             raise EPError(f"launch of {self.label} (grid={grid}, block={block}, smem={smem}) failed: {exc}") from exc
 

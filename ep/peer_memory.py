@@ -97,9 +97,10 @@ class ErrorRecord:
         self._mem = HostMapped(ERROR_RECORD.itemsize)
         self.ptr = self._mem.ptr
         self._rec = self._mem.view(ERROR_RECORD, 1)
+        self._flag = self._mem.view(np.uint32, 1, offset=ERROR_RECORD.fields["flag"][1])   # read on every call
 
     def raised(self) -> bool:
-        return bool(self._rec["flag"][0])
+        return bool(self._flag[0])
 
     def fields(self) -> dict:
         r = self._rec[0]

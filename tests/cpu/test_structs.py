@@ -193,6 +193,36 @@ def test_pack_writes_each_field_at_its_offset_like_numpy_does(name):
     fast["rank" if "rank" in dtype.names else dtype.names[0]] = 1   # launches may update a field in place
 
 
+def _random_values(dtype, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    values = {}
+    for field in dtype.names:
+        fdt = dtype.fields[field][0]
+        values[field] = int(rng.integers(max(np.iinfo(fdt).min, -2**62), min(np.iinfo(fdt).max, 2**62)))
+    return values
+
+
+@pytest.mark.parametrize("name", sorted(structs.C_STRUCTS))
+def test_update_equals_packing_the_merged_fields_and_leaves_the_template_alone(name):
+    dtype = structs.C_STRUCTS[name]
+    base, new = _random_values(dtype, 1), _random_values(dtype, 2)
+    changed = {f: new[f] for f in dtype.names[::3]}
+    template = structs.pack(dtype, **base)
+    before = template.tobytes()
+    updated = structs.update(template, **changed)
+    assert updated.tobytes() == structs.pack(dtype, **{**base, **changed}).tobytes()
+    assert template.tobytes() == before
+    assert updated.dtype == dtype and updated.size == 1
+
+
+def test_update_refuses_unknown_fields_and_values_out_of_range():
+    template = structs.pack(structs.BARRIER_PARAMS, **{n: 1 for n in structs.BARRIER_PARAMS.names})
+    with pytest.raises(KeyError, match="unknown"):
+        structs.update(template, valeu=3)
+    with pytest.raises(OverflowError, match="rank"):
+        structs.update(template, rank=2**40)
+
+
 def test_pack_refuses_a_value_its_field_cannot_hold():
     values = {name: 1 for name in structs.BARRIER_PARAMS.names}
     values["rank"] = 2**40
