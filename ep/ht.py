@@ -9,7 +9,8 @@ Why the conditional barriers: a rank's data buffer region [s] is written by s (d
 (combine partials) and read by itself (expansion) and by s (gather). After a combine every peer has finished
 reading, and the count exchange of an uncached dispatch is itself a rendezvous; only back-to-back cached
 dispatches or back-to-back combines need an explicit one.
-(A push-based combine, partials stored straight into the source's buffer, measured slower: docs/perf.md.)
+(A push-based combine, partials stored straight into the source's buffer, and a fused one-kernel combine with
+per-chunk flags both measured slower: docs/perf.md rows 2a, 7, 20, 21.)
 """
 from __future__ import annotations
 
