@@ -218,15 +218,10 @@ class HtRuntime:
                 framework, [((L + 1,), "int64"), ((L,), "int32")], stream)
 
             def prepare(route, slot_idx, send_pos, info):
-                # While the routing kernels run: the receive lists at their bound (W * T_max tokens, ~1 MB at
-                # W=4, T_max=4096, K=8) and every launch param but the output's address.
-                n = self.W * cfg.max_tokens_per_rank
-                (rows, rows_ptr), (w, w_ptr) = arrays.empty_many(arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")],
-                                                                 stream)
-                early["recv"] = (rows, w)
+                # While the routing kernels run: every launch param but the addresses of what the counts size.
                 early["params"] = self._dispatch_params(
-                    route, slot_idx, send_pos, info, T, dict(x_args, out=0, recv_rows=rows_ptr, recv_w=w_ptr,
-                                                             counts_out=0, expert_offsets=0, epoch=self.epoch))
+                    route, slot_idx, send_pos, info, T, dict(x_args, out=0, recv_rows=0, recv_w=0, counts_out=0,
+                                                             expert_offsets=0, epoch=self.epoch))
 
             routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr,
                                   prepare)
@@ -245,16 +240,16 @@ class HtRuntime:
             shape = (L, routing.capacity, H)
         else:
             shape = (routing.total_rows, H)
+        n = max(routing.n_recv, 1)   # receive lists sized exactly: a handle keeps them until it is dropped
+        (recv_rows, rows_ptr), (recv_w, w_ptr) = arrays.empty_many(
+            arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")], stream)
         if previous is None:
             (tokens, tokens_ptr), = arrays.empty_many(framework, [(shape, "bf16")], stream)
-            recv_rows, recv_w = early["recv"]
-            routing.dispatch_params = structs.update(early["params"], out=tokens_ptr)
+            routing.dispatch_params = structs.update(early["params"], out=tokens_ptr, recv_rows=rows_ptr,
+                                                     recv_w=w_ptr)
         else:   # fresh per-call outputs; the dispatch kernel fills counts and offsets from the routing's info
             (tokens, tokens_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
                 framework, [(shape, "bf16"), ((L + 1,), "int64"), ((L,), "int32")], stream)
-            n = max(routing.n_recv, 1)
-            (recv_rows, rows_ptr), (recv_w, w_ptr) = arrays.empty_many(
-                arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")], stream)
             routing.dispatch_params = structs.update(
                 routing.dispatch_params, **x_args, out=tokens_ptr, recv_rows=rows_ptr, recv_w=w_ptr,
                 counts_out=counts_ptr, expert_offsets=offsets_ptr, epoch=self.epoch)
