@@ -178,6 +178,7 @@ def resolve_stream(stream: Any, framework: str):
 
 
 _NUMPY_KINDS = {"bf16": np.uint16, "int32": np.int32, "int64": np.int64, "float32": np.float32}
+_TORCH_KINDS: dict = {}   # filled on first torch use (torch is optional)
 
 
 def empty(framework: str, shape: tuple, kind: str, stream) -> tuple[Any, int]:
@@ -190,11 +191,12 @@ def empty_many(framework: str, specs: list, stream) -> list[tuple[Any, int]]:
     """:func:`empty` for several ``(shape, kind)`` at once (CuPy: one stream context for all)."""
     if framework == TORCH:
         import torch
-        kinds = {"bf16": torch.bfloat16, "int32": torch.int32, "int64": torch.int64, "float32": torch.float32}
+        if not _TORCH_KINDS:
+            _TORCH_KINDS.update(bf16=torch.bfloat16, int32=torch.int32, int64=torch.int64, float32=torch.float32)
         device = torch.device("cuda", torch.cuda.current_device())
         out = []
         for shape, kind in specs:
-            t = torch.empty(shape, dtype=kinds[kind], device=device)
+            t = torch.empty(shape, dtype=_TORCH_KINDS[kind], device=device)
             out.append((t, t.data_ptr()))
         return out
     import cupy

@@ -78,7 +78,7 @@ class Routing:
     n_recv: int
     num_tokens: int
     topk_ids_copy: Any       # only with EP_DEBUG_CHECKS
-    dispatch_params: Any = None   # the last ht_dispatch params of this routing; a cached dispatch updates them
+    dispatch_params: Any     # ht_dispatch params of this routing, per-call fields zero: each dispatch fills a copy
 
 
 @dataclass
@@ -87,7 +87,7 @@ class HtHandle:
     recv_rows: Any
     recv_w: Any
     tokens_shape: tuple
-    combine_params: Any = None    # ht_combine params of this handle; each combine updates y and out
+    combine_params: Any      # ht_combine params of this handle, expert_out/out zero: each combine fills a copy
 
 
 class HtRuntime:
@@ -158,10 +158,9 @@ class HtRuntime:
             raise self.err.as_timeout()
 
     # ---------------------------------------------------------------------------------- dispatch
-    def _route(self, topk_ids, ids_ptr: int, ids_64: bool, T: int, stream, offsets_ptr: int, counts_ptr: int,
-               prepare=None) -> Routing:
-        """Queue the routing kernels, call ``prepare(route, slot_idx, send_pos, info)`` while they run, then wait
-        for the count exchange and return the layout."""
+    def _route(self, topk_ids, ids_ptr: int, ids_64: bool, T: int, stream, offsets_ptr: int, counts_ptr: int) -> Routing:
+        """Queue the routing kernels, pack the dispatch params while they run, wait for the count exchange and
+        return the layout."""
         cp = self._cupy
         cfg, W, L, K, E = self.cfg, self.W, self.L, self.cfg.topk, self.cfg.num_experts
         nchunks = -(-T // sizes.ROUTE_CHUNK)
@@ -188,8 +187,7 @@ class HtRuntime:
             self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
                                                 smem=4 * (sizes.ROUTE_CHUNK // 32) * min(E + W, sizes.ROUTE_POS_TILE),
                                                 stream=stream)
-        if prepare is not None:
-            prepare(route, slot_idx, send_pos, info)
+        dispatch_params = self._dispatch_params(route, slot_idx, send_pos, info, T)
         epoch = self.epoch
         # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
         host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)
@@ -205,26 +203,16 @@ class HtRuntime:
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
         copy = _as_cupy(topk_ids).astype(np.int32) if self.knobs.debug_checks else None
         return Routing(route, slot_idx, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
-                       int(hi[lay["n_recv_total"]]), T, copy)
+                       int(hi[lay["n_recv_total"]]), T, copy, dispatch_params)
 
     def dispatch(self, x, x_info, topk_ids, ids_info, weights, w_info, previous, stream, framework):
         # Everything up to the launch runs while the GPU may be idle: keep it lean (docs/perf.md).
         cfg, L, K, H = self.cfg, self.L, self.cfg.topk, self.cfg.hidden_size
         T = x_info.shape[0]
-        x_args = dict(x=x_info.ptr, weights=0 if w_info is None else w_info.ptr)
-        early = {}
         if previous is None:
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
                 framework, [((L + 1,), "int64"), ((L,), "int32")], stream)
-
-            def prepare(route, slot_idx, send_pos, info):
-                # While the routing kernels run: every launch param but the addresses of what the counts size.
-                early["params"] = self._dispatch_params(
-                    route, slot_idx, send_pos, info, T, dict(x_args, out=0, recv_rows=0, recv_w=0, counts_out=0,
-                                                             expert_offsets=0, epoch=self.epoch))
-
-            routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr,
-                                  prepare)
+            routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr)
         else:
             routing = previous.routing
             if routing.num_tokens != T:
@@ -243,18 +231,18 @@ class HtRuntime:
         n = max(routing.n_recv, 1)   # receive lists sized exactly: a handle keeps them until it is dropped
         (recv_rows, rows_ptr), (recv_w, w_ptr) = arrays.empty_many(
             arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")], stream)
-        if previous is None:
+        if previous is None:   # the routing kernels write counts and offsets
             (tokens, tokens_ptr), = arrays.empty_many(framework, [(shape, "bf16")], stream)
-            routing.dispatch_params = structs.update(early["params"], out=tokens_ptr, recv_rows=rows_ptr,
-                                                     recv_w=w_ptr)
+            counts_args = dict(counts_out=0, expert_offsets=0)
         else:   # fresh per-call outputs; the dispatch kernel fills counts and offsets from the routing's info
             (tokens, tokens_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
                 framework, [(shape, "bf16"), ((L + 1,), "int64"), ((L,), "int32")], stream)
-            routing.dispatch_params = structs.update(
-                routing.dispatch_params, **x_args, out=tokens_ptr, recv_rows=rows_ptr, recv_w=w_ptr,
-                counts_out=counts_ptr, expert_offsets=offsets_ptr, epoch=self.epoch)
-        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, routing.dispatch_params,
-                                     smem=self.dispatch_smem, stream=stream)
+            counts_args = dict(counts_out=counts_ptr, expert_offsets=offsets_ptr)
+        params = structs.update(
+            routing.dispatch_params, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
+            recv_rows=rows_ptr, recv_w=w_ptr, epoch=self.epoch, **counts_args)
+        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params, smem=self.dispatch_smem,
+                                     stream=stream)
         self.last_op = "dispatch"
         out = DispatchOutput(
             tokens=tokens,
@@ -262,36 +250,38 @@ class HtRuntime:
             num_tokens_per_expert_host=list(routing.counts_host),
             expert_offsets=offsets,
             layout=cfg.layout)
-        return out, HtHandle(routing, recv_rows, recv_w, shape)
+        # Packed here, after the launch, while the GPU works: a combine only updates two fields.
+        return out, HtHandle(routing, recv_rows, recv_w, shape, self._combine_params(routing, rows_ptr, w_ptr))
 
-    def _dispatch_params(self, route, slot_idx, send_pos, info, T: int, per_call: dict):
+    def _dispatch_params(self, route, slot_idx, send_pos, info, T: int):
+        """ht_dispatch params of one routing; the per-call fields (inputs, outputs, epoch) are zero until a
+        dispatch updates them."""
         cfg = self.cfg
         return structs.pack(
-            structs.HT_DISPATCH_PARAMS, route=ptr(route), slot_idx=ptr(slot_idx), send_pos=ptr(send_pos),
-            info=ptr(info), data_peers=ptr(self.data.table),
-            meta_peers=ptr(self.meta.table), sig_peers=ptr(self.sig.table), item_ctr=ptr(self.item_ctr),
-            err=self.err.ptr, timeout_ns=self.timeout_ns, dflag_offset=self.layout.dflag_offset,
-            drange_offset=self.layout.drange_offset, rank=self.rank, world=self.W, num_tokens=T,
-            topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank,
-            chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride,
-            send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps,
-            recv_warps=self.dispatch_recv_warps, **per_call)
+            structs.HT_DISPATCH_PARAMS, x=0, weights=0, route=ptr(route), slot_idx=ptr(slot_idx),
+            send_pos=ptr(send_pos), info=ptr(info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
+            sig_peers=ptr(self.sig.table), out=0, recv_rows=0, recv_w=0, item_ctr=ptr(self.item_ctr), counts_out=0,
+            expert_offsets=0, err=self.err.ptr, epoch=0, timeout_ns=self.timeout_ns,
+            dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset, rank=self.rank,
+            world=self.W, num_tokens=T, topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes,
+            max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks,
+            meta_stride=self.meta_stride, send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps,
+            recv_warps=self.dispatch_recv_warps)
+
+    def _combine_params(self, routing: Routing, rows_ptr: int, w_ptr: int):
+        """ht_combine params of one handle; expert_out and out are zero until a combine updates them."""
+        cfg = self.cfg
+        return structs.pack(
+            structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=rows_ptr, recv_w=w_ptr, send_pos=ptr(routing.send_pos),
+            info=ptr(routing.info), data_peers=ptr(self.data.table), out=0, err=self.err.ptr,
+            timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens, topk=cfg.topk,
+            local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
         if self.last_op == "combine":
             self.barrier(stream)
-        if handle.combine_params is None:
-            cfg, routing = self.cfg, handle.routing
-            handle.combine_params = structs.pack(
-                structs.HT_COMBINE_PARAMS, expert_out=y_info.ptr, recv_rows=ptr(handle.recv_rows),
-                recv_w=ptr(handle.recv_w), send_pos=ptr(routing.send_pos), info=ptr(routing.info),
-                data_peers=ptr(self.data.table), out=out_ptr, err=self.err.ptr, timeout_ns=self.timeout_ns,
-                rank=self.rank, world=self.W, num_tokens=routing.num_tokens, topk=cfg.topk, local_experts=self.L,
-                row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
-        else:
-            handle.combine_params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
-        params = handle.combine_params
+        params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
         self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
         self.barrier(stream)
         self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params, smem=self.combine_smem,

@@ -191,8 +191,7 @@ class Kernel:
     @property
     def static_smem(self) -> int:
         """Bytes of statically declared shared memory per block."""
-        from cupy_backends.cuda.api import driver
-        return int(driver.funcGetAttribute(_STATIC_SMEM_ATTR, self._fn.ptr))
+        return int(self._driver.funcGetAttribute(_STATIC_SMEM_ATTR, self._fn_ptr))
 
     @property
     def label(self) -> str:
