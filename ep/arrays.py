@@ -81,8 +81,9 @@ def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], d
     return info
 
 
-def bf16_dtypes(framework_device: str) -> tuple[str, ...]:
-    return ("bfloat16",) if framework_device == TORCH else ("uint16", "bfloat16")
+def bf16_dtypes(framework: str) -> tuple[str, ...]:
+    """dtype names that carry bf16 in ``framework``: torch.bfloat16, or uint16 bit patterns / ml_dtypes bfloat16."""
+    return ("bfloat16",) if framework == TORCH else ("uint16", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------- NumPy / CPU

@@ -138,7 +138,7 @@ class MoECommunicator:
         dev = self.device
         if self._backend == "gpu" and fw == arrays.NUMPY:
             raise TypeError("x: the GPU backend takes torch CUDA tensors or CuPy arrays, got a NumPy array")
-        bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
+        bf16 = arrays.bf16_dtypes(fw)
         xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev, fw=fw)
         T = xi.shape[0]
         if T > cfg.max_tokens_per_rank:
@@ -217,7 +217,7 @@ class MoECommunicator:
         if arrays.framework_of(buf) != fw:
             raise TypeError("output_buffer must come from the same framework as x")
         cap = self.world_size * cfg.max_tokens_per_rank
-        bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
+        bf16 = arrays.bf16_dtypes(fw)
         return arrays.check_array(buf, "output_buffer", shape=(self.num_local_experts, cap, cfg.hidden_size),
                                   dtypes=bf16, device=self.device)
 
@@ -245,7 +245,7 @@ class MoECommunicator:
             fw = arrays.framework_of(expert_output)
             if self._backend == "gpu" and fw == arrays.NUMPY:
                 raise TypeError("expert_output: the GPU backend takes torch CUDA tensors or CuPy arrays")
-            bf16 = ("bfloat16",) if fw == arrays.TORCH else ("uint16", "bfloat16")
+            bf16 = arrays.bf16_dtypes(fw)
             yi = arrays.check_array(expert_output, "expert_output", shape=tuple(handle._state.tokens_shape),
                                     dtypes=bf16, device=self.device, fw=fw)
             oi = None
