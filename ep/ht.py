@@ -41,13 +41,13 @@ def combine_warps(knobs: Snapshot, blocks: int) -> int:
 
 
 def combine_smem(knobs: Snapshot, warps: int) -> int:
-    """Dynamic shared memory of the HT gather kernel: each warp's TMA ring (0 with EP_CMB_TMA=0). Raises
-    ConfigError when the rings do not fit in a block's shared memory."""
+    """Dynamic shared memory of the HT gather kernel: each warp's TMA ring plus the stage its own partials are
+    folded into (0 with EP_CMB_TMA=0). Raises ConfigError when they do not fit in a block's shared memory."""
     if not knobs["EP_CMB_TMA"]:
         return 0
-    nbytes = warps * knobs["EP_CMB_TMA_STAGES"] * sizes.COMBINE_SEG_BYTES
+    nbytes = warps * (knobs["EP_CMB_TMA_STAGES"] + 1) * sizes.COMBINE_SEG_BYTES
     if nbytes > sizes.SMEM_LIMIT:
-        raise ConfigError(f"HT combine: {warps} warps x EP_CMB_TMA_STAGES={knobs['EP_CMB_TMA_STAGES']} stages x "
+        raise ConfigError(f"HT combine: {warps} warps x (EP_CMB_TMA_STAGES={knobs['EP_CMB_TMA_STAGES']} + 1) stages x "
                           f"{sizes.COMBINE_SEG_BYTES} bytes = {nbytes} bytes of shared memory per block, more than "
                           f"{sizes.SMEM_LIMIT}; lower EP_CMB_TMA_STAGES or EP_CMB_TMA_WARPS_WIDE/_NARROW")
     return nbytes

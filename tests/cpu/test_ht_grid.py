@@ -29,14 +29,14 @@ def test_a_one_block_grid_is_refused_because_both_roles_need_a_block():
         dispatch_senders(envs.defaults(), 1)
 
 
-def test_the_gather_rings_take_warps_times_stages_times_a_segment_of_shared_memory():
+def test_the_gather_takes_a_ring_plus_one_own_partial_stage_of_shared_memory_per_warp():
     knobs = envs.defaults()
-    assert combine_smem(knobs, 16) == 16 * knobs["EP_CMB_TMA_STAGES"] * sizes.COMBINE_SEG_BYTES
+    assert combine_smem(knobs, 16) == 16 * (knobs["EP_CMB_TMA_STAGES"] + 1) * sizes.COMBINE_SEG_BYTES
     assert combine_smem(envs.read({"EP_CMB_TMA": "0"}), 16) == 0
 
 
 def test_rings_that_do_not_fit_in_shared_memory_are_refused_naming_the_knobs():
     knobs = envs.read({"EP_CMB_TMA_STAGES": "4"})
-    assert combine_smem(knobs, 8) == 8 * 4 * sizes.COMBINE_SEG_BYTES   # 128 KB fits
+    assert combine_smem(knobs, 8) == 8 * 5 * sizes.COMBINE_SEG_BYTES   # 160 KB fits
     with pytest.raises(ConfigError, match="EP_CMB_TMA_STAGES=4"):
-        combine_smem(knobs, 16)                                        # 256 KB does not
+        combine_smem(knobs, 16)                                        # 320 KB does not
