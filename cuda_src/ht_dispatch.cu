@@ -18,8 +18,8 @@
 // chunk-major, each after a bounded wait for its flag. Every token of an item becomes one output row per
 // local expert it names, row = src_base[s][e] + idx (exchanged counts, so the order is fixed by routing,
 // not by which warp expands): 16-byte warp copies or TMA (bulk load, one bulk store per row). The item
-// also records recv_rows/recv_w for combine. Receiver warps first zero the alignment padding rows; a
-// cached dispatch also gets its counts_out / expert_offsets from the last block.
+// also records recv_rows/recv_w for combine. Receiver warps first zero the alignment padding rows; the
+// call's counts_out / expert_offsets (fresh arrays every call) come from the last block.
 // The grid must be co-resident (G <= SMs): receivers wait for senders of other blocks and other ranks.
 #include "common/params.cuh"
 #include "common/reduce.cuh"
@@ -279,8 +279,8 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u8* stage, 
   if (lane == 0) expand_done(p.item_ctr, participants);
 }
 
-// A cached dispatch's fresh per-call counts_out / expert_offsets, from the routing's info (one warp).
-__device__ __forceinline__ void write_cached_counts(const HtDispatchParams& p, int lane) {
+// The call's counts_out / expert_offsets, from the routing's info (one warp).
+__device__ __forceinline__ void write_counts(const HtDispatchParams& p, int lane) {
   const InfoLayout lay(p.local_experts, p.world);
   for (int e = lane; e <= p.local_experts; e += kWarpSize) {
     if (e < p.local_experts) p.counts_out[e] = p.info[lay.counts + e];
@@ -313,7 +313,7 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
     // With TMA receivers only the first recv_warps warps have a staging row.
     if (warp < p.recv_warps) ht_expand(p, my_row, &bars[warp], phase, lane);
   } else {
-    if (p.counts_out && blockIdx.x == gridDim.x - 1 && warp == 0) write_cached_counts(p, lane);
+    if (p.counts_out && blockIdx.x == gridDim.x - 1 && warp == 0) write_counts(p, lane);
     const int RW = (gridDim.x - p.send_blocks) * p.recv_warps;
     zero_padding(p, (blockIdx.x - p.send_blocks) * p.recv_warps + warp, RW, lane);
     ht_expand(p, my_row, &bars[warp], phase, lane);

@@ -2,7 +2,8 @@
 //
 // ht_route_count     grid = ceil(T/128) blocks of 128 threads (one token each): validates ids, marks
 //                    repeated experts, counts (token, expert) pairs and (token, rank) pairs per chunk.
-// ht_route_exchange  one block: scans the chunk counts into chunk bases, writes this rank's totals into
+// ht_route_exchange  one block: scans the chunk counts into chunk bases, resets `bad` (the runtime's, kept
+//                    across calls like chunk_cnt) once read, writes this rank's totals into
 //                    every peer's count slot [rank] (plain stores, then st.release.sys of the slot's
 //                    epoch), acquire-waits for every peer's slot, derives the receive layout (expert
 //                    bases with alignment padding, per-source row bases, receive counts) into the per-call
@@ -100,6 +101,7 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   }
   __threadfence_system();
   __syncthreads();
+  if (tid == 0) *p.bad = 0x7FFFFFFF;   // every thread has read it: ready for the next routing's ht_route_count
   if (tid < W) {
     u64* flag = reinterpret_cast<u64*>(p.sig_peers[tid] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
     st_release_sys(flag, p.epoch);
@@ -155,10 +157,7 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
       info[lay.src_base + s * L + e] = row;
       row += slot_of(s)[6 + e];
     }
-    p.counts_out[e] = info[lay.counts + e];
-    p.expert_offsets[e] = info[lay.base + e];
   }
-  if (tid == 0) p.expert_offsets[L] = info[lay.base + L];
   __syncthreads();
   for (int i = tid; i < lay.size; i += blockDim.x) p.host_info[i] = info[i];
   if (tid == 0) {

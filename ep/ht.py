@@ -1,7 +1,8 @@
 """HT mode on GPUs: buffers and the launch sequence of a dispatch and a combine.
 
 Uncached dispatch:  ht_route_count -> ht_route_exchange -> ht_route_positions (queued), host waits once on
-                    the mapped pinned epoch to size the outputs exactly, then ht_dispatch.
+                    the mapped pinned epoch to size the outputs exactly, then ht_dispatch (which also writes
+                    the call's counts and offsets, as for a cached dispatch).
 Cached dispatch:    (ep_barrier if the previous op was a dispatch) -> ht_dispatch, with the handle's layout.
 Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_reduce -> ep_barrier ->
                     ht_combine_gather.
@@ -68,10 +69,9 @@ def dispatch_senders(knobs: Snapshot, blocks: int) -> int:
 class Routing:
     """Layout of one routing, reusable by a cached dispatch (previous_handle)."""
 
-    route: Any
-    slot_idx: Any
-    send_pos: Any
-    info: Any
+    workspace: Any           # one int32 allocation: route [T, K], slot_idx [T, K], send_pos [T, W], info
+    send_pos_ptr: int
+    info_ptr: int
     counts_host: list
     total_rows: int
     capacity: int
@@ -84,8 +84,7 @@ class Routing:
 @dataclass
 class HtHandle:
     routing: Routing
-    recv_rows: Any
-    recv_w: Any
+    recv_lists: Any          # int32 [2, n_recv, K]: recv_rows, then recv_w (float32 bits); written by ht_dispatch
     tokens_shape: tuple
     combine_params: Any      # ht_combine params of this handle, expert_out/out zero: each combine fills a copy
 
@@ -111,10 +110,23 @@ class HtRuntime:
         self.sig = self._sym(self.layout.sig_bytes, "ht.sig")
         self.err = ErrorRecord()
         self.item_ctr = cupy.zeros(2, np.uint64)   # ht_dispatch's receive-item counter; the kernel resets it
+        # The routing kernels' scratch, kept across calls: `bad` (the first invalid slot; INT_MAX = none, reset
+        # by ht_route_exchange once read), then chunk_cnt [chunks, E + W] (fully rewritten by ht_route_count).
+        max_chunks = -(-cfg.max_tokens_per_rank // sizes.ROUTE_CHUNK)
+        self.route_scratch = cupy.full(1 + max_chunks * (cfg.num_experts + self.W), INT_MAX, np.int32)
         self.info_size = sizes.info_layout(self.L, self.W)["size"]
         self.host = HostMapped(8 + 4 * (self.info_size + 2))
         self.host_epoch = self.host.view(np.uint64, 1)
         self.host_info = self.host.view(np.int32, self.info_size + 2, offset=8)
+        # Routing kernels' params, per-call fields zero: each uncached dispatch fills a copy.
+        bad = ptr(self.route_scratch)
+        self.route_params = structs.pack(
+            structs.HT_ROUTE_PARAMS, topk_ids=0, route=0, slot_idx=0, send_pos=0, chunk_cnt=bad + 4, bad=bad, info=0,
+            host_epoch=self.host.ptr, host_info=self.host.ptr + 8, sig_peers=ptr(self.sig.table), err=self.err.ptr,
+            epoch=0, timeout_ns=self.timeout_ns, cnt_offset=self.layout.cnt_offset, cnt_stride=self.layout.cnt_stride,
+            ids_64=0, rank=self.rank, world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts,
+            local_experts=self.L, nchunks=0, alignment=cfg.expert_alignment,
+            expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR))
         send_tma, recv_tma = knobs["EP_NCCLEP_TMA"], knobs["EP_DISPATCH_RECV_TMA"]
         kernels = self._load(send_tma, recv_tma)
         self.dispatch_warps = knobs["EP_DISPATCH_WARPS"]
@@ -135,6 +147,7 @@ class HtRuntime:
         self.epoch = 0
         self.last_op = None
         self._cupy = cupy
+        cupy.cuda.runtime.deviceSynchronize()   # the initial values above are in place before any stream uses them
         group.barrier()
 
     def _load(self, send_tma: bool, recv_tma: bool) -> dict:
@@ -158,28 +171,23 @@ class HtRuntime:
             raise self.err.as_timeout()
 
     # ---------------------------------------------------------------------------------- dispatch
-    def _route(self, topk_ids, ids_ptr: int, ids_64: bool, T: int, stream, offsets_ptr: int, counts_ptr: int) -> Routing:
-        """Queue the routing kernels, pack the dispatch params while they run, wait for the count exchange and
-        return the layout."""
+    def _route_start(self, ids_ptr: int, ids_64: bool, T: int, stream) -> tuple:
+        """Queue the routing kernels and pack the dispatch params; returns what _route_finish needs."""
         cp = self._cupy
-        cfg, W, L, K, E = self.cfg, self.W, self.L, self.cfg.topk, self.cfg.num_experts
+        W, K, E = self.W, self.cfg.topk, self.cfg.num_experts
         nchunks = -(-T // sizes.ROUTE_CHUNK)
+        # One allocation for the routing's arrays (six CuPy allocations and two fills cost ~60 us of host time
+        # before the first launch, docs/perf.md row 25); ht_route_exchange writes every field of info.
+        n_route, n_pos = max(T, 1) * K, max(T, 1) * W
         with stream:
-            route = cp.empty((max(T, 1), K), np.int32)
-            slot_idx = cp.empty((max(T, 1), K), np.int32)
-            send_pos = cp.empty((max(T, 1), W), np.int32)
-            chunk_cnt = cp.empty((max(nchunks, 1), E + W), np.int32)
-            bad = cp.full(1, INT_MAX, np.int32)
-            info = cp.zeros(self.info_size, np.int32)
+            workspace = cp.empty(2 * n_route + n_pos + self.info_size, np.int32)
+        route = workspace.data.ptr
+        slot_idx = route + 4 * n_route
+        send_pos = slot_idx + 4 * n_route
+        info = send_pos + 4 * n_pos
         self.epoch += 1
-        params = structs.pack(
-            structs.HT_ROUTE_PARAMS, topk_ids=ids_ptr, route=ptr(route), slot_idx=ptr(slot_idx), send_pos=ptr(send_pos),
-            chunk_cnt=ptr(chunk_cnt), bad=ptr(bad), info=ptr(info), expert_offsets=offsets_ptr,
-            counts_out=counts_ptr, host_epoch=self.host.ptr, host_info=self.host.ptr + 8,
-            sig_peers=ptr(self.sig.table), err=self.err.ptr, epoch=self.epoch, timeout_ns=self.timeout_ns,
-            cnt_offset=self.layout.cnt_offset, cnt_stride=self.layout.cnt_stride, ids_64=int(ids_64), rank=self.rank,
-            world=W, num_tokens=T, topk=K, num_experts=E, local_experts=L, nchunks=nchunks,
-            alignment=cfg.expert_alignment, expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR))
+        params = structs.update(self.route_params, topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
+                                info=info, epoch=self.epoch, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
         if nchunks:
             self.k["ht_route_count"].launch(nchunks, sizes.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
         self.k["ht_route_exchange"].launch(1, 1024, params, smem=4 * (E + W), stream=stream)
@@ -187,8 +195,12 @@ class HtRuntime:
             self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
                                                 smem=4 * (sizes.ROUTE_CHUNK // 32) * min(E + W, sizes.ROUTE_POS_TILE),
                                                 stream=stream)
-        dispatch_params = self._dispatch_params(route, slot_idx, send_pos, info, T)
-        epoch = self.epoch
+        return workspace, send_pos, info, T, self.epoch, self._dispatch_params(route, slot_idx, send_pos, info, T)
+
+    def _route_finish(self, pending: tuple, topk_ids) -> Routing:
+        """Wait for the count exchange of _route_start and return the layout."""
+        workspace, send_pos, info, T, epoch, dispatch_params = pending
+        W, L, K, E = self.W, self.L, self.cfg.topk, self.cfg.num_experts
         # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
         host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)
         lay = sizes.info_layout(L, W)
@@ -202,17 +214,19 @@ class HtRuntime:
             raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids to this dispatch; nothing was sent")
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
         copy = _as_cupy(topk_ids).astype(np.int32) if self.knobs.debug_checks else None
-        return Routing(route, slot_idx, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
+        return Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
                        int(hi[lay["n_recv_total"]]), T, copy, dispatch_params)
 
     def dispatch(self, x, x_info, topk_ids, ids_info, weights, w_info, previous, stream, framework):
-        # Everything up to the launch runs while the GPU may be idle: keep it lean (docs/perf.md).
+        # Everything up to a launch runs while the GPU may be idle: keep it lean (docs/perf.md rows 19, 23, 25).
         cfg, L, K, H = self.cfg, self.L, self.cfg.topk, self.cfg.hidden_size
         T = x_info.shape[0]
+        counts_specs = [((L + 1,), "int64"), ((L,), "int32")]   # expert_offsets, num_tokens_per_expert
         if previous is None:
-            (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
-                framework, [((L + 1,), "int64"), ((L,), "int32")], stream)
-            routing = self._route(topk_ids, ids_info.ptr, ids_info.dtype == "int64", T, stream, offsets_ptr, counts_ptr)
+            pending = self._route_start(ids_info.ptr, ids_info.dtype == "int64", T, stream)
+            # While the routing kernels run: the outputs whose size does not depend on the exchange.
+            (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(framework, counts_specs, stream)
+            routing = self._route_finish(pending, topk_ids)
         else:
             routing = previous.routing
             if routing.num_tokens != T:
@@ -229,18 +243,17 @@ class HtRuntime:
         else:
             shape = (routing.total_rows, H)
         n = max(routing.n_recv, 1)   # receive lists sized exactly: a handle keeps them until it is dropped
-        (recv_rows, rows_ptr), (recv_w, w_ptr) = arrays.empty_many(
-            arrays.CUPY, [((n, K), "int32"), ((n, K), "float32")], stream)
-        if previous is None:   # the routing kernels write counts and offsets
+        (recv_lists, rows_ptr), = arrays.empty_many(arrays.CUPY, [((2, n, K), "int32")], stream)
+        w_ptr = rows_ptr + 4 * n * K
+        if previous is None:
             (tokens, tokens_ptr), = arrays.empty_many(framework, [(shape, "bf16")], stream)
-            counts_args = dict(counts_out=0, expert_offsets=0)
-        else:   # fresh per-call outputs; the dispatch kernel fills counts and offsets from the routing's info
+        else:
             (tokens, tokens_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
-                framework, [(shape, "bf16"), ((L + 1,), "int64"), ((L,), "int32")], stream)
-            counts_args = dict(counts_out=counts_ptr, expert_offsets=offsets_ptr)
+                framework, [(shape, "bf16")] + counts_specs, stream)
+        # The dispatch kernel writes counts and offsets from the routing's info (fresh arrays every call).
         params = structs.update(
             routing.dispatch_params, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
-            recv_rows=rows_ptr, recv_w=w_ptr, epoch=self.epoch, **counts_args)
+            recv_rows=rows_ptr, recv_w=w_ptr, epoch=self.epoch, counts_out=counts_ptr, expert_offsets=offsets_ptr)
         self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params, smem=self.dispatch_smem,
                                      stream=stream)
         self.last_op = "dispatch"
@@ -251,15 +264,15 @@ class HtRuntime:
             expert_offsets=offsets,
             layout=cfg.layout)
         # Packed here, after the launch, while the GPU works: a combine only updates two fields.
-        return out, HtHandle(routing, recv_rows, recv_w, shape, self._combine_params(routing, rows_ptr, w_ptr))
+        return out, HtHandle(routing, recv_lists, shape, self._combine_params(routing, rows_ptr, w_ptr))
 
-    def _dispatch_params(self, route, slot_idx, send_pos, info, T: int):
-        """ht_dispatch params of one routing; the per-call fields (inputs, outputs, epoch) are zero until a
-        dispatch updates them."""
+    def _dispatch_params(self, route: int, slot_idx: int, send_pos: int, info: int, T: int):
+        """ht_dispatch params of one routing (device pointers of its arrays); the per-call fields (inputs,
+        outputs, epoch) are zero until a dispatch updates them."""
         cfg = self.cfg
         return structs.pack(
-            structs.HT_DISPATCH_PARAMS, x=0, weights=0, route=ptr(route), slot_idx=ptr(slot_idx),
-            send_pos=ptr(send_pos), info=ptr(info), data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
+            structs.HT_DISPATCH_PARAMS, x=0, weights=0, route=route, slot_idx=slot_idx,
+            send_pos=send_pos, info=info, data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
             sig_peers=ptr(self.sig.table), out=0, recv_rows=0, recv_w=0, item_ctr=ptr(self.item_ctr), counts_out=0,
             expert_offsets=0, err=self.err.ptr, epoch=0, timeout_ns=self.timeout_ns,
             dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset, rank=self.rank,
@@ -272,8 +285,8 @@ class HtRuntime:
         """ht_combine params of one handle; expert_out and out are zero until a combine updates them."""
         cfg = self.cfg
         return structs.pack(
-            structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=rows_ptr, recv_w=w_ptr, send_pos=ptr(routing.send_pos),
-            info=ptr(routing.info), data_peers=ptr(self.data.table), out=0, err=self.err.ptr,
+            structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=rows_ptr, recv_w=w_ptr, send_pos=routing.send_pos_ptr,
+            info=routing.info_ptr, data_peers=ptr(self.data.table), out=0, err=self.err.ptr,
             timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens, topk=cfg.topk,
             local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
 

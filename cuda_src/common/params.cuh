@@ -29,8 +29,6 @@ struct HtRouteParams {
   i32* chunk_cnt;         // [nchunks, E + W] per-chunk counts, scanned in place into chunk bases
   i32* bad;               // [1] smallest flat index t*K+k of an invalid id (init INT_MAX)
   i32* info;              // per-call info, layout InfoLayout below
-  i64* expert_offsets;    // [L + 1] output
-  i32* counts_out;        // [L] output num_tokens_per_expert
   u64* host_epoch;        // mapped pinned: set to `epoch` once host_info is written
   i32* host_info;         // mapped pinned: copy of info + {bad_index, bad_value}
   const u64* sig_peers;   // [W]
@@ -66,7 +64,7 @@ struct HtDispatchParams {
   i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
   float* recv_w;          // [n_recv, K]
   u64* item_ctr;          // [2] this rank's receive items handed out, warps done (ht_dispatch.cu next_item)
-  i32* counts_out;        // [L] rows per local expert, or nullptr (an uncached dispatch's routing wrote them)
+  i32* counts_out;        // [L] rows per local expert (num_tokens_per_expert), or nullptr
   i64* expert_offsets;    // [L + 1], or nullptr
   ErrorRecord* err;
   u64 epoch;
