@@ -61,8 +61,8 @@ __device__ __forceinline__ int local_code(int code, int L, int d) {
 // (`next`): consecutive chunks go out in parallel, so chunk c lands at about the same time on every rank and
 // the chunk-major receivers follow. After each chunk lane d publishes the slot range sent to rank d (no
 // block-wide barrier: warps never wait for each other).
-__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u64* bar, u32& phase, u8* meta_stage,
-                                        int* next, int lane) {
+__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, u8* my_row, u64* bar, u32& phase,
+                                        u8* meta_stage, int* next, int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
   const int nchunks = (p.num_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
   const u32 remote = ~(1u << p.rank);
@@ -127,7 +127,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u8* my_row, u
       const u64 cell = static_cast<u64>(p.rank) * p.max_chunks + c;
       reinterpret_cast<int2*>(p.sig_peers[lane] + p.drange_offset)[cell] = make_int2(lo, hi);
       fence_sys();
-      st_release_sys(reinterpret_cast<u64*>(p.sig_peers[lane] + p.dflag_offset) + cell, p.epoch);
+      st_release_sys(reinterpret_cast<u64*>(p.sig_peers[lane] + p.dflag_offset) + cell, epoch);
     }
   }
   if (kDispatchTma && lane == 0) tma_wait_all();
@@ -200,16 +200,23 @@ __device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int 
 
 // Receive items come from one counter per rank, item_ctr[0], by atomicAdd (a CAS loop that tagged the
 // count with the epoch measured 2x slower dispatches: hundreds of warps retrying on one address).
-// item_ctr[1] counts the warps that are done; the last one out resets both, so the next dispatch, ordered
-// after this kernel on the stream, starts from zero. A dispatch that is never launched never touches them.
+// item_ctr[1] counts the warps that are done; the last one out resets both and advances item_ctr[2], the
+// number of dispatches this rank has run: the next dispatch, ordered after this kernel on the stream, starts
+// from zero with epoch item_ctr[2] + 1. Every rank runs the same sequence of dispatches, so the epochs agree
+// across ranks, and a CUDA graph replay advances them like an eager call. A dispatch that is never launched
+// never touches them.
 __device__ __forceinline__ int next_item(u64* ctr) {
   return static_cast<int>(atomicAdd(reinterpret_cast<unsigned long long*>(ctr), 1ull));
 }
-__device__ __forceinline__ void expand_done(u64* ctr, u32 participants) {
-  __threadfence();   // this warp's last item grab is counted before its exit is
+__device__ __forceinline__ u64 dispatch_epoch(const u64* ctr) {
+  return *reinterpret_cast<volatile const u64*>(ctr + 2) + 1;
+}
+__device__ __forceinline__ void dispatch_done(u64* ctr, u32 participants) {
+  __threadfence();   // this warp's last item grab (and its read of the epoch) is counted before its exit is
   if (atomicAdd(reinterpret_cast<unsigned long long*>(ctr + 1), 1ull) == participants - 1) {
     atomicExch(reinterpret_cast<unsigned long long*>(ctr), 0ull);
     atomicExch(reinterpret_cast<unsigned long long*>(ctr + 1), 0ull);
+    atomicAdd(reinterpret_cast<unsigned long long*>(ctr + 2), 1ull);
   }
 }
 
@@ -223,7 +230,8 @@ __device__ __forceinline__ void zero_padding(const HtDispatchParams& p, int gw, 
   }
 }
 
-__device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u8* stage, u64* bar, u32& phase, int lane) {
+__device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, u8* stage, u64* bar, u32& phase,
+                                          int lane) {
   const int W = p.world;
   const InfoLayout lay(p.local_experts, W);
   const int* info = p.info;
@@ -252,7 +260,7 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u8* stage, 
     const u64 cell = static_cast<u64>(s) * p.max_chunks + c;
     int ok = 1, start = 0, end = 0;
     if (lane == 0) {
-      ok = wait_geq(reinterpret_cast<const u64*>(my_sig + p.dflag_offset) + cell, p.epoch, p.err, p.timeout_ns,
+      ok = wait_geq(reinterpret_cast<const u64*>(my_sig + p.dflag_offset) + cell, epoch, p.err, p.timeout_ns,
                     kPhaseHtDispatchRecv, p.rank, s);
       const int* range = reinterpret_cast<const int*>(my_sig + p.drange_offset) + 2 * cell;
       start = ld_cg_i32(range);
@@ -274,9 +282,6 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u8* stage, 
     }
   }
   if (kRecvTma && lane == 0) tma_wait_all();
-  // Every warp that expands passes here exactly once (a timed-out wait breaks out of the loop above).
-  const u32 participants = (gridDim.x - p.send_blocks) * p.recv_warps + p.send_blocks * min(p.send_warps, p.recv_warps);
-  if (lane == 0) expand_done(p.item_ctr, participants);
 }
 
 // The call's counts_out / expert_offsets, from the routing's info (one warp).
@@ -299,6 +304,7 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const bool sender = blockIdx.x < p.send_blocks;
   if (warp >= (sender ? p.send_warps : p.recv_warps)) return;
+  const u64 epoch = dispatch_epoch(p.item_ctr);
   u8* my_row = smem + static_cast<u64>(warp) * p.row_bytes;
   u32 phase = 0;   // parity of the warp's staging-row mbarrier
   if ((kDispatchTma || kRecvTma) && lane == 0) {
@@ -309,13 +315,16 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   if (sender) {
     if (threadIdx.x == 0) next_chunk = 0;
     named_barrier(1, p.send_warps * kWarpSize);
-    ht_send(p, my_row, &bars[warp], phase, meta_stage[warp], &next_chunk, lane);
+    ht_send(p, epoch, my_row, &bars[warp], phase, meta_stage[warp], &next_chunk, lane);
     // With TMA receivers only the first recv_warps warps have a staging row.
-    if (warp < p.recv_warps) ht_expand(p, my_row, &bars[warp], phase, lane);
+    if (warp < p.recv_warps) ht_expand(p, epoch, my_row, &bars[warp], phase, lane);
   } else {
     if (p.counts_out && blockIdx.x == gridDim.x - 1 && warp == 0) write_counts(p, lane);
     const int RW = (gridDim.x - p.send_blocks) * p.recv_warps;
     zero_padding(p, (blockIdx.x - p.send_blocks) * p.recv_warps + warp, RW, lane);
-    ht_expand(p, my_row, &bars[warp], phase, lane);
+    ht_expand(p, epoch, my_row, &bars[warp], phase, lane);
   }
+  // Every running warp passes here exactly once (a timed-out wait breaks out of its loop).
+  const u32 participants = p.send_blocks * p.send_warps + (gridDim.x - p.send_blocks) * p.recv_warps;
+  if (lane == 0) dispatch_done(p.item_ctr, participants);
 }

@@ -9,7 +9,10 @@ Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_
 Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
 (combine partials) and read by itself (expansion) and by s (gather). After a combine every peer has finished
 reading, and the count exchange of an uncached dispatch is itself a rendezvous; only back-to-back cached
-dispatches or back-to-back combines need an explicit one.
+dispatches or back-to-back combines need an explicit one. Once a CUDA graph has been captured (cached
+dispatches and combines can be: no host wait), the host no longer knows what ran before, so the barrier is
+always queued. The kernels keep their sequence numbers on the device (dispatch epoch, barrier generation),
+so graph replays and eager calls interleave freely.
 (A push-based combine, partials stored straight into the source's buffer, and a fused one-kernel combine with
 per-chunk flags both measured slower: docs/perf.md rows 2a, 7, 20, 21.)
 """
@@ -109,7 +112,9 @@ class HtRuntime:
         self.meta = self._sym(self.layout.meta_bytes, "ht.meta")
         self.sig = self._sym(self.layout.sig_bytes, "ht.sig")
         self.err = ErrorRecord()
-        self.item_ctr = cupy.zeros(2, np.uint64)   # ht_dispatch's receive-item counter; the kernel resets it
+        # ht_dispatch's receive-item counter and done count (reset by the kernel) and its epoch, the count of
+        # dispatches run (advanced by the kernel, so CUDA graph replays advance it too).
+        self.item_ctr = cupy.zeros(3, np.uint64)
         # The routing kernels' scratch, kept across calls: `bad` (the first invalid slot; INT_MAX = none, reset
         # by ht_route_exchange once read), then chunk_cnt [chunks, E + W] (fully rewritten by ht_route_count).
         max_chunks = -(-cfg.max_tokens_per_rank // sizes.ROUTE_CHUNK)
@@ -144,8 +149,9 @@ class HtRuntime:
         self.k = kernels
         self.barrier = Barrier(kernels["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
                                self.W, self.timeout_ns)
-        self.epoch = 0
-        self.last_op = None
+        self.exchange_seq = 0   # count exchanges run: uncached dispatches wait on the host, so never in a graph
+        self.last_op = None     # "dispatch" / "combine" as the host queued them, until a CUDA graph is captured
+        self.graphs = False     # a graph was captured: its replays may run anywhere, so every barrier is kept
         self._cupy = cupy
         cupy.cuda.runtime.deviceSynchronize()   # the initial values above are in place before any stream uses them
         group.barrier()
@@ -170,6 +176,15 @@ class HtRuntime:
         if self.err.raised():
             raise self.err.as_timeout()
 
+    def _barrier_after(self, op: str, stream) -> None:
+        """The barrier that back-to-back cached dispatches or back-to-back combines need (module doc). The host
+        knows the previous op only while no CUDA graph exists: once one is captured, its replays can put
+        anything before this op, so the barrier is always queued (and inside a capture as well)."""
+        if not self.graphs and stream.is_capturing():
+            self.graphs = True
+        if self.graphs or self.last_op == op:
+            self.barrier(stream)
+
     # ---------------------------------------------------------------------------------- dispatch
     def _route_start(self, ids_ptr: int, ids_64: bool, T: int, stream) -> tuple:
         """Queue the routing kernels and pack the dispatch params; returns what _route_finish needs."""
@@ -185,9 +200,9 @@ class HtRuntime:
         slot_idx = route + 4 * n_route
         send_pos = slot_idx + 4 * n_route
         info = send_pos + 4 * n_pos
-        self.epoch += 1
+        self.exchange_seq += 1
         params = structs.update(self.route_params, topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
-                                info=info, epoch=self.epoch, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
+                                info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
         if nchunks:
             self.k["ht_route_count"].launch(nchunks, sizes.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
         self.k["ht_route_exchange"].launch(1, 1024, params, smem=4 * (E + W), stream=stream)
@@ -195,7 +210,7 @@ class HtRuntime:
             self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
                                                 smem=4 * (sizes.ROUTE_CHUNK // 32) * min(E + W, sizes.ROUTE_POS_TILE),
                                                 stream=stream)
-        return workspace, send_pos, info, T, self.epoch, self._dispatch_params(route, slot_idx, send_pos, info, T)
+        return workspace, send_pos, info, T, self.exchange_seq, self._dispatch_params(route, slot_idx, send_pos, info, T)
 
     def _route_finish(self, pending: tuple, topk_ids) -> Routing:
         """Wait for the count exchange of _route_start and return the layout."""
@@ -235,25 +250,25 @@ class HtRuntime:
                 same = bool((_as_cupy(topk_ids).astype(np.int32) == routing.topk_ids_copy).all())
                 if not same:
                     raise ValueError("previous_handle: topk_ids differ from the routing the handle was made for")
-            if self.last_op == "dispatch":
-                self.barrier(stream)
-            self.epoch += 1
+            self._barrier_after("dispatch", stream)
         if cfg.layout is DispatchLayout.EXPERT_MAJOR:
             shape = (L, routing.capacity, H)
         else:
             shape = (routing.total_rows, H)
-        n = max(routing.n_recv, 1)   # receive lists sized exactly: a handle keeps them until it is dropped
-        (recv_lists, rows_ptr), = arrays.empty_many(arrays.CUPY, [((2, n, K), "int32")], stream)
-        w_ptr = rows_ptr + 4 * n * K
+        # Receive lists sized exactly (a handle keeps them until it is dropped), in the caller's framework like
+        # the outputs: inside a torch CUDA graph capture they come from the graph's memory pool too.
+        n = max(routing.n_recv, 1)
+        specs = [(shape, "bf16"), ((2, n, K), "int32")]
         if previous is None:
-            (tokens, tokens_ptr), = arrays.empty_many(framework, [(shape, "bf16")], stream)
+            (tokens, tokens_ptr), (recv_lists, rows_ptr) = arrays.empty_many(framework, specs, stream)
         else:
-            (tokens, tokens_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(
-                framework, [(shape, "bf16")] + counts_specs, stream)
+            (tokens, tokens_ptr), (recv_lists, rows_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = \
+                arrays.empty_many(framework, specs + counts_specs, stream)
+        w_ptr = rows_ptr + 4 * n * K
         # The dispatch kernel writes counts and offsets from the routing's info (fresh arrays every call).
         params = structs.update(
             routing.dispatch_params, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
-            recv_rows=rows_ptr, recv_w=w_ptr, epoch=self.epoch, counts_out=counts_ptr, expert_offsets=offsets_ptr)
+            recv_rows=rows_ptr, recv_w=w_ptr, counts_out=counts_ptr, expert_offsets=offsets_ptr)
         self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params, smem=self.dispatch_smem,
                                      stream=stream)
         self.last_op = "dispatch"
@@ -268,13 +283,13 @@ class HtRuntime:
 
     def _dispatch_params(self, route: int, slot_idx: int, send_pos: int, info: int, T: int):
         """ht_dispatch params of one routing (device pointers of its arrays); the per-call fields (inputs,
-        outputs, epoch) are zero until a dispatch updates them."""
+        outputs) are zero until a dispatch updates them."""
         cfg = self.cfg
         return structs.pack(
             structs.HT_DISPATCH_PARAMS, x=0, weights=0, route=route, slot_idx=slot_idx,
             send_pos=send_pos, info=info, data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
             sig_peers=ptr(self.sig.table), out=0, recv_rows=0, recv_w=0, item_ctr=ptr(self.item_ctr), counts_out=0,
-            expert_offsets=0, err=self.err.ptr, epoch=0, timeout_ns=self.timeout_ns,
+            expert_offsets=0, err=self.err.ptr, timeout_ns=self.timeout_ns,
             dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset, rank=self.rank,
             world=self.W, num_tokens=T, topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes,
             max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks,
@@ -292,8 +307,7 @@ class HtRuntime:
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
-        if self.last_op == "combine":
-            self.barrier(stream)
+        self._barrier_after("combine", stream)
         params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
         self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
         self.barrier(stream)

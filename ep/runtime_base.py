@@ -49,18 +49,20 @@ def block_count(cfg: MoECommunicatorConfig, knob_value: int, overlap_value: int 
 
 
 class Barrier:
-    """ep_barrier launches with a strictly increasing generation per communicator."""
+    """ep_barrier with its generation counted on the device (so CUDA graph replays advance it too)."""
 
     def __init__(self, kernel, sig: SymmetricBuffer, flags_offset: int, err: ErrorRecord, rank: int, world: int,
                  timeout_ns: int):
+        import cupy
+        import numpy as np
         self.kernel = kernel
-        self.generation = 0
-        self._params = structs.pack(structs.BARRIER_PARAMS, sig_peers=sig.table.data.ptr, err=err.ptr, value=0,
-                                    timeout_ns=timeout_ns, flags_offset=flags_offset, rank=rank, world=world)
+        self.generation = cupy.zeros(1, np.uint64)
+        cupy.cuda.runtime.deviceSynchronize()   # zero before a launch on any (non-blocking) stream reads it
+        self._params = structs.pack(structs.BARRIER_PARAMS, sig_peers=sig.table.data.ptr, err=err.ptr,
+                                    generation=self.generation.data.ptr, timeout_ns=timeout_ns,
+                                    flags_offset=flags_offset, rank=rank, world=world)
 
     def __call__(self, stream) -> None:
-        self.generation += 1
-        self._params["value"] = self.generation
         self.kernel.launch(1, 32, self._params, stream=stream)
 
 

@@ -14,7 +14,7 @@ constexpr int kRoutePosTile = 2048;  // columns per shared-memory tile of ht_rou
 struct BarrierParams {
   const u64* sig_peers;   // [W] base of every rank's signal buffer
   ErrorRecord* err;
-  u64 value;              // barrier generation, strictly increasing per communicator
+  u64* generation;        // device counter of this communicator's barriers (the kernel advances it)
   u64 timeout_ns;
   u64 flags_offset;       // byte offset of u64 flags[W] inside the signal buffer
   i32 rank;
@@ -63,11 +63,10 @@ struct HtDispatchParams {
   u8* out;                // [rows, H] (EXPERT_MAJOR viewed flat)
   i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
   float* recv_w;          // [n_recv, K]
-  u64* item_ctr;          // [2] this rank's receive items handed out, warps done (ht_dispatch.cu next_item)
+  u64* item_ctr;          // [3] receive items handed out, warps done, dispatches run (ht_dispatch.cu next_item)
   i32* counts_out;        // [L] rows per local expert (num_tokens_per_expert), or nullptr
   i64* expert_offsets;    // [L + 1], or nullptr
   ErrorRecord* err;
-  u64 epoch;
   u64 timeout_ns;
   u64 dflag_offset;       // u64 [W][max_chunks] in the signal buffer
   u64 drange_offset;      // int2 [W][max_chunks]

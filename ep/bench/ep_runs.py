@@ -4,8 +4,10 @@ Sections of one iteration (each after an L2 flush, a device synchronize and the 
   A  dispatch -> combine          marks: dispatch, dispatch+combine
   B  combine (A's handle again)   marks: combine           (timed alone, like the dispatch)
   C  (HT) cached dispatch         marks: cached dispatch   (previous_handle = A's handle)
-LL then times a CUDA graph of dispatch -> (identity MLP: nothing) -> combine, captured once after
-``prepare()`` and one eager dispatch+combine, replayed once per iteration.
+Then CUDA graphs, captured once and replayed once per iteration (GPU only): LL times dispatch -> (identity
+MLP: nothing) -> combine, captured after ``prepare()`` and one eager dispatch+combine; HT times a cached
+dispatch alone and a cached dispatch -> combine (A's handle; an uncached dispatch waits on the host, so it
+cannot be captured). A graph replay shows the ops without the host's Python in front of the kernels.
 The expert MLP is the identity: combine takes the dispatch's ``tokens`` as the expert output.
 """
 from __future__ import annotations
@@ -97,11 +99,11 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
 
         sections = [sec_dispatch_combine, sec_combine] + ([sec_cached] if shape.mode == "ht" else [])
         samples = timing.run_sections(clock, group, sections, ctx.args.warmup, ctx.args.iters, after_last=snapshot)
-        if shape.mode == "ll":
-            if gpu:
-                samples.update(_ll_graph(ctx, comm, dev_inputs, snaps))
-            else:
-                skipped.append("ll graph replay: GPU only (CUDA graphs); not run on the CPU backend")
+        if gpu:
+            graph_runs = _ll_graphs if shape.mode == "ll" else _ht_graphs
+            samples.update(graph_runs(ctx, comm, dev_inputs, state, snaps))
+        else:
+            skipped.append(f"{shape.mode} graph replay: GPU only (CUDA graphs); not run on the CPU backend")
         stats = timing.gather_stats(group, samples)
     except BaseException:
         state.clear()      # no close(): it is collective, and the other ranks may be stuck (cli._fail)
@@ -115,28 +117,19 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     both = f"{sms['dispatch']}/{sms['combine']}"
     rows = []
     order = [("dispatch", 1, sms["dispatch"]), ("cached dispatch", 1, sms["dispatch"]), ("combine", 1, sms["combine"]),
-             ("dispatch+combine", 2, both), ("graph dispatch+combine", 2, both)]
+             ("dispatch+combine", 2, both), ("graph dispatch+combine", 2, both),
+             ("graph cached dispatch", 1, sms["dispatch"]), ("graph cached dispatch+combine", 2, both)]
     for op, factor, sm in order:
         if op in stats:
             rows.append(report.op_row(f"ep {op}", "ep", stats[op], logical, physical, sm, factor))
     return {"config": config_dict(cfg), "sms": sms, "rows": rows, "snapshots": snaps, "skipped": skipped}
 
 
-def _ll_graph(ctx, comm, dev_inputs, snaps) -> dict[str, list[float]]:
-    """Capture dispatch -> combine once into a CUDA graph and time its replays."""
-    x, ids, w = dev_inputs
-    stream, clock, group = ctx.stream, ctx.clock, ctx.group
-    comm.prepare()
-    out, handle = comm.dispatch(x, ids, w, stream=stream)    # eager once: owned views exist before capture
-    comm.combine(out.tokens, handle, stream=stream)
-    stream.synchronize()
-    group.barrier()
-    captured: dict[str, Any] = {}
+def _capture(stream, body):
+    """(graph, what body returned): body's launches on ``stream`` captured into a CUDA graph."""
     stream.begin_capture()
     try:
-        out_g, handle_g = comm.dispatch(x, ids, w, stream=stream)
-        captured["y"] = comm.combine(out_g.tokens, handle_g, stream=stream)
-        captured["out"] = out_g
+        result = body()
     except BaseException:
         try:
             stream.end_capture()         # leave the stream usable; the original error is the one to see
@@ -145,19 +138,69 @@ def _ll_graph(ctx, comm, dev_inputs, snaps) -> dict[str, list[float]]:
         raise
     graph = stream.end_capture()
     graph.upload(stream)
+    return graph, result
 
-    def sec_graph():
-        m0 = clock.mark()
-        graph.launch(stream)
-        m1 = clock.mark()
-        return {"graph dispatch+combine": (m0, m1)}
+
+def _time_graphs(ctx, graphs: dict, snapshot) -> dict[str, list[float]]:
+    """Replay each named graph once per iteration (one section each) and time it."""
+    stream, clock = ctx.stream, ctx.clock
+
+    def section(name, graph):
+        def run():
+            m0 = clock.mark()
+            graph.launch(stream)
+            m1 = clock.mark()
+            return {name: (m0, m1)}
+        return run
+
+    sections = [section(name, graph) for name, graph in graphs.items()]
+    return timing.run_sections(clock, ctx.group, sections, ctx.args.warmup, ctx.args.iters, after_last=snapshot)
+
+
+def _ll_graphs(ctx, comm, dev_inputs, state, snaps) -> dict[str, list[float]]:
+    """Capture dispatch -> combine once into a CUDA graph and time its replays."""
+    x, ids, w = dev_inputs
+    stream = ctx.stream
+    comm.prepare()
+    out, handle = comm.dispatch(x, ids, w, stream=stream)    # eager once: owned views exist before capture
+    comm.combine(out.tokens, handle, stream=stream)
+    stream.synchronize()
+    ctx.group.barrier()
+
+    def body():
+        out_g, handle_g = comm.dispatch(x, ids, w, stream=stream)
+        return out_g, comm.combine(out_g.tokens, handle_g, stream=stream)
+
+    graph, (out_g, y_g) = _capture(stream, body)
 
     def snapshot():
         if ctx.args.validate:
-            snaps["graph dispatch"] = _host(captured["out"].tokens)
-            snaps["graph counts"] = _host(captured["out"].num_tokens_per_expert)
-            snaps["graph combine"] = _host(captured["y"])
+            snaps["graph dispatch"] = _host(out_g.tokens)
+            snaps["graph counts"] = _host(out_g.num_tokens_per_expert)
+            snaps["graph combine"] = _host(y_g)
 
-    samples = timing.run_sections(clock, group, [sec_graph], ctx.args.warmup, ctx.args.iters, after_last=snapshot)
-    captured.clear()
-    return samples
+    return _time_graphs(ctx, {"graph dispatch+combine": graph}, snapshot)
+
+
+def _ht_graphs(ctx, comm, dev_inputs, state, snaps) -> dict[str, list[float]]:
+    """Capture a cached dispatch (section A's handle) and a cached dispatch -> combine; time their replays."""
+    x, ids, w = dev_inputs
+    stream, handle = ctx.stream, state["handle"]
+    stream.synchronize()
+    ctx.group.barrier()
+    g1, (out1, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, previous_handle=handle, stream=stream))
+
+    def body():
+        out_g, handle_g = comm.dispatch(x, ids, w, previous_handle=handle, stream=stream)
+        return out_g, comm.combine(out_g.tokens, handle_g, stream=stream)
+
+    g2, (out2, y2) = _capture(stream, body)
+
+    def snapshot():
+        if ctx.args.validate:
+            snaps["graph cached dispatch"] = _host(out1.tokens)
+            snaps["graph cached counts"] = _host(out1.num_tokens_per_expert)
+            snaps["graph cached dispatch, second graph"] = _host(out2.tokens)
+            snaps["graph combine"] = _host(y2)
+
+    return _time_graphs(ctx, {"graph cached dispatch": g1, "graph cached dispatch+combine": g2}, snapshot)

@@ -53,8 +53,8 @@ def test_a_drifted_mirror_fails_to_compile():
     fields = [(n, base.fields[n][0]) for n in base.names]
     assert nvrtc_compile(PRELUDE + structs.static_asserts("BarrierParams", base))[0]
     drifted = {
-        "swapped": fields[:2] + [fields[3], fields[2]] + fields[4:],     # value <-> timeout_ns, both u64
-        "missing": fields[:2] + fields[3:],                               # no `value`
+        "swapped": fields[:2] + [fields[3], fields[2]] + fields[4:],     # generation <-> timeout_ns, both 8 bytes
+        "missing": fields[:2] + fields[3:],                               # no `generation`
         "wider": fields[:-1] + [("world", np.int64)],
     }
     for what, dtype_fields in drifted.items():
@@ -94,7 +94,7 @@ def test_error_record_is_40_bytes():
 
 # -------------------------------------------------------------------------------------------- pack
 def test_pack_fills_every_field():
-    rec = structs.pack(structs.BARRIER_PARAMS, sig_peers=0x1000, err=0x2000, value=7, timeout_ns=10**9,
+    rec = structs.pack(structs.BARRIER_PARAMS, sig_peers=0x1000, err=0x2000, generation=0x3000, timeout_ns=10**9,
                        flags_offset=64, rank=3, world=8)
     assert rec.shape == (1,) and rec.dtype == structs.BARRIER_PARAMS
     assert int(rec["sig_peers"][0]) == 0x1000 and int(rec["world"][0]) == 8 and int(rec["timeout_ns"][0]) == 10**9

@@ -25,7 +25,7 @@ extern "C" __global__ void peer_write(const unsigned long long* peers, int rank,
 
 
 @pytest.mark.mpi
-def test_every_rank_reads_what_each_peer_wrote_into_its_buffer_after_the_barrier(world):
+def test_every_rank_reads_what_each_peer_wrote_into_its_buffer_after_the_barrier_eager_or_replayed(world):
     multi_rank(world)
     import cupy
     from ep import jit
@@ -43,18 +43,31 @@ def test_every_rank_reads_what_each_peer_wrote_into_its_buffer_after_the_barrier
             barrier = Barrier(jit.load(jit.KernelVariant.of("barrier.cu"), ["ep_barrier"])["ep_barrier"], sig, 0, err,
                               world.rank, W, int(10e9))
             kernel = cupy.RawKernel(_PEER_WRITE, "peer_write")
-            stream = cupy.cuda.get_current_stream()
-            for rep in range(3):
+            stream = cupy.cuda.Stream(non_blocking=True)
+
+            def step():
                 barrier(stream)
-                kernel((1,), (256,), (buf.table, np.int32(world.rank), np.int32(W), np.int32(n)))
+                kernel((1,), (256,), (buf.table, np.int32(world.rank), np.int32(W), np.int32(n)), stream=stream)
                 barrier(stream)
+
+            with stream:    # the same step, captured once: its replays advance the device generation too
+                stream.begin_capture()
+                step()
+                graph = stream.end_capture()
+            for rep in range(6):
+                if rep % 2:
+                    graph.launch(stream)
+                else:
+                    step()
                 stream.synchronize()
                 assert not err.raised(), err.fields()
                 got = cupy.asnumpy(cupy.ndarray((W, n), np.int32, cupy.cuda.MemoryPointer(
                     cupy.cuda.UnownedMemory(buf.ptr, W * n * 4, buf), 0)))
                 want = (np.arange(W)[:, None] + 1) * 1000 + np.arange(n)[None, :]
-                assert np.array_equal(got, want)
+                assert np.array_equal(got, want), f"rep {rep}"
                 cupy.cuda.runtime.memset(buf.ptr, 0, W * n * 4)
+                cupy.cuda.runtime.deviceSynchronize()
+            assert int(barrier.generation.get()[0]) == 12   # eager and replayed barriers alike
             world.Barrier()
         finally:
             cupy.cuda.runtime.deviceSynchronize()

@@ -1,0 +1,81 @@
+"""HT cached dispatch and combine inside a torch CUDA graph, replayed between eager calls, bit-exact.
+
+A cached dispatch and a combine never wait on the host, so they can be captured; their sequence numbers
+(dispatch epoch, barrier generation) live on the device, so replays and eager calls interleave in any order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ep import testing as T
+from gpu_cases import build, collective, expert_scale, make_inputs, mlp_numpy, multi_rank, to_numpy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
+
+
+def test_a_graph_of_cached_dispatch_mlp_and_combine_replays_bit_exactly_between_eager_calls(world, session_seed):
+    multi_rank(world)
+    torch = pytest.importorskip("torch")
+
+    def body():
+        cfg, gpu, ref = build(world, "ht", 64, 1024, 8, 256, "flat")
+        scale = expert_scale(cfg, world.size)
+        T_mine = 200 + 17 * world.rank
+        try:
+            x0, ids, w0 = make_inputs(session_seed, world.rank, 0, T_mine, cfg, "uniform", 0.1, True, duplicates=True)
+            xd = torch.from_numpy(x0.view(np.int16)).cuda().view(torch.bfloat16)
+            idsd = torch.from_numpy(ids).cuda()
+            wd = torch.from_numpy(w0).cuda()
+            out, handle = gpu.dispatch(xd, idsd, wd)          # eager: the routing the graph reuses
+            want0, _ = ref.dispatch(x0, ids, w0)
+            offsets = want0.expert_offsets
+            row_scale = np.ones((to_numpy(out.tokens).shape[0], 1), np.float32)
+            for e in range(len(scale)):
+                row_scale[offsets[e]:offsets[e + 1]] = scale[e]
+            row_scale_d = torch.from_numpy(row_scale).cuda().to(torch.bfloat16)   # powers of two: exact
+
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g_out, g_handle = gpu.dispatch(xd, idsd, wd, previous_handle=handle)
+                g_y = g_out.tokens * row_scale_d
+                g_combined = gpu.combine(g_y, g_handle)
+
+            def check(call: int, what: str):
+                x, w = xd_host[call], wd_host[call]
+                want, want_handle = ref.dispatch(x, ids, w)
+                msg = f"seed={session_seed} rank={world.rank} {what}"
+                assert np.array_equal(to_numpy(g_out.tokens), want.tokens), msg
+                assert np.array_equal(to_numpy(g_out.num_tokens_per_expert), want.num_tokens_per_expert), msg
+                y = mlp_numpy(want.tokens, want.expert_offsets, scale, cfg.layout)
+                assert np.array_equal(to_numpy(g_combined), ref.combine(y, want_handle)), msg
+
+            xd_host, wd_host = {}, {}
+            for call in range(1, 5):
+                rng = T.seed_for(session_seed, world.rank, 100 + call)
+                xd_host[call] = T.random_tokens(rng, T_mine, cfg.hidden_size)
+                wd_host[call] = T.random_weights(rng, T_mine, cfg.topk)
+                xd.copy_(torch.from_numpy(xd_host[call].view(np.int16)).view(torch.bfloat16))
+                wd.copy_(torch.from_numpy(wd_host[call]))
+                graph.replay()
+                if call == 2:        # twice in a row: dispatch, combine, dispatch, combine from replays alone
+                    graph.replay()
+                torch.cuda.synchronize()
+                check(call, f"replay {call}")
+                if call % 2:         # eager calls in between advance the device epochs on every rank alike
+                    x_e, ids_e, w_e = make_inputs(session_seed, world.rank, 10 + call, 64, cfg, "skewed", 0.0, True)
+                    e_out, e_handle = gpu.dispatch(torch.from_numpy(x_e.view(np.int16)).cuda().view(torch.bfloat16),
+                                                   torch.from_numpy(ids_e).cuda(), torch.from_numpy(w_e).cuda())
+                    e_cached, _ = gpu.dispatch(torch.from_numpy(x_e.view(np.int16)).cuda().view(torch.bfloat16),
+                                               torch.from_numpy(ids_e).cuda(), torch.from_numpy(w_e).cuda(),
+                                               previous_handle=e_handle)
+                    e_comb = gpu.combine(e_cached.tokens, e_handle)
+                    want_e, want_e_handle = ref.dispatch(x_e, ids_e, w_e)
+                    assert np.array_equal(to_numpy(e_cached.tokens), want_e.tokens)
+                    assert np.array_equal(to_numpy(e_comb), ref.combine(want_e.tokens, want_e_handle))
+        finally:
+            torch.cuda.synchronize()
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
