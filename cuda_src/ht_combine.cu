@@ -169,14 +169,11 @@ __device__ __forceinline__ void gather_tma(const HtCombineParams& p, u8* stages,
     const int nv = min(kCombineSegBytes, p.row_bytes - cons.g * kCombineSegBytes) / kVecBytes;
     if (cons.first) {   // a new (token, segment): acc is free, fold the own partial now if there is one
       if (cons.mask & own) {
-        if (cons.g == 0) {
+        if (cons.g == 0) {   // once per token: its slots stay in the lanes for the other segments
           int my_row;
-          own_slots(p, cons.t, lane, &my_row, &own_w);
-          const u32 m = __ballot_sync(0xFFFFFFFFu, my_row >= 0);
-          const u64 addr = my_row >= 0 ? reinterpret_cast<u64>(p.expert_out) + static_cast<u64>(my_row) * p.row_bytes : 0;
-          n_own = __popc(m);
-          own_src = compact_by_mask(m, addr, lane);
-          own_w = __shfl_sync(0xFFFFFFFFu, own_w, lane < n_own ? static_cast<int>(__fns(m, 0, lane + 1)) : 0);
+          float my_w;
+          own_slots(p, cons.t, lane, &my_row, &my_w);
+          n_own = compact_slots(p.expert_out, p.row_bytes, p.topk, my_row, my_w, lane, &own_src, &own_w);
         }
         own_partial_segment(own_stage, own_src, own_w, n_own, cons.g * kCombineSegBytes, nv, lane);
       }

@@ -82,16 +82,27 @@ __device__ __forceinline__ void warp_fold_rows(uint4* dst, u64 my_src, float my_
   }
 }
 
+// A token's slots, compacted: lane k holds (my_row, my_w) of slot k (my_row < 0: not a row here). Returns n;
+// lanes 0..n-1 get (*src, *w) = (address of y[row], weight) of the used slots, k ascending.
+__device__ __forceinline__ int compact_slots(const u8* y, int row_bytes, int K, int my_row, float my_w, int lane,
+                                             u64* src, float* w) {
+  const u32 mask = __ballot_sync(0xFFFFFFFFu, lane < K && my_row >= 0);
+  const u64 addr = my_row >= 0 ? reinterpret_cast<u64>(y) + static_cast<u64>(my_row) * row_bytes : 0;
+  const int n = __popc(mask);
+  *src = compact_by_mask(mask, addr, lane);
+  *w = __shfl_sync(0xFFFFFFFFu, my_w, lane < n ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0);
+  return n;
+}
+
 // dst = bf16( sum over k = 0..K-1 with row_k >= 0 of w_k * y[row_k] ), k ascending; lane k holds
 // (my_row, my_w) of slot k.
 template <int kRows = kRowBatch, int kVecs = kReduceUnroll>
 __device__ __forceinline__ void warp_weighted_sum(uint4* dst, const u8* y, int row_bytes, int K, int my_row,
                                                   float my_w, int lane) {
-  const u32 mask = __ballot_sync(0xFFFFFFFFu, lane < K && my_row >= 0);
-  const u64 addr = my_row >= 0 ? reinterpret_cast<u64>(y) + static_cast<u64>(my_row) * row_bytes : 0;
-  const u64 src = compact_by_mask(mask, addr, lane);
-  const float w = __shfl_sync(0xFFFFFFFFu, my_w, lane < __popc(mask) ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0);
-  warp_fold_rows<true, kRows, kVecs>(dst, src, w, __popc(mask), row_bytes, lane);
+  u64 src;
+  float w;
+  const int n = compact_slots(y, row_bytes, K, my_row, my_w, lane, &src, &w);
+  warp_fold_rows<true, kRows, kVecs>(dst, src, w, n, row_bytes, lane);
 }
 
 // dst = bf16( sum of the n rows whose addresses lanes 0..n-1 hold, in lane order ); n == 0 writes zeros.
