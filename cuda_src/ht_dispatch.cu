@@ -2,7 +2,11 @@
 //
 // Buffers (symmetric, one allocation each per rank):
 //   data[s][pos]  row_bytes  token `pos` that source s sent here (pos = its index among s's tokens for us);
-//                            the self region is never written: our own tokens are read from x
+//                            the self region is never written: our own tokens are read from x. With owned
+//                            outputs (config owned_output) the rows go straight into out_peers[d] instead,
+//                            at the token's first expert row there (exchange's peer_row), and the receiver
+//                            copies that row to the token's other experts: one local row copy less per
+//                            (token, rank).
 //   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]} (remote s only;
 //                 token is not read, it keeps the record fully defined)
 //   sig.dflag[s][c] u64, sig.drange[s][c] int2: remote source s finished chunk c; its slots are [x, y)
@@ -38,16 +42,19 @@ struct SendToken {
   int pos;     // lane d < W: slot of the token in rank d's region for us, or -1
   int code;    // lane k < K: global expert | kDupBit, or -1
   int sidx;    // lane k < K: index among this rank's tokens of that expert
+  int orow;    // lane k < K, owned outputs only: the slot's row in its expert owner's output (-1: repeated / unused)
   float w;     // lane k < K
 };
 
 __device__ __forceinline__ SendToken load_send_token(const HtDispatchParams& p, int t, int lane) {
-  SendToken v{-1, -1, -1, 1.f};
+  SendToken v{-1, -1, -1, -1, 1.f};
   if (lane < p.world) v.pos = p.send_pos[static_cast<i64>(t) * p.world + lane];
   if (lane < p.topk) {
     v.code = p.route[static_cast<i64>(t) * p.topk + lane];
     v.sidx = p.slot_idx[static_cast<i64>(t) * p.topk + lane];
     if (p.weights) v.w = p.weights[static_cast<i64>(t) * p.topk + lane];
+    if (p.out_peers && v.code >= 0 && !(v.code & kDupBit))
+      v.orow = p.info[InfoLayout(p.local_experts, p.world).peer_row + v.code] + v.sidx;
   }
   return v;
 }
@@ -55,6 +62,15 @@ __device__ __forceinline__ SendToken load_send_token(const HtDispatchParams& p, 
 // Slot code as rank d sees it: its local expert | kDupBit when rank d owns global expert `code`, else -1.
 __device__ __forceinline__ int local_code(int code, int L, int d) {
   return code >= 0 && (code & ~kDupBit) / L == d ? ((code & ~kDupBit) % L) | (code & kDupBit) : -1;
+}
+
+// Where a token's row goes on rank d (lane d holds it): its slot in our region of d's data buffer, or, with
+// owned outputs, the row of its first (lowest slot) expert of d in d's output, where the receivers copy it
+// to the token's other experts of d from.
+__device__ __forceinline__ u64 send_dst(const HtDispatchParams& p, const SendToken& tok, int orow_d, int lane) {
+  if (tok.pos < 0) return 0;
+  if (p.out_peers) return p.out_peers[lane] + static_cast<u64>(orow_d) * p.row_bytes;
+  return p.data_peers[lane] + (static_cast<u64>(p.rank) * p.max_tokens + tok.pos) * p.row_bytes;
 }
 
 // Sender block b owns chunks b, b + S, b + 2S, ... and its warps take the next one from a shared counter
@@ -95,21 +111,26 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, u8
         staged.idx()[lane] = tok.sidx;
         staged.w()[lane] = tok.w;
       }
+      int orow_d = -1;   // lane d: the token's row in rank d's owned output
       for (u32 m = rmask; m; m &= m - 1) {
         const int d = __ffs(m) - 1;
         const int pos = __shfl_sync(0xFFFFFFFFu, tok.pos, d);
         const u64 slot = static_cast<u64>(p.rank) * p.max_tokens + pos;
-        if (lane < K) staged.lexp()[lane] = local_code(tok.code, L, d);
+        const int lexp = local_code(tok.code, L, d);
+        if (lane < K) staged.lexp()[lane] = lexp;
+        if (p.out_peers) {
+          const u32 first = __ballot_sync(0xFFFFFFFFu, tok.orow >= 0 && lexp >= 0);   // never 0: d is named
+          const int row = __shfl_sync(0xFFFFFFFFu, tok.orow, __ffs(first) - 1);
+          if (lane == d) orow_d = row;
+        }
         __syncwarp();
         if (lane < p.meta_stride / kVecBytes)
           st_v4(reinterpret_cast<uint4*>(p.meta_peers[d] + slot * p.meta_stride) + lane,
                 reinterpret_cast<const uint4*>(meta_stage)[lane]);
         __syncwarp();   // the record is sent before the next destination rewrites lexp
       }
-      // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's slot.
-      const u64 my_slot = static_cast<u64>(p.rank) * p.max_tokens + tok.pos;
-      const u64 dst_of_lane = tok.pos >= 0 ? p.data_peers[lane] + my_slot * p.row_bytes : 0;
-      const u64 my_dst = compact_by_mask(rmask, dst_of_lane, lane);
+      // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's address.
+      const u64 my_dst = compact_by_mask(rmask, send_dst(p, tok, orow_d, lane), lane);
       if (kDispatchTma) {
         if (lane == 0 && rmask) staged_row_wait(bar, phase);
         staged_row_store(my_dst, __popc(rmask), my_row, p.row_bytes, lane);
@@ -152,9 +173,11 @@ __device__ __forceinline__ RecvToken load_recv_token(const HtDispatchParams& p, 
 }
 
 // Expand received token i (of source s; row `src`) into one output row per local expert it names, and
-// record its rows and weights for combine.
+// record its rows and weights for combine. in_place (owned outputs, remote tokens): the sender wrote the row
+// into the token's first expert row already; it is the source of the copies to the others, `src` unused.
 __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i64 i, const RecvToken& tok,
-                                             const u8* src, u8* stage, u64* bar, u32& phase, int lane) {
+                                             const u8* src, bool in_place, u8* stage, u64* bar, u32& phase,
+                                             int lane) {
   const int K = p.topk;
   const InfoLayout lay(p.local_experts, p.world);
   int row = -1;
@@ -163,7 +186,11 @@ __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i
     p.recv_rows[i * K + lane] = row;
     p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
   }
-  const u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
+  u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
+  if (in_place && copy_mask) {
+    src = p.out + static_cast<u64>(__shfl_sync(0xFFFFFFFFu, row, __ffs(copy_mask) - 1)) * p.row_bytes;
+    copy_mask &= copy_mask - 1;
+  }
   // Lane j (j < n) fetches the j-th destination, so one read of the row feeds every store.
   const int n = __popc(copy_mask);
   const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
@@ -194,7 +221,7 @@ __device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int 
     if (pos < 0) continue;
     const RecvToken rt{local_code(tok.code, p.local_experts, p.rank), tok.sidx, tok.w};
     expand_token(p, p.rank, static_cast<i64>(p.info[lay.recv_prefix + p.rank]) + pos, rt,
-                 p.x + static_cast<i64>(t) * p.row_bytes, stage, bar, phase, lane);
+                 p.x + static_cast<i64>(t) * p.row_bytes, false, stage, bar, phase, lane);
   }
 }
 
@@ -245,6 +272,7 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, 
   const u8* my_sig = reinterpret_cast<const u8*>(p.sig_peers[p.rank]);
   const u8* my_data = reinterpret_cast<const u8*>(p.data_peers[p.rank]);
   const u8* my_meta = reinterpret_cast<const u8*>(p.meta_peers[p.rank]);
+  const bool in_place = p.out_peers != nullptr;
   for (;;) {
     int item = 0;
     if (lane == 0) item = next_item(p.item_ctr);
@@ -277,8 +305,8 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, 
     for (int pos = start; pos < end; ++pos) {
       const RecvToken tok = cur;
       if (pos + 1 < end) cur = load_recv_token(p, my_meta + (slot0 + pos + 1) * p.meta_stride, lane);
-      expand_token(p, s, static_cast<i64>(info[lay.recv_prefix + s]) + pos, tok, my_data + (slot0 + pos) * p.row_bytes,
-                   stage, bar, phase, lane);
+      expand_token(p, s, static_cast<i64>(info[lay.recv_prefix + s]) + pos, tok,
+                   in_place ? nullptr : my_data + (slot0 + pos) * p.row_bytes, in_place, stage, bar, phase, lane);
     }
   }
   if (kRecvTma && lane == 0) tma_wait_all();

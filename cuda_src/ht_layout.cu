@@ -7,7 +7,9 @@
 //                    every peer's count slot [rank] (plain stores, then st.release.sys of the slot's
 //                    epoch), acquire-waits for every peer's slot, derives the receive layout (expert
 //                    bases with alignment padding, per-source row bases, receive counts) into the per-call
-//                    `info` array and the mapped pinned host mirror, then sets host_epoch = epoch.
+//                    `info` array and the mapped pinned host mirror, then sets host_epoch = epoch. The
+//                    slots hold all E counts, so it also derives where our tokens go in every peer's
+//                    output (peer_row: owned outputs, which senders write into directly).
 //                    The host waits on host_epoch (bounded) to size the outputs.
 // ht_route_positions grid = ceil(T/128): per-slot index within its expert and per-destination slot, in
 //                    token order, so row order never depends on timing.
@@ -87,11 +89,13 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   __syncthreads();
   const int bad_index = *p.bad;
   const int invalid = bad_index != 0x7FFFFFFF;
-  // 2. publish totals: peer d's slot [rank] gets rows per expert of d and the token count for d.
-  for (int i = tid; i < W * L; i += blockDim.x) {
-    const int d = i / L, e = i % L;
+  // 2. publish totals: every peer's slot [rank] gets our rows per expert, all E of them (so every rank can
+  //    derive every rank's layout: peer_row below), and the token count for that peer.
+  const int E = p.num_experts;
+  for (int i = tid; i < W * E; i += blockDim.x) {
+    const int d = i / E, g = i % E;
     i32* slot = reinterpret_cast<i32*>(p.sig_peers[d] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
-    slot[6 + e] = s_total[d * L + e];
+    slot[6 + g] = s_total[g];
   }
   if (tid < W) {
     i32* slot = reinterpret_cast<i32*>(p.sig_peers[tid] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
@@ -118,9 +122,10 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   const InfoLayout lay(L, W);
   i32* info = p.info;
   auto slot_of = [&](int s) { return reinterpret_cast<const volatile i32*>(my_cnt + static_cast<u64>(s) * p.cnt_stride); };
+  const int mine = p.rank * L;   // our experts' columns in the count slots
   for (int e = tid; e < L; e += blockDim.x) {
     int c = 0;
-    for (int s = 0; s < W; ++s) c += slot_of(s)[6 + e];
+    for (int s = 0; s < W; ++s) c += slot_of(s)[6 + mine + e];
     info[lay.counts + e] = c;
     const int padded = (c + p.alignment - 1) / p.alignment * p.alignment;
     info[lay.base + e] = padded;   // sizes for now, scanned below
@@ -155,14 +160,36 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
     int row = info[lay.base + e];
     for (int s = 0; s < W; ++s) {
       info[lay.src_base + s * L + e] = row;
-      row += slot_of(s)[6 + e];
+      row += slot_of(s)[6 + mine + e];
+    }
+  }
+  // 5. the same layout rule for every rank d: peer_row[g] = the row in the output of g's owner where our
+  //    tokens of g start (senders write there when outputs are owned). s_total is free again: padded sizes.
+  for (int g = tid; g < E; g += blockDim.x) {
+    int total = 0, before = 0;
+    for (int s = 0; s < W; ++s) {
+      const int c = slot_of(s)[6 + g];
+      total += c;
+      if (s < p.rank) before += c;
+    }
+    s_total[g] = (total + p.alignment - 1) / p.alignment * p.alignment;
+    info[lay.peer_row + g] = before;
+  }
+  __syncthreads();
+  for (int d = tid; d < W; d += blockDim.x) {
+    int cap = 0;
+    for (int e = 0; e < L; ++e) cap = max(cap, s_total[d * L + e]);
+    int running = 0;
+    for (int e = 0; e < L; ++e) {
+      info[lay.peer_row + d * L + e] += running;
+      running += p.expert_major ? cap : s_total[d * L + e];
     }
   }
   __syncthreads();
-  for (int i = tid; i < lay.size; i += blockDim.x) p.host_info[i] = info[i];
+  for (int i = tid; i < lay.peer_row; i += blockDim.x) p.host_info[i] = info[i];
   if (tid == 0) {
-    p.host_info[lay.size] = bad_index;
-    p.host_info[lay.size + 1] = invalid ? load_id(p.topk_ids, p.ids_64, bad_index) : 0;
+    p.host_info[lay.peer_row] = bad_index;
+    p.host_info[lay.peer_row + 1] = invalid ? load_id(p.topk_ids, p.ids_64, bad_index) : 0;
   }
   __threadfence_system();
   __syncthreads();

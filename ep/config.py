@@ -51,6 +51,10 @@ class MoECommunicatorConfig:
       "ll" (low latency: no host synchronization, fixed-capacity EXPERT_MAJOR output, graph capturable).
     num_experts (E), hidden_size (H, multiple of 8), topk (K <= E), max_tokens_per_rank (T_max).
     Experts are placed evenly and contiguously: rank r owns experts [r*E/W, (r+1)*E/W).
+    owned_output ("ht", FLAT): dispatch returns ``tokens`` as a view of a communicator-owned buffer of
+      ``W*T_max*min(K, L) + L*(expert_alignment-1)`` rows (ep.sizes.owned_output_rows), valid until the next
+      dispatch. Peers then write every received token straight into its first expert row, which saves the
+      receiver one row copy per (token, rank) (docs/perf.md row 27). Off: fresh exact-size outputs per call.
     """
 
     mode: str = "ht"
@@ -63,6 +67,7 @@ class MoECommunicatorConfig:
     output_layout: DispatchLayout | None = None   # None: FLAT for "ht", EXPERT_MAJOR for "ll"
     dtype: str = "bfloat16"
     timeout_s: float = 60.0
+    owned_output: bool = False
     overlap: CommOverlapConfig = field(default_factory=CommOverlapConfig)
 
     def __post_init__(self):
@@ -91,6 +96,13 @@ class MoECommunicatorConfig:
             raise ConfigError(f"output_layout must be a DispatchLayout or None, got {self.output_layout!r}")
         if self.mode == "ll" and self.expert_alignment != 1:
             raise ConfigError("expert_alignment applies to mode='ht' only (LL segments have a fixed capacity)")
+        if not isinstance(self.owned_output, bool):
+            raise ConfigError(f"owned_output must be a bool, got {self.owned_output!r}")
+        if self.owned_output and self.mode != "ht":
+            raise ConfigError("owned_output applies to mode='ht' (LL outputs are communicator-owned already)")
+        if self.owned_output and self.layout is not DispatchLayout.FLAT:
+            raise ConfigError("owned_output needs the FLAT layout: an owned EXPERT_MAJOR output would have to hold "
+                              "L x W*T_max rows (its worst-case capacity)")
         if not isinstance(self.overlap, CommOverlapConfig):
             raise ConfigError(f"overlap must be a CommOverlapConfig, got {self.overlap!r}")
         if self.mode == "ht" and (self.overlap.dispatch_num_sms or self.num_sms) < 2:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arrays, reference
+from . import arrays, reference, sizes
 from .bootstrap import Group
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
 from .envs import Snapshot
@@ -34,6 +34,7 @@ class CpuRuntime:
         self.W, self.rank = group.size, group.rank
         self.L = cfg.num_experts // self.W
         self.seq = 0
+        self.owned = None   # owned_output: the buffer every dispatch's tokens view (allocated at first use)
 
     def check_errors(self) -> None:
         pass
@@ -74,6 +75,12 @@ class CpuRuntime:
             target = arrays.to_numpy(output_buffer)
             target[...] = res.tokens.reshape(target.shape)
             tokens_out = output_buffer if cfg.layout is not DispatchLayout.FLAT else output_buffer.reshape(tokens.shape)
+        elif cfg.owned_output:   # like the GPU: a view of one buffer, overwritten by the next dispatch
+            if self.owned is None:
+                self.owned = np.empty((sizes.owned_output_rows(cfg, W), cfg.hidden_size), np.uint16)
+            view = self.owned[:tokens.shape[0]]
+            view[...] = tokens
+            tokens_out = arrays.from_numpy(view, framework, bf16=True, like=x)
         else:
             tokens_out = arrays.from_numpy(tokens, framework, bf16=True, like=x)
         self.seq += 1

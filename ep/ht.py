@@ -4,6 +4,12 @@ Uncached dispatch:  ht_route_count -> ht_route_exchange -> ht_route_positions (q
                     the mapped pinned epoch to size the outputs exactly, then ht_dispatch (which also writes
                     the call's counts and offsets, as for a cached dispatch).
 Cached dispatch:    (ep_barrier if the previous op was a dispatch) -> ht_dispatch, with the handle's layout.
+Owned output (config owned_output): ht_dispatch's senders write each token straight into its first expert
+                    row of the destination's owned output (the exchange tells every rank every rank's layout)
+                    instead of the data buffer, and receivers copy it from there to the token's other experts.
+                    Still safe to overwrite at the next dispatch: a peer's next dispatch starts after the
+                    count exchange (uncached), the combine's barrier, or the explicit barrier (cached), all
+                    of which this rank reaches only after the work queued before it, its MLP included.
 Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_reduce -> ep_barrier ->
                     ht_combine_gather.
 Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
@@ -111,6 +117,9 @@ class HtRuntime:
         self.data = self._sym(self.layout.data_bytes, "ht.data")
         self.meta = self._sym(self.layout.meta_bytes, "ht.meta")
         self.sig = self._sym(self.layout.sig_bytes, "ht.sig")
+        # Owned dispatch output (config owned_output): peers write received rows straight into it.
+        self.owned = self._sym(self.layout.out_bytes, "ht.out") if cfg.owned_output else None
+        self._owned_views: dict = {}
         self.err = ErrorRecord()
         # ht_dispatch's receive-item counter and done count (reset by the kernel) and its epoch, the count of
         # dispatches run (advanced by the kernel, so CUDA graph replays advance it too).
@@ -119,10 +128,13 @@ class HtRuntime:
         # by ht_route_exchange once read), then chunk_cnt [chunks, E + W] (fully rewritten by ht_route_count).
         max_chunks = -(-cfg.max_tokens_per_rank // sizes.ROUTE_CHUNK)
         self.route_scratch = cupy.full(1 + max_chunks * (cfg.num_experts + self.W), INT_MAX, np.int32)
-        self.info_size = sizes.info_layout(self.L, self.W)["size"]
-        self.host = HostMapped(8 + 4 * (self.info_size + 2))
+        info_lay = sizes.info_layout(self.L, self.W)
+        self.info_size = info_lay["size"]
+        # The host mirror: info up to peer_row (the host never reads the peers' layout), then bad index, value.
+        self.host_size = info_lay["peer_row"]
+        self.host = HostMapped(8 + 4 * (self.host_size + 2))
         self.host_epoch = self.host.view(np.uint64, 1)
-        self.host_info = self.host.view(np.int32, self.info_size + 2, offset=8)
+        self.host_info = self.host.view(np.int32, self.host_size + 2, offset=8)
         # Routing kernels' params, per-call fields zero: each uncached dispatch fills a copy.
         bad = ptr(self.route_scratch)
         self.route_params = structs.pack(
@@ -223,7 +235,7 @@ class HtRuntime:
         invalid = int(hi[lay["invalid_mask"]])
         if invalid:
             if invalid >> self.rank & 1:
-                flat, value = int(hi[self.info_size]), int(hi[self.info_size + 1])
+                flat, value = int(hi[self.host_size]), int(hi[self.host_size + 1])
                 raise ValueError(f"topk_ids[{flat // K}, {flat % K}] = {value} is outside [-1, {E}); nothing was sent")
             bad_ranks = [r for r in range(W) if invalid >> r & 1]
             raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids to this dispatch; nothing was sent")
@@ -258,12 +270,17 @@ class HtRuntime:
         # Receive lists sized exactly (a handle keeps them until it is dropped), in the caller's framework like
         # the outputs: inside a torch CUDA graph capture they come from the graph's memory pool too.
         n = max(routing.n_recv, 1)
-        specs = [(shape, "bf16"), ((2, n, K), "int32")]
-        if previous is None:
-            (tokens, tokens_ptr), (recv_lists, rows_ptr) = arrays.empty_many(framework, specs, stream)
+        specs = [((2, n, K), "int32")] + ([] if previous is None else counts_specs)
+        if self.owned is None:
+            specs.insert(0, (shape, "bf16"))
+        allocated = arrays.empty_many(framework, specs, stream)
+        if self.owned is None:
+            tokens, tokens_ptr = allocated.pop(0)
         else:
-            (tokens, tokens_ptr), (recv_lists, rows_ptr), (offsets, offsets_ptr), (counts_dev, counts_ptr) = \
-                arrays.empty_many(framework, specs + counts_specs, stream)
+            tokens, tokens_ptr = self._owned_view(framework, shape[0]), self.owned.ptr
+        (recv_lists, rows_ptr), *rest = allocated
+        if previous is not None:
+            (offsets, offsets_ptr), (counts_dev, counts_ptr) = rest
         w_ptr = rows_ptr + 4 * n * K
         # The dispatch kernel writes counts and offsets from the routing's info (fresh arrays every call).
         params = structs.update(
@@ -288,7 +305,8 @@ class HtRuntime:
         return structs.pack(
             structs.HT_DISPATCH_PARAMS, x=0, weights=0, route=route, slot_idx=slot_idx,
             send_pos=send_pos, info=info, data_peers=ptr(self.data.table), meta_peers=ptr(self.meta.table),
-            sig_peers=ptr(self.sig.table), out=0, recv_rows=0, recv_w=0, item_ctr=ptr(self.item_ctr), counts_out=0,
+            sig_peers=ptr(self.sig.table), out=0, out_peers=0 if self.owned is None else ptr(self.owned.table),
+            recv_rows=0, recv_w=0, item_ctr=ptr(self.item_ctr), counts_out=0,
             expert_offsets=0, err=self.err.ptr, timeout_ns=self.timeout_ns,
             dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset, rank=self.rank,
             world=self.W, num_tokens=T, topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes,
@@ -305,6 +323,18 @@ class HtRuntime:
             timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens, topk=cfg.topk,
             local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
 
+    def _owned_view(self, framework: str, rows: int):
+        """The first ``rows`` rows of the owned output in the caller's framework (the whole-buffer view is made
+        once per framework: a DLPack conversion per call would cost host time)."""
+        view = self._owned_views.get(framework)
+        if view is None:
+            cp = self._cupy
+            H = self.cfg.hidden_size
+            mem = cp.cuda.UnownedMemory(self.owned.ptr, self.layout.out_bytes, self.owned)
+            full = cp.ndarray((self.layout.out_bytes // (2 * H), H), np.uint16, cp.cuda.MemoryPointer(mem, 0))
+            view = self._owned_views[framework] = arrays.to_framework(full, framework, bf16=True)
+        return view[:rows]
+
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
         self._barrier_after("combine", stream)
@@ -316,6 +346,7 @@ class HtRuntime:
         self.last_op = "combine"
 
     def close(self) -> None:
+        self._owned_views = {}
         for buf in self._bufs:
             buf.close()
         self._bufs = []

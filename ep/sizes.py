@@ -38,7 +38,8 @@ def info_layout(L: int, W: int) -> dict[str, int]:
     lay["recv_n"] = lay["src_base"] + W * L
     lay["recv_prefix"] = lay["recv_n"] + W
     lay["src_T"] = lay["recv_prefix"] + W + 1
-    lay["size"] = lay["src_T"] + W
+    lay["peer_row"] = lay["src_T"] + W      # [E]: device only, the host mirror holds the fields before it
+    lay["size"] = lay["peer_row"] + W * L
     return lay
 
 
@@ -49,6 +50,7 @@ class HtLayout:
     data_bytes: int        # [W][T_max][row]
     meta_bytes: int        # [W][T_max][meta_stride]
     sig_bytes: int
+    out_bytes: int         # owned dispatch output [owned_output_rows, H], 0 without owned_output
     barrier_offset: int
     cnt_offset: int
     cnt_stride: int
@@ -58,21 +60,29 @@ class HtLayout:
 
     @property
     def total(self) -> int:
-        return self.data_bytes + self.meta_bytes + self.sig_bytes
+        return self.data_bytes + self.meta_bytes + self.sig_bytes + self.out_bytes
+
+
+def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
+    """Rows of the owned HT dispatch output: the most a FLAT output can need, every token of every rank naming
+    min(K, L) of our experts, plus the alignment padding of every expert."""
+    L = cfg.num_experts // world
+    return world * cfg.max_tokens_per_rank * min(cfg.topk, L) + L * (cfg.expert_alignment - 1)
 
 
 def ht_layout(cfg: MoECommunicatorConfig, world: int) -> HtLayout:
     L = cfg.num_experts // world
     T = cfg.max_tokens_per_rank
     max_chunks = -(-T // HT_CHUNK_TOKENS)
-    cnt_stride = round_up(24 + 4 * L, 16)
+    cnt_stride = round_up(24 + 4 * cfg.num_experts, 16)   # every rank's layout is known to every rank
     barrier_offset = 0
     cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
     dflag_offset = round_up(cnt_offset + world * cnt_stride, 128)
     drange_offset = round_up(dflag_offset + world * max_chunks * 8, 128)
     sig_bytes = round_up(drange_offset + world * max_chunks * 8, 4096)
-    return HtLayout(world * T * row_bytes(cfg), world * T * meta_stride(cfg.topk), sig_bytes, barrier_offset,
-                    cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
+    out_bytes = owned_output_rows(cfg, world) * row_bytes(cfg) if cfg.owned_output else 0
+    return HtLayout(world * T * row_bytes(cfg), world * T * meta_stride(cfg.topk), sig_bytes, out_bytes,
+                    barrier_offset, cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
 
 
 @dataclass(frozen=True)

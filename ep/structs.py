@@ -33,8 +33,8 @@ HT_ROUTE_PARAMS = _struct(
 
 HT_DISPATCH_PARAMS = _struct(
     ("x", _P), ("weights", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("info", _P),
-    ("data_peers", _P), ("meta_peers", _P), ("sig_peers", _P), ("out", _P), ("recv_rows", _P), ("recv_w", _P),
-    ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P), ("timeout_ns", _U64),
+    ("data_peers", _P), ("meta_peers", _P), ("sig_peers", _P), ("out", _P), ("out_peers", _P), ("recv_rows", _P),
+    ("recv_w", _P), ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P), ("timeout_ns", _U64),
     ("dflag_offset", _U64), ("drange_offset", _U64),
     ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I),
     ("max_tokens", _I), ("chunk_tokens", _I), ("max_chunks", _I), ("meta_stride", _I), ("send_blocks", _I),

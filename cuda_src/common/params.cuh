@@ -36,7 +36,7 @@ struct HtRouteParams {
   u64 epoch;
   u64 timeout_ns;
   u64 cnt_offset;         // byte offset of the count slots in the signal buffer
-  i32 cnt_stride;         // bytes per source's count slot
+  i32 cnt_stride;         // bytes per source's count slot: u64 epoch, i32 tokens-to-you, T, invalid, pad, counts[E]
   i32 ids_64;
   i32 rank;
   i32 world;
@@ -61,6 +61,8 @@ struct HtDispatchParams {
   const u64* meta_peers;  // [W] base of every rank's meta buffer: [W][T_max][meta_stride]
   const u64* sig_peers;   // [W]
   u8* out;                // [rows, H] (EXPERT_MAJOR viewed flat)
+  const u64* out_peers;   // [W] every rank's owned output (config owned_output), or nullptr: then senders write
+                          // rows into the data buffers and receivers copy every row out of them
   i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
   float* recv_w;          // [n_recv, K]
   u64* item_ctr;          // [3] receive items handed out, warps done, dispatches run (ht_dispatch.cu next_item)
@@ -142,9 +144,11 @@ struct LLParams {
 };
 
 // Per-call HT info (i32 array), written by ht_route_exchange. Mirrored by ep/sizes.py info_layout().
+// counts[L], base[L + 1], src_base[W][L] describe this rank's output; peer_row[E] describes the peers': the
+// row of this rank's first token of global expert g in the output of g's owner (the host mirror stops there).
 struct InfoLayout {
   int invalid_mask, total_rows, capacity, n_recv_total;
-  int counts, base, src_base, recv_n, recv_prefix, src_T, size;
+  int counts, base, src_base, recv_n, recv_prefix, src_T, peer_row, size;
   __device__ __forceinline__ InfoLayout(int L, int W) {
     invalid_mask = 0;
     total_rows = 1;
@@ -156,7 +160,8 @@ struct InfoLayout {
     recv_n = src_base + W * L;
     recv_prefix = recv_n + W;
     src_T = recv_prefix + W + 1;
-    size = src_T + W;
+    peer_row = src_T + W;
+    size = peer_row + W * L;
   }
 };
 

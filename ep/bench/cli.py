@@ -52,6 +52,9 @@ def parse_args(argv):
     p.add_argument("--nccl-impl", choices=("auto", "torch", "cupy"), default="auto",
                    help="NCCL baseline through torch.distributed or cupy.cuda.nccl (default: torch when present)")
     p.add_argument("--no-baselines", action="store_true", help="time ep only")
+    p.add_argument("--owned-output", action="store_true",
+                   help="HT: MoECommunicatorConfig(owned_output=True): dispatch writes into a communicator-owned output "
+                        "(every section's tokens then view that one buffer)")
     args = p.parse_args(argv)
     for name in ("tokens", "hidden", "experts", "topk", "num_sms", "dispatch_nsm", "combine_nsm", "iters"):
         value = getattr(args, name)

@@ -23,10 +23,11 @@ from . import report, timing
 from .workload import Shape, Volume
 
 
-def make_config(shape: Shape, num_sms: int, dispatch_nsm: int | None, combine_nsm: int | None) -> MoECommunicatorConfig:
+def make_config(shape: Shape, num_sms: int, dispatch_nsm: int | None, combine_nsm: int | None,
+                owned_output: bool = False) -> MoECommunicatorConfig:
     return MoECommunicatorConfig(
         mode=shape.mode, num_experts=shape.experts, hidden_size=shape.hidden, topk=shape.topk,
-        max_tokens_per_rank=shape.tokens, num_sms=num_sms,
+        max_tokens_per_rank=shape.tokens, num_sms=num_sms, owned_output=owned_output and shape.mode == "ht",
         overlap=CommOverlapConfig(dispatch_num_sms=dispatch_nsm, combine_num_sms=combine_nsm))
 
 
@@ -53,7 +54,7 @@ def _host(arr) -> np.ndarray:
 
 def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     """Time ep on one shape. Returns {"config", "rows", "snapshots", "skipped"}. Collective."""
-    cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm)
+    cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm, ctx.args.owned_output)
     sms = block_counts(cfg, ctx.knobs)
     x, ids, w = dev_inputs
     gpu = ctx.backend == "gpu"

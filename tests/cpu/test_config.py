@@ -152,6 +152,17 @@ def test_overlap_must_be_a_comm_overlap_config():
         make(overlap={"dispatch_num_sms": 4})
 
 
+def test_owned_output_is_an_ht_flat_option():
+    assert make(mode="ht", owned_output=True).owned_output is True
+    assert make(mode="ht").owned_output is False
+    with pytest.raises(ConfigError, match=r"^owned_output must be a bool, got 1$"):
+        make(mode="ht", owned_output=1)
+    with pytest.raises(ConfigError, match=r"owned_output applies to mode='ht' \(LL outputs are communicator-owned"):
+        make(mode="ll", owned_output=True)
+    with pytest.raises(ConfigError, match="owned_output needs the FLAT layout"):
+        make(mode="ht", owned_output=True, output_layout=DispatchLayout.EXPERT_MAJOR)
+
+
 def test_ht_dispatch_needs_two_blocks_because_senders_and_receivers_are_separate_blocks():
     with pytest.raises(ConfigError, match="at least 2 SMs"):
         make(mode="ht", num_sms=1)

@@ -124,14 +124,14 @@ def test_pack_rejects_an_unknown_field():
 def test_info_layout_is_contiguous_with_the_documented_size(L, W):
     lay = sizes.info_layout(L, W)
     lengths = {"invalid_mask": 1, "total_rows": 1, "capacity": 1, "n_recv_total": 1, "counts": L, "base": L + 1,
-               "src_base": W * L, "recv_n": W, "recv_prefix": W + 1, "src_T": W}
+               "src_base": W * L, "recv_n": W, "recv_prefix": W + 1, "src_T": W, "peer_row": W * L}
     order = sorted(lengths, key=lambda name: lay[name])
     assert order == list(lengths), "fields in the order of InfoLayout in params.cuh"
     position = 0
     for name in order:
         assert lay[name] == position, name
         position += lengths[name]
-    assert lay["size"] == position == 4 + 2 * L + 1 + W * L + 3 * W + 1
+    assert lay["size"] == position == 4 + 2 * L + 1 + 2 * W * L + 3 * W + 1
 
 
 # ---------------------------------------------------------------------------------- buffer arithmetic
@@ -165,6 +165,22 @@ def test_signal_regions_are_aligned_and_disjoint(mode, world):
     assert regions[-1][0] + regions[-1][1] <= lay.sig_bytes
     assert lay.sig_bytes % 4096 == 0
     assert sizes.buffer_bytes(cfg, world) == lay.total
+
+
+@pytest.mark.parametrize("topk, experts, alignment", [(8, 256, 1), (8, 8, 1), (3, 16, 128), (1, 4, 1)])
+def test_owned_output_holds_the_worst_case_flat_output(topk, experts, alignment):
+    world, t_max, hidden = 4, 100, 64
+    plain = MoECommunicatorConfig(num_experts=experts, hidden_size=hidden, topk=topk, max_tokens_per_rank=t_max,
+                                  expert_alignment=alignment)
+    owned = MoECommunicatorConfig(num_experts=experts, hidden_size=hidden, topk=topk, max_tokens_per_rank=t_max,
+                                  expert_alignment=alignment, owned_output=True)
+    L = experts // world
+    # Every token of every rank names min(K, L) of our experts, and every expert ends in alignment - 1 pad rows.
+    rows = world * t_max * min(topk, L) + L * (alignment - 1)
+    assert sizes.owned_output_rows(owned, world) == rows
+    assert sizes.ht_layout(plain, world).out_bytes == 0
+    assert sizes.ht_layout(owned, world).out_bytes == rows * hidden * 2
+    assert sizes.buffer_bytes(owned, world) - sizes.buffer_bytes(plain, world) == rows * hidden * 2
 
 
 def test_buffer_bytes_checks_the_world_size():

@@ -12,13 +12,14 @@ from ep import testing as T
 from ep.reference import bf16_to_f32, f32_to_bf16
 
 
-def build(world, mode: str, E, H: int, K: int, T_max: int, layout: str, alignment: int = 1):
+def build(world, mode: str, E, H: int, K: int, T_max: int, layout: str, alignment: int = 1, owned: bool = False):
     """A GPU communicator and its reference (the CPU backend over the same ranks) for one config.
-    E == "W" means one expert per rank."""
+    E == "W" means one expert per rank; owned: MoECommunicatorConfig.owned_output."""
     E = world.size if E == "W" else E
     lay = DispatchLayout.FLAT if layout == "flat" else DispatchLayout.EXPERT_MAJOR
     cfg = MoECommunicatorConfig(mode=mode, num_experts=E, hidden_size=H, topk=K, max_tokens_per_rank=T_max,
-                                expert_alignment=alignment, output_layout=lay, num_sms=16, timeout_s=20)
+                                expert_alignment=alignment, output_layout=lay, num_sms=16, timeout_s=20,
+                                owned_output=owned)
     return cfg, MoECommunicator(cfg, world, backend="gpu"), MoECommunicator(cfg, world, backend="cpu")
 
 

@@ -27,15 +27,29 @@ CASES = [
 ]
 
 
+# Owned outputs (FLAT only): senders write rows straight into the peers' outputs.
+OWNED = [c for c in CASES if c[0] in ("dsv3_uniform", "skewed_drop_align128_torch", "one_expert_per_rank_k1",
+                                      "2048_experts_two_position_tiles")]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_seed, case):
+    run_case(world, session_seed, case, owned=False)
+
+
+@pytest.mark.parametrize("case", OWNED, ids=[c[0] for c in OWNED])
+def test_owned_output_dispatch_and_combine_match_the_reference_bit_exactly(world, session_seed, case):
+    run_case(world, session_seed, case, owned=True)
+
+
+def run_case(world, session_seed, case, owned: bool):
     multi_rank(world)
     name, E, H, K, T_max, pattern, kind, drop, weights, alignment, layout, fw, ids_dtype, dups = case
     if fw == "torch":
         pytest.importorskip("torch")
 
     def body():
-        cfg, gpu, ref = build(world, "ht", E, H, K, T_max, layout, alignment)
+        cfg, gpu, ref = build(world, "ht", E, H, K, T_max, layout, alignment, owned)
         scale = expert_scale(cfg, world.size)
         try:
             previous = None
@@ -55,6 +69,8 @@ def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_see
                 if call == 1:   # cached dispatch reuses the layout: same output, fresh arrays
                     out2, handle2 = gpu.dispatch(xd, idsd, wd, previous_handle=handle)
                     assert np.array_equal(to_numpy(out2.tokens), got_tokens), msg
+                    if owned:   # one buffer, viewed by every dispatch
+                        assert ptr_of(out2.tokens) == ptr_of(out.tokens), msg
                     # The kernel itself writes a cached dispatch's fresh counts and offsets.
                     assert np.array_equal(to_numpy(out2.num_tokens_per_expert), want.num_tokens_per_expert), msg
                     assert np.array_equal(to_numpy(out2.expert_offsets), want.expert_offsets), msg
@@ -74,6 +90,10 @@ def test_dispatch_and_combine_match_the_reference_bit_exactly(world, session_see
             ref.close()
 
     collective(world, body)
+
+
+def ptr_of(arr) -> int:
+    return arr.data_ptr() if hasattr(arr, "data_ptr") else arr.data.ptr
 
 
 def test_bad_inputs_raise_before_launch_and_the_next_call_works(world, session_seed):

@@ -14,12 +14,13 @@ from gpu_cases import build, collective, expert_scale, make_inputs, mlp_numpy, m
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 
 
-def test_a_graph_of_cached_dispatch_mlp_and_combine_replays_bit_exactly_between_eager_calls(world, session_seed):
+@pytest.mark.parametrize("owned", [False, True], ids=["fresh_outputs", "owned_output"])
+def test_a_graph_of_cached_dispatch_mlp_and_combine_replays_bit_exactly_between_eager_calls(world, session_seed, owned):
     multi_rank(world)
     torch = pytest.importorskip("torch")
 
     def body():
-        cfg, gpu, ref = build(world, "ht", 64, 1024, 8, 256, "flat")
+        cfg, gpu, ref = build(world, "ht", 64, 1024, 8, 256, "flat", owned=owned)
         scale = expert_scale(cfg, world.size)
         T_mine = 200 + 17 * world.rank
         try:

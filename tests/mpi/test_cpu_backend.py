@@ -316,6 +316,31 @@ def test_ht_handles_do_not_expire(mpi, communicators):
         check_combine(got, expected_combine(cfg, W, r, refs, first, "identity"), 5, 16)
 
 
+# ==================================================================================== owned output
+def test_owned_output_views_one_buffer_that_the_next_dispatch_overwrites(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=32, topk=3, t_max=12, alignment=2, owned_output=True)
+    comm = communicators(cfg)
+    first = draw_inputs(mpi, cfg, token_counts(W, 12, shift=1)[r], call=0, routing="skewed")
+    out1, handle1 = comm.dispatch(first.x, first.ids, first.w)
+    refs1 = expected_dispatch(cfg, W, first)
+    with mpi.checking("first owned dispatch"):
+        check_dispatch(out1, refs1[r], cfg, W)
+        kept = np.array(out1.tokens, copy=True)
+    second = draw_inputs(mpi, cfg, token_counts(W, 12, shift=2)[r], call=1)
+    out2, handle2 = comm.dispatch(second.x, second.ids, second.w)
+    refs2 = expected_dispatch(cfg, W, second)
+    with mpi.checking("second owned dispatch, and the first output's view now shows it"):
+        check_dispatch(out2, refs2[r], cfg, W)
+        n = min(len(out1.tokens), len(out2.tokens))
+        assert np.array_equal(np.asarray(out1.tokens)[:n], np.asarray(out2.tokens)[:n])
+    # The first handle still combines: the caller kept a copy of the first output.
+    y = mlp(kept, refs1[r].offsets, r, comm.num_local_experts)
+    got = comm.combine(y, handle1)
+    with mpi.checking("combine of the first handle with the kept rows"):
+        check_combine(got, expected_combine(cfg, W, r, refs1, first), len(first.x), 32)
+
+
 # ================================================================================= cached dispatch
 @pytest.mark.parametrize("layout", [FLAT, EXPERT_MAJOR], ids=param_id)
 def test_cached_dispatch_gives_the_uncached_output(mpi, communicators, layout):
