@@ -52,9 +52,10 @@ class MoECommunicatorConfig:
     num_experts (E), hidden_size (H, multiple of 8), topk (K <= E), max_tokens_per_rank (T_max).
     Experts are placed evenly and contiguously: rank r owns experts [r*E/W, (r+1)*E/W).
     owned_output ("ht", FLAT): dispatch returns ``tokens`` as a view of a communicator-owned buffer of
-      ``W*T_max*min(K, L) + L*(expert_alignment-1)`` rows (ep.sizes.owned_output_rows), valid until the next
-      dispatch. Peers then write every received token straight into its first expert row, which saves the
-      receiver one row copy per (token, rank) (docs/perf.md row 27). Off: fresh exact-size outputs per call.
+      ``W*T_max*min(K, L) + L*(expert_alignment-1)`` rows (ep.sizes.owned_output_rows), valid until this
+      rank's next dispatch (or close()). Peers then write every received token straight into its first expert
+      row, which saves the receiver one row copy per (token, rank) (docs/perf.md row 27); a cached dispatch
+      then always queues a cross-rank barrier first. Off: fresh exact-size outputs per call.
     """
 
     mode: str = "ht"

@@ -3,13 +3,16 @@
 Uncached dispatch:  ht_route_count -> ht_route_exchange -> ht_route_positions (queued), host waits once on
                     the mapped pinned epoch to size the outputs exactly, then ht_dispatch (which also writes
                     the call's counts and offsets, as for a cached dispatch).
-Cached dispatch:    (ep_barrier if the previous op was a dispatch) -> ht_dispatch, with the handle's layout.
+Cached dispatch:    (ep_barrier if the previous op was a dispatch, or always with an owned output)
+                    -> ht_dispatch, with the handle's layout.
 Owned output (config owned_output): ht_dispatch's senders write each token straight into its first expert
                     row of the destination's owned output (the exchange tells every rank every rank's layout)
                     instead of the data buffer, and receivers copy it from there to the token's other experts.
-                    Still safe to overwrite at the next dispatch: a peer's next dispatch starts after the
-                    count exchange (uncached), the combine's barrier, or the explicit barrier (cached), all
-                    of which this rank reaches only after the work queued before it, its MLP included.
+                    The output stays valid until this rank's next dispatch: a peer's dispatch writes into it
+                    only after a rendezvous this rank reaches once its earlier queued work is done, the
+                    count exchange (uncached) or the barrier that a cached dispatch then always queues. (The
+                    combine's own barrier does not do: a peer past it may start its next cached dispatch
+                    while this rank's gather still reads its own tokens' rows, which may be the output.)
 Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_reduce -> ep_barrier ->
                     ht_combine_gather.
 Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
@@ -191,10 +194,11 @@ class HtRuntime:
     def _barrier_after(self, op: str, stream) -> None:
         """The barrier that back-to-back cached dispatches or back-to-back combines need (module doc). The host
         knows the previous op only while no CUDA graph exists: once one is captured, its replays can put
-        anything before this op, so the barrier is always queued (and inside a capture as well)."""
+        anything before this op, so the barrier is always queued (and inside a capture as well). A cached
+        dispatch into an owned output always queues it: peers write into this rank's output (module doc)."""
         if not self.graphs and stream.is_capturing():
             self.graphs = True
-        if self.graphs or self.last_op == op:
+        if self.graphs or self.last_op == op or (op == "dispatch" and self.owned is not None):
             self.barrier(stream)
 
     # ---------------------------------------------------------------------------------- dispatch

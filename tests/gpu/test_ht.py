@@ -67,6 +67,8 @@ def run_case(world, session_seed, case, owned: bool):
                 assert np.array_equal(to_numpy(out.num_tokens_per_expert), want.num_tokens_per_expert), msg
                 assert np.array_equal(to_numpy(out.expert_offsets), want.expert_offsets), msg
                 if call == 1:   # cached dispatch reuses the layout: same output, fresh arrays
+                    if owned:   # scribble over the owned rows: the cached dispatch must write every one again
+                        out.tokens.fill_(-3.0) if fw == "torch" else out.tokens.fill(0xC040)
                     out2, handle2 = gpu.dispatch(xd, idsd, wd, previous_handle=handle)
                     assert np.array_equal(to_numpy(out2.tokens), got_tokens), msg
                     if owned:   # one buffer, viewed by every dispatch
