@@ -70,11 +70,10 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   using namespace ep;
   extern __shared__ int s_total[];   // [E + W]
   __shared__ int s_abort;
-  __shared__ int s_cap;
   const int ncols = p.num_experts + p.world;
   const int L = p.local_experts, W = p.world;
   const int tid = threadIdx.x;
-  if (tid == 0) { s_abort = 0; s_cap = 0; }
+  if (tid == 0) s_abort = 0;
   // 1. scan per-chunk counts into chunk bases, column by column (token order within a column).
   for (int col = tid; col < ncols; col += blockDim.x) {
     int running = 0;
@@ -118,20 +117,42 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   }
   __syncthreads();
   if (s_abort) return;
-  // 4. derive the receive layout.
+  // 4. derive the layouts, one rule for every rank d: each expert's rows padded to the alignment, experts
+  //    stacked (FLAT) or each given d's largest padded count (EXPERT_MAJOR capacity); inside an expert the
+  //    sources in rank order. Our own output's fields come from d = rank; peer_row[g] = the row in the output
+  //    of g's owner where our tokens of g start (senders write there when outputs are owned). s_total is free
+  //    again: padded sizes.
   const InfoLayout lay(L, W);
   i32* info = p.info;
   auto slot_of = [&](int s) { return reinterpret_cast<const volatile i32*>(my_cnt + static_cast<u64>(s) * p.cnt_stride); };
   const int mine = p.rank * L;   // our experts' columns in the count slots
-  for (int e = tid; e < L; e += blockDim.x) {
-    int c = 0;
-    for (int s = 0; s < W; ++s) c += slot_of(s)[6 + mine + e];
-    info[lay.counts + e] = c;
-    const int padded = (c + p.alignment - 1) / p.alignment * p.alignment;
-    info[lay.base + e] = padded;   // sizes for now, scanned below
-    atomicMax(&s_cap, padded);
+  for (int g = tid; g < E; g += blockDim.x) {
+    int total = 0, before = 0;
+    for (int s = 0; s < W; ++s) {
+      const int c = slot_of(s)[6 + g];
+      total += c;
+      if (s < p.rank) before += c;
+    }
+    s_total[g] = (total + p.alignment - 1) / p.alignment * p.alignment;
+    info[lay.peer_row + g] = before;
+    if (g / L == p.rank) info[lay.counts + g - mine] = total;
   }
   __syncthreads();
+  for (int d = tid; d < W; d += blockDim.x) {
+    int cap = 0;
+    for (int e = 0; e < L; ++e) cap = max(cap, s_total[d * L + e]);
+    int running = 0;
+    for (int e = 0; e < L; ++e) {
+      info[lay.peer_row + d * L + e] += running;
+      if (d == p.rank) info[lay.base + e] = running;
+      running += p.expert_major ? cap : s_total[d * L + e];
+    }
+    if (d == p.rank) {
+      info[lay.base + L] = running;
+      info[lay.total_rows] = running;
+      info[lay.capacity] = p.expert_major ? cap : 0;
+    }
+  }
   if (tid == 0) {
     int mask = 0, prefix = 0;
     for (int s = 0; s < W; ++s) {
@@ -145,15 +166,6 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
     info[lay.recv_prefix + W] = prefix;
     info[lay.n_recv_total] = prefix;
     info[lay.invalid_mask] = mask;
-    int running = 0;
-    for (int e = 0; e < L; ++e) {
-      const int size = p.expert_major ? s_cap : info[lay.base + e];
-      info[lay.base + e] = running;
-      running += size;
-    }
-    info[lay.base + L] = running;
-    info[lay.total_rows] = running;
-    info[lay.capacity] = p.expert_major ? s_cap : 0;
   }
   __syncthreads();
   for (int e = tid; e < L; e += blockDim.x) {
@@ -161,28 +173,6 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
     for (int s = 0; s < W; ++s) {
       info[lay.src_base + s * L + e] = row;
       row += slot_of(s)[6 + mine + e];
-    }
-  }
-  // 5. the same layout rule for every rank d: peer_row[g] = the row in the output of g's owner where our
-  //    tokens of g start (senders write there when outputs are owned). s_total is free again: padded sizes.
-  for (int g = tid; g < E; g += blockDim.x) {
-    int total = 0, before = 0;
-    for (int s = 0; s < W; ++s) {
-      const int c = slot_of(s)[6 + g];
-      total += c;
-      if (s < p.rank) before += c;
-    }
-    s_total[g] = (total + p.alignment - 1) / p.alignment * p.alignment;
-    info[lay.peer_row + g] = before;
-  }
-  __syncthreads();
-  for (int d = tid; d < W; d += blockDim.x) {
-    int cap = 0;
-    for (int e = 0; e < L; ++e) cap = max(cap, s_total[d * L + e]);
-    int running = 0;
-    for (int e = 0; e < L; ++e) {
-      info[lay.peer_row + d * L + e] += running;
-      running += p.expert_major ? cap : s_total[d * L + e];
     }
   }
   __syncthreads();

@@ -276,13 +276,12 @@ class HtRuntime:
         n = max(routing.n_recv, 1)
         specs = [((2, n, K), "int32")] + ([] if previous is None else counts_specs)
         if self.owned is None:
-            specs.insert(0, (shape, "bf16"))
-        allocated = arrays.empty_many(framework, specs, stream)
+            specs.append((shape, "bf16"))
+        (recv_lists, rows_ptr), *rest = arrays.empty_many(framework, specs, stream)
         if self.owned is None:
-            tokens, tokens_ptr = allocated.pop(0)
+            tokens, tokens_ptr = rest.pop()
         else:
             tokens, tokens_ptr = self._owned_view(framework, shape[0]), self.owned.ptr
-        (recv_lists, rows_ptr), *rest = allocated
         if previous is not None:
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = rest
         w_ptr = rows_ptr + 4 * n * K
