@@ -72,9 +72,7 @@ def run_nccl(ctx, shape: Shape, dev_inputs, vol: Volume, snaps: dict) -> dict:
         raise
     state.clear()
     disp.close()
-    W = group.size
-    logical = [vol.logical_bytes(r) for r in range(W)]
-    physical = [vol.physical_bytes(r) for r in range(W)]
+    logical, physical = vol.logical_per_rank(), vol.physical_per_rank()
     rows = []
     for op, factor in (("dispatch", 1), ("combine", 1), ("dispatch+combine", 2)):
         rows.append(report.op_row(f"nccl {op}", "nccl", stats[op], logical, physical, "nccl", factor))

@@ -112,9 +112,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     state.clear()
     comm.close()
 
-    W = group.size
-    logical = [vol.logical_bytes(r) for r in range(W)]
-    physical = [vol.physical_bytes(r) for r in range(W)]
+    logical, physical = vol.logical_per_rank(), vol.physical_per_rank()
     both = f"{sms['dispatch']}/{sms['combine']}"
     rows = []
     order = [("dispatch", 1, sms["dispatch"]), ("cached dispatch", 1, sms["dispatch"]), ("combine", 1, sms["combine"]),

@@ -71,12 +71,17 @@ class Volume:
     def offgpu_send_bytes(self, rank: int) -> int:
         return (int(self.pairs[rank].sum()) - int(self.pairs[rank, rank])) * self.row_bytes
 
+    def logical_per_rank(self) -> list[int]:
+        return [self.logical_bytes(r) for r in range(self.world)]
+
+    def physical_per_rank(self) -> list[int]:
+        return [self.physical_bytes(r) for r in range(self.world)]
+
     def as_dict(self) -> dict:
-        W = self.world
         return {"row_bytes": self.row_bytes, "pairs": self.pairs.tolist(),
-                "logical_bytes_per_rank": [self.logical_bytes(r) for r in range(W)],
-                "physical_bytes_per_rank": [self.physical_bytes(r) for r in range(W)],
-                "offgpu_send_bytes_per_rank": [self.offgpu_send_bytes(r) for r in range(W)]}
+                "logical_bytes_per_rank": self.logical_per_rank(),
+                "physical_bytes_per_rank": self.physical_per_rank(),
+                "offgpu_send_bytes_per_rank": [self.offgpu_send_bytes(r) for r in range(self.world)]}
 
 
 def volume(group, topk_ids: np.ndarray, shape: Shape) -> Volume:
