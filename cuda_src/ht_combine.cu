@@ -1,11 +1,15 @@
-// HT combine: expert-side reduction of the peers' tokens, then source-side gather.
+// HT combine: expert-side reduction, then the source-side sum of the partials.
 //
-// ht_combine_reduce (expert rank, local): for every token i it received from a PEER s at slot pos,
+// ht_combine_reduce (expert rank, local): for every token i it received at slot pos from source s, among the
+//   items [item_lo, item_hi) of this launch,
 //   acc = 0; for k = 0..K-1 with recv_rows[i][k] >= 0: acc = fl32(acc + fl32(w * y[row]))  (no FMA)
 //   and stores bf16(acc) into its OWN data buffer at data[s][pos] (the dispatch slot, free again: the
 //   dispatch kernel finished expanding it). One partial per (token, rank) is all that crosses NVLink.
-//   The rank's own tokens are skipped: the gather folds their partials itself (below).
-// The host then runs ep_barrier: every rank's partials are written and visible (release/acquire, sys).
+// EP_COMBINE_PUSH=1 (default): the host launches the reduce once per peer s and has the copy engines copy
+//   data[s][0, n_s) into s's landing buffer at land[rank] while the next peer's tokens are reduced; the own
+//   tokens' partials (reduced last) stay in data[rank]. After the host's ep_barrier every partial of our
+//   tokens is local, and ht_combine_sum adds them, in ascending rank order, in fp32 (16-byte loads).
+// EP_COMBINE_PUSH=0: the reduce skips the rank's own tokens; after ep_barrier,
 // ht_combine_gather (source rank): token t sums, in ascending rank order, the partials peers hold at
 //   data_peers[d][rank][send_pos[t][d]], in fp32, and writes bf16 out[t]; a token sent nowhere is zero.
 //   Its own rank's partial is folded from the local expert rows where the gather needs it, with the same
@@ -16,6 +20,7 @@
 //   the whole warp reduces from shared memory. The own partial of a segment is folded into one more stage
 //   of the warp (plain loads) when its (token, segment) starts. EP_CMB_TMA=0: 16-byte L2-only loads straight
 //   from peers; the own partial goes to out[t] first and is read back as the own rank's row.
+// Both find peer d's partial of token t at partial_peers[d] + send_pos[t][d] * row_bytes.
 // Rounding matches ep/reference.py exactly (fl32 adds in a fixed order, round-to-nearest-even to bf16).
 #include "common/params.cuh"
 #include "common/reduce.cuh"
@@ -38,13 +43,16 @@ extern "C" __global__ void __launch_bounds__(1024, 1) ht_combine_reduce(const ep
   const int lane = threadIdx.x % kWarpSize;
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;
-  const int n_recv = p.info[lay.n_recv_total];
-  // Own tokens [own_lo, own_lo + n_own) are the gather's: items j skip over them.
-  const int own_lo = p.info[lay.recv_prefix + p.rank];
-  const int n_own = p.info[lay.recv_prefix + p.rank + 1] - own_lo;
+  // Items [item_lo, item_hi) of the received list, without the own tokens [own_lo, own_hi): the gather's.
+  const int own_lo = kCombinePush ? 0 : p.info[lay.recv_prefix + p.rank];
+  const int own_hi = kCombinePush ? 0 : p.info[lay.recv_prefix + p.rank + 1];
+  const int lo = p.item_lo, hi = min(p.item_hi, p.info[lay.n_recv_total]);
+  const int n_before = max(0, min(hi, own_lo) - lo);                 // items below the own range
+  const int skip_to = max(lo, own_hi);                               // first item above it
+  const int n_items = n_before + max(0, hi - skip_to);
   u8* my_data = reinterpret_cast<u8*>(p.data_peers[p.rank]);
-  for (int j = gw; j < n_recv - n_own; j += RW) {
-    const int i = j < own_lo ? j : j + n_own;
+  for (int j = gw; j < n_items; j += RW) {
+    const int i = j < n_before ? lo + j : skip_to + (j - n_before);
     int s = 0;
     while (s + 1 < W && p.info[lay.recv_prefix + s + 1] <= i) ++s;
     const int pos = i - p.info[lay.recv_prefix + s];
@@ -102,7 +110,7 @@ __device__ __forceinline__ bool cursor_next(const HtCombineParams& p, GatherCurs
 
 __device__ __forceinline__ const u8* partial_src(const HtCombineParams& p, int t, int d) {
   const int pos = p.send_pos[static_cast<i64>(t) * p.world + d];
-  return reinterpret_cast<const u8*>(p.data_peers[d]) + (static_cast<u64>(p.rank) * p.max_tokens + pos) * p.row_bytes;
+  return reinterpret_cast<const u8*>(p.partial_peers[d]) + static_cast<u64>(pos) * p.row_bytes;
 }
 
 // Own token t's slots on this rank, as warp_weighted_sum takes them: lane k < K holds (row, weight) of slot k.
@@ -211,19 +219,23 @@ __device__ __forceinline__ void gather_tma(const HtCombineParams& p, u8* stages,
   }
 }
 
+// out[t] = the sum, in rank order, of the partials of the ranks t was sent to (none: zeros), for the tokens
+// t = gw, gw + RW, ... of this warp, with 16-byte loads. kFoldOwn: the own rank's partial is folded from the
+// expert rows into out[t] first and read back from there; otherwise it is read at partial_src like the others.
+template <bool kFoldOwn>
 __device__ __forceinline__ void gather_direct(const HtCombineParams& p, int gw, int RW, int lane) {
   for (int t = gw; t < p.num_tokens; t += RW) {
     int my_pos;
     const u32 mask = dest_mask(p, t, lane, &my_pos);
     uint4* dst = reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes);
-    if (mask >> p.rank & 1) {   // own partial into out[t]; each lane reads back only the vectors it wrote
+    if (kFoldOwn && (mask >> p.rank & 1)) {   // own partial into out[t]; each lane reads back only what it wrote
       int my_row;
       float my_w;
       own_slots(p, t, lane, &my_row, &my_w);
       warp_weighted_sum<kFoldRowsNarrow, kFoldVecsNarrow>(dst, p.expert_out, p.row_bytes, p.topk, my_row, my_w, lane);
     }
     const u64 src = lane >= p.world || my_pos < 0 ? 0
-                    : lane == p.rank               ? reinterpret_cast<u64>(dst)
+                    : kFoldOwn && lane == p.rank   ? reinterpret_cast<u64>(dst)
                                                    : reinterpret_cast<u64>(partial_src(p, t, lane));
     warp_sum_rows<kFoldRowsNarrow, kFoldVecsNarrow>(dst, compact_by_mask(mask, src, lane), __popc(mask), p.row_bytes,
                                                     lane);
@@ -250,6 +262,15 @@ extern "C" __global__ void __launch_bounds__(ep::kCombineWarpsMax * 32, 1) ht_co
     gather_tma(p, smem + static_cast<u64>(warp) * (kCombineStages + 1) * kCombineSegBytes, &bars[warp * kCombineStages],
                gw, RW, lane);
   } else {
-    gather_direct(p, gw, RW, lane);
+    gather_direct<true>(p, gw, RW, lane);
   }
+}
+
+// EP_COMBINE_PUSH, after the barrier: the peers' partials of our tokens are in our landing buffer and our own
+// in our data buffer (partial_peers), so the sum reads local memory only: 16-byte loads, 32 warps of the
+// narrow fold (a TMA ring measured ~20% slower here, docs/perf.md row 29).
+extern "C" __global__ void __launch_bounds__(1024, 1) ht_combine_sum(const ep::HtCombineParams p) {
+  const int nwarps = blockDim.x / ep::kWarpSize;
+  ep::gather_direct<false>(p, blockIdx.x * nwarps + threadIdx.x / ep::kWarpSize, gridDim.x * nwarps,
+                           threadIdx.x % ep::kWarpSize);
 }

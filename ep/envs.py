@@ -88,6 +88,7 @@ KNOBS: tuple[Knob, ...] = (
          kind=MACRO),
     Knob("EP_DISPATCH_WARPS", int, 24, "Warps per HT dispatch block (every block either sends or expands received tokens).",
          kind=MACRO, lo=4, hi=32),
+    Knob("EP_COMBINE_PUSH", bool, True, "HT combine: each peer's partials are copied by the copy engines into the source's landing buffer (one more symmetric buffer of `W * max_tokens_per_rank` rows) while the next peer's are reduced, and the source sums locally; 0 = the source pulls the partials from the peers (the EP_CMB_TMA* knobs).", kind=MACRO),
     Knob("EP_CMB_TMA", bool, True, "HT combine gathers partials from peers through a TMA shared-memory pipeline; 0 = warp 16-byte loads.", kind=MACRO),
     Knob("EP_CMB_TMA_STAGES", int, 2, "Shared-memory stages of the HT combine TMA pipeline, per warp.", kind=MACRO, lo=1, hi=4),
     Knob("EP_CMB_TMA_WARPS_WIDE", int, 16, "Warps per HT combine block when the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),

@@ -13,17 +13,24 @@ Owned output (config owned_output): ht_dispatch's senders write each token strai
                     count exchange (uncached) or the barrier that a cached dispatch then always queues. (The
                     combine's own barrier does not do: a peer past it may start its next cached dispatch
                     while this rank's gather still reads its own tokens' rows, which may be the output.)
-Combine:            (ep_barrier if the previous op was a combine) -> ht_combine_reduce -> ep_barrier ->
-                    ht_combine_gather.
+Combine (EP_COMBINE_PUSH=1, default): ht_combine_reduce once per peer (the next rank first), each followed by a
+                    copy-engine copy of that peer's partials into its landing buffer on a side stream, then once for
+                    our own tokens (under the last copy) -> join -> ep_barrier -> ht_combine_sum (local: our
+                    landing buffer and our own partials). The copies first wait for an ep_barrier run on another
+                    side stream under the first reduce: every peer has finished its previous combine's sum, the
+                    last reader of its landing buffer, so the push combine needs no conditional barrier.
+Combine (EP_COMBINE_PUSH=0): (ep_barrier if the previous op was a combine) -> ht_combine_reduce (peers' tokens)
+                    -> ep_barrier -> ht_combine_gather (pulls the peers' partials, folds our own tokens').
 Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
-(combine partials) and read by itself (expansion) and by s (gather). After a combine every peer has finished
-reading, and the count exchange of an uncached dispatch is itself a rendezvous; only back-to-back cached
-dispatches or back-to-back combines need an explicit one. Once a CUDA graph has been captured (cached
+(combine partials) and read by itself (expansion, push copies) and, pulling, by s (gather). After a combine
+every peer has finished reading, and the count exchange of an uncached dispatch is itself a rendezvous; only
+back-to-back cached dispatches or back-to-back pull combines need an explicit one. Once a CUDA graph has been captured (cached
 dispatches and combines can be: no host wait), the host no longer knows what ran before, so the barrier is
 always queued. The kernels keep their sequence numbers on the device (dispatch epoch, barrier generation),
 so graph replays and eager calls interleave freely.
-(A push-based combine, partials stored straight into the source's buffer, and a fused one-kernel combine with
-per-chunk flags both measured slower: docs/perf.md rows 2a, 7, 20, 21.)
+(Partials stored by the SMs straight into the source's buffer, and a fused one-kernel combine with per-chunk
+flags, both measured slower than the pull combine; the copy engines push without stalling the reducing SMs:
+docs/perf.md rows 2a, 7, 20, 21, 29.)
 """
 from __future__ import annotations
 
@@ -88,6 +95,7 @@ class Routing:
     total_rows: int
     capacity: int
     n_recv: int
+    recv_prefix: list        # [W + 1]: the received items of source s are [recv_prefix[s], recv_prefix[s + 1])
     num_tokens: int
     topk_ids_copy: Any       # only with EP_DEBUG_CHECKS
     dispatch_params: Any     # ht_dispatch params of this routing, per-call fields zero: each dispatch fills a copy
@@ -107,7 +115,8 @@ class HtRuntime:
         self.cfg, self.group, self.knobs = cfg, group, knobs
         self.W, self.rank = group.size, group.rank
         self.L = cfg.num_experts // self.W
-        self.layout = sizes.ht_layout(cfg, self.W)
+        self.combine_push = knobs["EP_COMBINE_PUSH"]
+        self.layout = sizes.ht_layout(cfg, self.W, self.combine_push)
         self.row_bytes = sizes.row_bytes(cfg)
         self.meta_stride = sizes.meta_stride(cfg.topk)
         self.timeout_ns = timeout_ns(cfg, knobs)
@@ -115,7 +124,7 @@ class HtRuntime:
         self.combine_blocks = block_count(cfg, knobs.combine_nsm, cfg.overlap.combine_num_sms, "combine")
         self.dispatch_senders = dispatch_senders(knobs, self.dispatch_blocks)
         self.combine_warps = combine_warps(knobs, self.combine_blocks)
-        self.combine_smem = combine_smem(knobs, self.combine_warps)
+        self.combine_smem = 0 if self.combine_push else combine_smem(knobs, self.combine_warps)
         self._bufs = []
         self.data = self._sym(self.layout.data_bytes, "ht.data")
         self.meta = self._sym(self.layout.meta_bytes, "ht.meta")
@@ -123,6 +132,22 @@ class HtRuntime:
         # Owned dispatch output (config owned_output): peers write received rows straight into it.
         self.owned = self._sym(self.layout.out_bytes, "ht.out") if cfg.owned_output else None
         self._owned_views: dict = {}
+        # Where peer d's partials of our tokens lie (row send_pos[t][d]). Push combine: region d of our landing
+        # buffer, copied there by d, and our own in region `rank` of our data buffer; pull: region `rank` of d's
+        # data buffer, read by the gather over NVLink.
+        region = cfg.max_tokens_per_rank * self.row_bytes
+        if self.combine_push:
+            self.land = self._sym(self.layout.land_bytes, "ht.land")
+            bases = [self.land.ptr + d * region for d in range(self.W)]
+            bases[self.rank] = self.data.ptr + self.rank * region
+            # Side streams: [0] runs the barrier in front of the copies, [step] the copies to the step-th next
+            # rank. Events: start, barrier done, one per peer's reduce, one per side stream to join.
+            self.side_streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(self.W)]
+            self.events = [cupy.cuda.Event(disable_timing=True) for _ in range(2 * self.W + 1)]
+        else:
+            self.land = None
+            bases = [p + self.rank * region for p in self.data.peer_ptrs]
+        self.partial_peers = cupy.asarray(np.array(bases, dtype=np.uint64))
         self.err = ErrorRecord()
         # ht_dispatch's receive-item counter and done count (reset by the kernel) and its epoch, the count of
         # dispatches run (advanced by the kernel, so CUDA graph replays advance it too).
@@ -178,7 +203,7 @@ class HtRuntime:
             (jit.KernelVariant.of("ht_layout.cu", knobs), ["ht_route_count", "ht_route_exchange", "ht_route_positions"]),
             (jit.KernelVariant.of("ht_dispatch.cu", knobs, EP_NCCLEP_TMA=send_tma,
                                        EP_DISPATCH_RECV_TMA=recv_tma), ["ht_dispatch"]),
-            (jit.KernelVariant.of("ht_combine.cu", knobs), ["ht_combine_reduce", "ht_combine_gather"]),
+            (jit.KernelVariant.of("ht_combine.cu", knobs), ["ht_combine_reduce", "ht_combine_gather", "ht_combine_sum"]),
         ])
 
     def _sym(self, nbytes: int, name: str) -> SymmetricBuffer:
@@ -191,13 +216,16 @@ class HtRuntime:
         if self.err.raised():
             raise self.err.as_timeout()
 
+    def _note_capture(self, stream) -> None:
+        if not self.graphs and stream.is_capturing():
+            self.graphs = True
+
     def _barrier_after(self, op: str, stream) -> None:
         """The barrier that back-to-back cached dispatches or back-to-back combines need (module doc). The host
         knows the previous op only while no CUDA graph exists: once one is captured, its replays can put
         anything before this op, so the barrier is always queued (and inside a capture as well). A cached
         dispatch into an owned output always queues it: peers write into this rank's output (module doc)."""
-        if not self.graphs and stream.is_capturing():
-            self.graphs = True
+        self._note_capture(stream)
         if self.graphs or self.last_op == op or (op == "dispatch" and self.owned is not None):
             self.barrier(stream)
 
@@ -245,8 +273,9 @@ class HtRuntime:
             raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids to this dispatch; nothing was sent")
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
         copy = _as_cupy(topk_ids).astype(np.int32) if self.knobs.debug_checks else None
+        prefix = hi[lay["recv_prefix"]:lay["recv_prefix"] + W + 1].tolist()
         return Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
-                       int(hi[lay["n_recv_total"]]), T, copy, dispatch_params)
+                       int(hi[lay["n_recv_total"]]), prefix, T, copy, dispatch_params)
 
     def dispatch(self, x, x_info, topk_ids, ids_info, weights, w_info, previous, stream, framework):
         # Everything up to a launch runs while the GPU may be idle: keep it lean (docs/perf.md rows 19, 23, 25).
@@ -322,9 +351,10 @@ class HtRuntime:
         cfg = self.cfg
         return structs.pack(
             structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=rows_ptr, recv_w=w_ptr, send_pos=routing.send_pos_ptr,
-            info=routing.info_ptr, data_peers=ptr(self.data.table), out=0, err=self.err.ptr,
-            timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens, topk=cfg.topk,
-            local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank)
+            info=routing.info_ptr, data_peers=ptr(self.data.table), partial_peers=ptr(self.partial_peers), out=0,
+            err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens,
+            topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank,
+            item_lo=0, item_hi=INT_MAX)
 
     def _owned_view(self, framework: str, rows: int):
         """The first ``rows`` rows of the owned output in the caller's framework (the whole-buffer view is made
@@ -340,13 +370,54 @@ class HtRuntime:
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
-        self._barrier_after("combine", stream)
         params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
-        self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
-        self.barrier(stream)
-        self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params, smem=self.combine_smem,
-                                           stream=stream)
+        if self.land is None:
+            self._barrier_after("combine", stream)
+            self._reduce(params, stream)
+            self.barrier(stream)
+            self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params,
+                                               smem=self.combine_smem, stream=stream)
+        else:
+            self._note_capture(stream)
+            self._reduce_and_push(params, handle.routing, stream)
+            self.barrier(stream)
+            self.k["ht_combine_sum"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
         self.last_op = "combine"
+
+    def _reduce(self, params, stream) -> None:
+        self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
+
+    def _reduce_and_push(self, params, routing: Routing, stream) -> None:
+        """Push combine up to its barrier: reduce the peers' tokens one peer at a time (the step-th next rank at
+        step 1..W-1) and copy each peer's partials with the copy engines into its landing buffer while the next
+        peer's are reduced; our own tokens' partials last, under the last copy. The copies first wait for a
+        barrier, run on a side stream under the first reduce: every peer has finished reading its landing buffer
+        (its previous combine's sum). The side streams join ``stream`` before it returns."""
+        rt = self._cupy.cuda.runtime
+        W, rank, rb = self.W, self.rank, self.row_bytes
+        region = self.cfg.max_tokens_per_rank * rb
+        prefix = routing.recv_prefix
+        start, ready, *events = self.events
+        rt.eventRecord(start.ptr, stream.ptr)
+        rt.streamWaitEvent(self.side_streams[0].ptr, start.ptr, 0)
+        self.barrier(self.side_streams[0])
+        rt.eventRecord(ready.ptr, self.side_streams[0].ptr)
+        for step in range(1, W):
+            s, cs, reduced = (rank + step) % W, self.side_streams[step].ptr, events[step - 1]
+            lo, hi = prefix[s], prefix[s + 1]
+            if hi == lo:
+                continue
+            self._reduce(structs.update(params, item_lo=lo, item_hi=hi), stream)
+            rt.eventRecord(reduced.ptr, stream.ptr)
+            rt.streamWaitEvent(cs, ready.ptr, 0)
+            rt.streamWaitEvent(cs, reduced.ptr, 0)
+            rt.memcpyAsync(self.land.peer_ptrs[s] + rank * region, self.data.ptr + s * region, (hi - lo) * rb,
+                           rt.memcpyDefault, cs)
+        if prefix[rank + 1] > prefix[rank]:
+            self._reduce(structs.update(params, item_lo=prefix[rank], item_hi=prefix[rank + 1]), stream)
+        for side, joined in zip(self.side_streams, events[W - 1:]):
+            rt.eventRecord(joined.ptr, side.ptr)
+            rt.streamWaitEvent(stream.ptr, joined.ptr, 0)
 
     def close(self) -> None:
         self._owned_views = {}

@@ -42,15 +42,15 @@ SOURCES: Mapping[str, tuple[str, ...]] = {
     "barrier.cu": (),
     "ht_layout.cu": (),
     "ht_dispatch.cu": ("EP_NCCLEP_TMA", "EP_DISPATCH_RECV_TMA", "EP_DISPATCH_WARPS"),
-    "ht_combine.cu": ("EP_CMB_TMA", "EP_CMB_TMA_STAGES", "EP_CMB_TMA_WARPS_WIDE", "EP_CMB_TMA_WARPS_MAXCH",
+    "ht_combine.cu": ("EP_COMBINE_PUSH", "EP_CMB_TMA", "EP_CMB_TMA_STAGES", "EP_CMB_TMA_WARPS_WIDE", "EP_CMB_TMA_WARPS_MAXCH",
                       "EP_CMB_TMA_WARPS_NARROW"),
     "ll_dispatch.cu": ("EP_LL_WARPS",),
     "ll_combine.cu": ("EP_LL_WARPS",),
     "bench_copy.cu": (),
 }
 COMMON_MACROS = ("EP_DEBUG_TRAP",)
-# Short labels of macros in variant names (e.g. ht_combine_tma1_st2_wide16_maxch32_narrow4).
-SHORT = {"EP_NCCLEP_TMA": "tma", "EP_DISPATCH_RECV_TMA": "rtma", "EP_DISPATCH_WARPS": "w", "EP_CMB_TMA": "tma", "EP_CMB_TMA_STAGES": "st",
+# Short labels of macros in variant names (e.g. ht_combine_push1_tma1_st2_wide16_maxch32_narrow4).
+SHORT = {"EP_COMBINE_PUSH": "push", "EP_NCCLEP_TMA": "tma", "EP_DISPATCH_RECV_TMA": "rtma", "EP_DISPATCH_WARPS": "w", "EP_CMB_TMA": "tma", "EP_CMB_TMA_STAGES": "st",
          "EP_CMB_TMA_WARPS_WIDE": "wide", "EP_CMB_TMA_WARPS_MAXCH": "maxch", "EP_CMB_TMA_WARPS_NARROW": "narrow",
          "EP_LL_WARPS": "w", "EP_DEBUG_TRAP": "trap"}
 

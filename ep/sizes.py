@@ -51,6 +51,7 @@ class HtLayout:
     meta_bytes: int        # [W][T_max][meta_stride]
     sig_bytes: int
     out_bytes: int         # owned dispatch output [owned_output_rows, H], 0 without owned_output
+    land_bytes: int        # push combine's landing buffer [W][T_max][row] (knob EP_COMBINE_PUSH), else 0
     barrier_offset: int
     cnt_offset: int
     cnt_stride: int
@@ -60,7 +61,7 @@ class HtLayout:
 
     @property
     def total(self) -> int:
-        return self.data_bytes + self.meta_bytes + self.sig_bytes + self.out_bytes
+        return self.data_bytes + self.meta_bytes + self.sig_bytes + self.out_bytes + self.land_bytes
 
 
 def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
@@ -70,7 +71,7 @@ def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
     return world * cfg.max_tokens_per_rank * min(cfg.topk, L) + L * (cfg.expert_alignment - 1)
 
 
-def ht_layout(cfg: MoECommunicatorConfig, world: int) -> HtLayout:
+def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtLayout:
     L = cfg.num_experts // world
     T = cfg.max_tokens_per_rank
     max_chunks = -(-T // HT_CHUNK_TOKENS)
@@ -81,8 +82,9 @@ def ht_layout(cfg: MoECommunicatorConfig, world: int) -> HtLayout:
     drange_offset = round_up(dflag_offset + world * max_chunks * 8, 128)
     sig_bytes = round_up(drange_offset + world * max_chunks * 8, 4096)
     out_bytes = owned_output_rows(cfg, world) * row_bytes(cfg) if cfg.owned_output else 0
-    return HtLayout(world * T * row_bytes(cfg), world * T * meta_stride(cfg.topk), sig_bytes, out_bytes,
-                    barrier_offset, cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
+    data_bytes = world * T * row_bytes(cfg)
+    return HtLayout(data_bytes, world * T * meta_stride(cfg.topk), sig_bytes, out_bytes,
+                    data_bytes if combine_push else 0, barrier_offset, cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,16 @@ def ll_layout(cfg: MoECommunicatorConfig, world: int) -> LLLayout:
                     disp_cnt_offset, comb_cnt_offset, ntok_offset, L * world * T * rb, 2 * world * T * cfg.topk * 4)
 
 
-def buffer_bytes(cfg: MoECommunicatorConfig, world: int) -> int:
-    """Device bytes a communicator of this config keeps (symmetric buffers and owned outputs)."""
+def buffer_bytes(cfg: MoECommunicatorConfig, world: int, combine_push: bool | None = None) -> int:
+    """Device bytes a communicator of this config keeps (symmetric buffers and owned outputs); combine_push:
+    the knob EP_COMBINE_PUSH (None: read from the environment, as a communicator would)."""
     cfg.check_world(world)
-    return ht_layout(cfg, world).total if cfg.mode == "ht" else ll_layout(cfg, world).total
+    if cfg.mode != "ht":
+        return ll_layout(cfg, world).total
+    if combine_push is None:
+        from . import envs
+        combine_push = envs.read()["EP_COMBINE_PUSH"]
+    return ht_layout(cfg, world, combine_push).total
 
 
 def check_row_index_range(cfg: MoECommunicatorConfig, world: int) -> None:

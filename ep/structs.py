@@ -42,8 +42,9 @@ HT_DISPATCH_PARAMS = _struct(
 
 HT_COMBINE_PARAMS = _struct(
     ("expert_out", _P), ("recv_rows", _P), ("recv_w", _P), ("send_pos", _P), ("info", _P), ("data_peers", _P),
-    ("out", _P), ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I),
-    ("topk", _I), ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I))
+    ("partial_peers", _P), ("out", _P), ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I),
+    ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I), ("item_lo", _I),
+    ("item_hi", _I))
 
 LL_PARAMS = _struct(
     ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("counts_out", _P),

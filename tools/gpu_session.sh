@@ -18,11 +18,15 @@ if [[ $what == tests || $what == all ]]; then
     timeout 300 $RUN -np $w $PY -m pytest tests/gpu -q -m mpi -p no:cacheprovider > "$out/gpu_w$w.log" 2>&1
     summary+=("W=$w: $(grep -E 'passed|failed|error' "$out/gpu_w$w.log" | tail -1)")
   done
-  # The non-default HT copy paths (TMA senders and receivers in dispatch, warp loads in the combine gather),
-  # bit-exact like the defaults.
-  EP_NCCLEP_TMA=1 EP_DISPATCH_RECV_TMA=1 EP_CMB_TMA=0 timeout 300 $RUN -x EP_NCCLEP_TMA -x EP_DISPATCH_RECV_TMA \
-    -x EP_CMB_TMA -np $N $PY -m pytest tests/gpu/test_ht.py -q -m mpi -p no:cacheprovider > "$out/gpu_w${N}_alt.log" 2>&1
-  summary+=("W=$N HT, other copy paths: $(grep -E 'passed|failed|error' "$out/gpu_w${N}_alt.log" | tail -1)")
+  # The non-default HT copy paths, bit-exact like the defaults: TMA senders and receivers in dispatch with the
+  # pull combine's warp-load gather, then the pull combine's TMA gather (with the graph tests).
+  EP_NCCLEP_TMA=1 EP_DISPATCH_RECV_TMA=1 EP_COMBINE_PUSH=0 EP_CMB_TMA=0 timeout 300 $RUN -x EP_NCCLEP_TMA \
+    -x EP_DISPATCH_RECV_TMA -x EP_COMBINE_PUSH -x EP_CMB_TMA -np $N $PY -m pytest tests/gpu/test_ht.py -q -m mpi \
+    -p no:cacheprovider > "$out/gpu_w${N}_alt.log" 2>&1
+  summary+=("W=$N HT, TMA dispatch + pull combine (warp loads): $(grep -E 'passed|failed|error' "$out/gpu_w${N}_alt.log" | tail -1)")
+  EP_COMBINE_PUSH=0 timeout 300 $RUN -x EP_COMBINE_PUSH -np $N $PY -m pytest tests/gpu/test_ht.py tests/gpu/test_ht_graph.py \
+    -q -m mpi -p no:cacheprovider > "$out/gpu_w${N}_pull.log" 2>&1
+  summary+=("W=$N HT, pull combine (TMA gather): $(grep -E 'passed|failed|error' "$out/gpu_w${N}_pull.log" | tail -1)")
 fi
 if [[ $what == bench || $what == all ]]; then
   timeout 400 $RUN -np $N $PY -m ep.bench "$@" --json "$out/bench.json" > "$out/bench.log" 2>&1

@@ -20,6 +20,9 @@ constexpr bool kRecvTma = EP_DISPATCH_RECV_TMA != 0;
 constexpr int kDispatchWarps = EP_DISPATCH_WARPS;
 static_assert(kDispatchWarps >= 4 && kDispatchWarps <= 32, "EP_DISPATCH_WARPS in [4, 32]");
 #endif
+#ifdef EP_COMBINE_PUSH
+constexpr bool kCombinePush = EP_COMBINE_PUSH != 0;
+#endif
 #ifdef EP_CMB_TMA
 constexpr bool kCombineTma = EP_CMB_TMA != 0;
 #endif

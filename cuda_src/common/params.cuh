@@ -95,6 +95,7 @@ struct HtCombineParams {
   const i32* send_pos;
   const i32* info;
   const u64* data_peers;
+  const u64* partial_peers;   // [W]: where peer d's partials of our tokens lie (row send_pos[t][d])
   u8* out;                // [T, H]
   ErrorRecord* err;
   u64 timeout_ns;
@@ -105,6 +106,8 @@ struct HtCombineParams {
   i32 local_experts;
   i32 row_bytes;
   i32 max_tokens;
+  i32 item_lo;            // reduce: the received items [item_lo, item_hi) of this launch (own ones skipped)
+  i32 item_hi;
 };
 
 constexpr int kCombineSegBytes = 4096;   // HT combine TMA stage size (ep/sizes.py COMBINE_SEG_BYTES)

@@ -59,7 +59,7 @@ def test_variant_macros_are_sorted_and_include_the_trap_macro(source):
     ("barrier.cu", "barrier"),
     ("ht_layout.cu", "ht_layout"),
     ("ht_dispatch.cu", "ht_dispatch_tma0_rtma0_w24"),
-    ("ht_combine.cu", "ht_combine_tma1_st2_wide16_maxch32_narrow4"),
+    ("ht_combine.cu", "ht_combine_push1_tma1_st2_wide16_maxch32_narrow4"),
     ("ll_dispatch.cu", "ll_dispatch_w16"),
     ("ll_combine.cu", "ll_combine_w16"),
     ("bench_copy.cu", "bench_copy")])

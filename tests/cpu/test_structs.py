@@ -147,13 +147,14 @@ def test_meta_stride_holds_token_lexp_idx_and_weights_in_16_byte_rows(topk):
 def test_signal_regions_are_aligned_and_disjoint(mode, world):
     cfg = MoECommunicatorConfig(mode=mode, num_experts=8 * world, hidden_size=7168, topk=8, max_tokens_per_rank=1000)
     if mode == "ht":
-        lay = sizes.ht_layout(cfg, world)
+        lay = sizes.ht_layout(cfg, world, combine_push=True)
         regions = [(lay.barrier_offset, sizes.BARRIER_SLOTS * 8), (lay.cnt_offset, world * lay.cnt_stride),
                    (lay.dflag_offset, world * lay.max_chunks * 8), (lay.drange_offset, world * lay.max_chunks * 8)]
         assert lay.max_chunks == -(-1000 // sizes.HT_CHUNK_TOKENS)
         assert lay.cnt_stride % 16 == 0
         assert lay.data_bytes == world * 1000 * 7168 * 2
         assert lay.meta_bytes == world * 1000 * sizes.meta_stride(8)
+        assert lay.land_bytes == lay.data_bytes   # one landing region per source, T_max rows each
     else:
         lay = sizes.ll_layout(cfg, world)
         regions = [(lay.barrier_offset, sizes.BARRIER_SLOTS * 8), (lay.disp_cnt_offset, sizes.BARRIER_SLOTS * 8),
@@ -164,7 +165,7 @@ def test_signal_regions_are_aligned_and_disjoint(mode, world):
         assert next_start % 8 == 0
     assert regions[-1][0] + regions[-1][1] <= lay.sig_bytes
     assert lay.sig_bytes % 4096 == 0
-    assert sizes.buffer_bytes(cfg, world) == lay.total
+    assert sizes.buffer_bytes(cfg, world, combine_push=True) == lay.total
 
 
 @pytest.mark.parametrize("topk, experts, alignment", [(8, 256, 1), (8, 8, 1), (3, 16, 128), (1, 4, 1)])
@@ -178,9 +179,22 @@ def test_owned_output_holds_the_worst_case_flat_output(topk, experts, alignment)
     # Every token of every rank names min(K, L) of our experts, and every expert ends in alignment - 1 pad rows.
     rows = world * t_max * min(topk, L) + L * (alignment - 1)
     assert sizes.owned_output_rows(owned, world) == rows
-    assert sizes.ht_layout(plain, world).out_bytes == 0
-    assert sizes.ht_layout(owned, world).out_bytes == rows * hidden * 2
+    assert sizes.ht_layout(plain, world, False).out_bytes == 0
+    assert sizes.ht_layout(owned, world, False).out_bytes == rows * hidden * 2
     assert sizes.buffer_bytes(owned, world) - sizes.buffer_bytes(plain, world) == rows * hidden * 2
+
+
+def test_push_combine_adds_one_landing_buffer_of_the_data_buffers_size(monkeypatch):
+    world = 4
+    cfg = MoECommunicatorConfig(num_experts=16, hidden_size=64, topk=2, max_tokens_per_rank=100)
+    landing = world * 100 * 64 * 2
+    assert sizes.buffer_bytes(cfg, world, combine_push=True) - sizes.buffer_bytes(cfg, world, False) == landing
+    assert sizes.ht_layout(cfg, world, False).land_bytes == 0
+    # None reads the knob, as a communicator does (default: push).
+    monkeypatch.delenv("EP_COMBINE_PUSH", raising=False)
+    assert sizes.buffer_bytes(cfg, world) == sizes.buffer_bytes(cfg, world, True)
+    monkeypatch.setenv("EP_COMBINE_PUSH", "0")
+    assert sizes.buffer_bytes(cfg, world) == sizes.buffer_bytes(cfg, world, False)
 
 
 def test_buffer_bytes_checks_the_world_size():

@@ -84,6 +84,8 @@ def run_case(world, session_seed, case, owned: bool):
                 got = to_numpy(gpu.combine(yd, handle))
                 want_c = ref.combine(y, want_handle)
                 assert np.array_equal(got, want_c), msg + f" combine max diff rows {np.argwhere(got != want_c)[:3]}"
+                if call == 2:   # back-to-back combines of one handle: the second reuses every combine buffer at once
+                    assert np.array_equal(to_numpy(gpu.combine(yd, handle)), want_c), msg + " (second combine)"
                 previous = handle
             # An older handle still combines correctly (its per-call arrays are its own).
             assert previous is not None
