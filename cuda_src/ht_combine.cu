@@ -43,7 +43,8 @@ extern "C" __global__ void __launch_bounds__(1024, 1) ht_combine_reduce(const ep
   const int lane = threadIdx.x % kWarpSize;
   const int gw = blockIdx.x * nwarps + threadIdx.x / kWarpSize;
   const int RW = gridDim.x * nwarps;
-  // Items [item_lo, item_hi) of the received list, without the own tokens [own_lo, own_hi): the gather's.
+  // Items [item_lo, item_hi) of the received list, without the own tokens [own_lo, own_hi), which the pull
+  // gather folds itself (push: that range is empty, the own tokens are reduced here too).
   const int own_lo = kCombinePush ? 0 : p.info[lay.recv_prefix + p.rank];
   const int own_hi = kCombinePush ? 0 : p.info[lay.recv_prefix + p.rank + 1];
   const int lo = p.item_lo, hi = min(p.item_hi, p.info[lay.n_recv_total]);

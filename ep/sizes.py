@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import envs
 from .config import MoECommunicatorConfig
 
 ROUTE_CHUNK = 128          # cuda_src/common/params.cuh kRouteChunk: tokens per HT routing block
@@ -125,7 +126,6 @@ def buffer_bytes(cfg: MoECommunicatorConfig, world: int, combine_push: bool | No
     if cfg.mode != "ht":
         return ll_layout(cfg, world).total
     if combine_push is None:
-        from . import envs
         combine_push = envs.read()["EP_COMBINE_PUSH"]
     return ht_layout(cfg, world, combine_push).total
 

@@ -106,7 +106,7 @@ struct HtCombineParams {
   i32 local_experts;
   i32 row_bytes;
   i32 max_tokens;
-  i32 item_lo;            // reduce: the received items [item_lo, item_hi) of this launch (own ones skipped)
+  i32 item_lo;            // reduce: the received items [item_lo, item_hi) of this launch (pull: own ones skipped)
   i32 item_hi;
 };
 
