@@ -219,7 +219,7 @@ class MoECommunicator:
         cap = self.world_size * cfg.max_tokens_per_rank
         bf16 = arrays.bf16_dtypes(fw)
         return arrays.check_array(buf, "output_buffer", shape=(self.num_local_experts, cap, cfg.hidden_size),
-                                  dtypes=bf16, device=self.device)
+                                  dtypes=bf16, device=self.device, fw=fw)
 
     def _check_handle(self, handle, name: str) -> None:
         if not isinstance(handle, DispatchHandle):

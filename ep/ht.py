@@ -371,7 +371,7 @@ class HtRuntime:
     # ----------------------------------------------------------------------------------- combine
     def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
         params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
-        if self.land is None:
+        if not self.combine_push:
             self._barrier_after("combine", stream)
             self._reduce(params, stream)
             self.barrier(stream)

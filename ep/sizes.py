@@ -85,7 +85,8 @@ def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtL
     out_bytes = owned_output_rows(cfg, world) * row_bytes(cfg) if cfg.owned_output else 0
     data_bytes = world * T * row_bytes(cfg)
     return HtLayout(data_bytes, world * T * meta_stride(cfg.topk), sig_bytes, out_bytes,
-                    data_bytes if combine_push else 0, barrier_offset, cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
+                    data_bytes if combine_push else 0, barrier_offset, cnt_offset, cnt_stride, dflag_offset,
+                    drange_offset, max_chunks)
 
 
 @dataclass(frozen=True)
