@@ -84,8 +84,11 @@ def run_case(world, session_seed, case, owned: bool):
                 got = to_numpy(gpu.combine(yd, handle))
                 want_c = ref.combine(y, want_handle)
                 assert np.array_equal(got, want_c), msg + f" combine max diff rows {np.argwhere(got != want_c)[:3]}"
-                if call == 2:   # back-to-back combines of one handle: the second reuses every combine buffer at once
-                    assert np.array_equal(to_numpy(gpu.combine(yd, handle)), want_c), msg + " (second combine)"
+                if call == 2:   # back-to-back combines of one handle: the second reuses every combine buffer at once;
+                    # it writes into the caller's `out` (filled with -3.0 first) and returns that very array
+                    dst = filled_bf16(fw, (T, H), -3.0)
+                    assert gpu.combine(yd, handle, out=dst) is dst, msg
+                    assert np.array_equal(to_numpy(dst), want_c), msg + " (second combine, into out=)"
                 previous = handle
             # An older handle still combines correctly (its per-call arrays are its own).
             assert previous is not None
@@ -94,6 +97,16 @@ def run_case(world, session_seed, case, owned: bool):
             ref.close()
 
     collective(world, body)
+
+
+def filled_bf16(fw: str, shape: tuple, value: float):
+    """A bf16 device array of ``shape`` filled with ``value`` (CuPy: uint16 bit patterns)."""
+    if fw == "torch":
+        import torch
+        return torch.full(shape, value, dtype=torch.bfloat16, device="cuda")
+    import cupy
+    bits = int(np.array([value], np.float32).view(np.uint32)[0] >> 16)
+    return cupy.full(shape, bits, dtype=np.uint16)
 
 
 def ptr_of(arr) -> int:
