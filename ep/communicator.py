@@ -260,13 +260,6 @@ class MoECommunicator:
         if self._backend == "cpu":
             return self._run(self._rt.combine, expert_output, state, out, fw)
         stream_ = arrays.resolve_stream(stream, fw)
-        if self.config.mode == "ht":
-            if out is None:
-                out, out_ptr = arrays.empty(fw, (T, H), "bf16", stream_)
-            else:
-                out_ptr = oi.ptr
-            self._run(self._rt.combine, yi, state, out_ptr, stream_)
-            return out
         return self._run(self._rt.combine, yi, state, out, 0 if oi is None else oi.ptr, stream_, fw)
 
     # ---------------------------------------------------------------------------------- lifetime

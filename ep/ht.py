@@ -369,7 +369,11 @@ class HtRuntime:
         return view[:rows]
 
     # ----------------------------------------------------------------------------------- combine
-    def combine(self, y_info, handle: HtHandle, out_ptr: int, stream) -> None:
+    def combine(self, y_info, handle: HtHandle, out, out_ptr: int, stream, framework):
+        """Queue a combine into ``out`` (``out_ptr``), or into a fresh ``[T, H]`` array when ``out`` is None;
+        returns it (the LL runtime's signature)."""
+        if out is None:
+            out, out_ptr = arrays.empty(framework, (handle.routing.num_tokens, self.cfg.hidden_size), "bf16", stream)
         params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
         if not self.combine_push:
             self._barrier_after("combine", stream)
@@ -383,6 +387,7 @@ class HtRuntime:
             self.barrier(stream)
             self.k["ht_combine_sum"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
         self.last_op = "combine"
+        return out
 
     def _reduce(self, params, stream) -> None:
         self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
