@@ -14,6 +14,9 @@ GPU_PYTHON ?= python3
 BENCH_ARGS ?=
 # World sizes of the multi-rank CPU tests (CPU backend: NumPy reference over MPI).
 MPI_TEST_SIZES ?= 4 2 1 8
+# World sizes of the multi-rank GPU tests; with fewer GPUs than ranks the ranks share GPUs (EP_SHARED_GPU=1:
+# correctness only).
+GPU_TEST_SIZES ?= 2 4 8
 
 STAMP := $(VENV)/.ep-installed
 # Prints the number of visible CUDA devices, 0 when CuPy or the driver is missing.
@@ -47,11 +50,14 @@ GPU_MPIRUN = $(MPIRUN) -x NCCL_NVLS_ENABLE=0 -x PYTHONPATH=$(CURDIR)$${PYTHONPAT
 test-gpu:
 	@N=$$($(GPU_COUNT)); \
 	if [ "$$N" -lt 1 ]; then echo "make test-gpu: no CUDA GPU visible on this machine" >&2; exit 1; fi; \
-	set -ex; \
-	$(PYTHON) -m pytest tests/gpu -q -m "not mpi"; \
-	if [ "$$N" -lt 2 ]; then set +x; echo "make test-gpu: 1 GPU visible, multi-rank GPU tests not run" >&2; exit 0; fi; \
-	$(GPU_MPIRUN) -np 2 $(PYTHON) -m pytest tests/gpu -q -p no:cacheprovider; \
-	if [ "$$N" -gt 2 ]; then $(GPU_MPIRUN) -np $$N $(PYTHON) -m pytest tests/gpu -q -p no:cacheprovider; fi
+	set -e; \
+	echo "$(PYTHON) -m pytest tests/gpu -q -m 'not mpi'"; \
+	$(PYTHON) -m pytest tests/gpu -q -m "not mpi" -p no:cacheprovider; \
+	for W in $(GPU_TEST_SIZES); do \
+	  SHARE=""; if [ "$$W" -gt "$$N" ]; then SHARE="-x EP_SHARED_GPU=1 --oversubscribe"; fi; \
+	  echo "$(GPU_MPIRUN) $$SHARE -np $$W $(PYTHON) -m pytest tests/gpu -q -m mpi"; \
+	  $(GPU_MPIRUN) $$SHARE -np $$W $(PYTHON) -m pytest tests/gpu -q -m mpi -p no:cacheprovider; \
+	done
 
 bench: venv
 	@N=$$($(GPU_COUNT)); \

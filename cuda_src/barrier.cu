@@ -21,7 +21,7 @@ extern "C" __global__ void __launch_bounds__(32) ep_barrier(const ep::BarrierPar
   __syncwarp();
   if (lane < p.world) {
     const u64* mine = reinterpret_cast<const u64*>(p.sig_peers[p.rank] + p.flags_offset) + lane;
-    wait_geq(mine, value, p.err, p.timeout_ns, kPhaseBarrier, p.rank, lane);
+    wait_geq<kSpinSleepMaxNs>(mine, value, p.err, p.timeout_ns, kPhaseBarrier, p.rank, lane);
   }
   __syncwarp();
   if (lane == 0) *p.generation = value;   // every lane read the old value above

@@ -10,32 +10,77 @@
 //   meta[s][pos]  meta_stride {token, lexp[K] (local expert | kDupBit, or -1), idx[K], w[K]} (remote s only;
 //                 token is not read, it keeps the record fully defined)
 //   sig.dflag[s][c] u64, sig.drange[s][c] int2: remote source s finished chunk c; its slots are [x, y)
-// Sender blocks [0, S): a warp takes a chunk of CHS tokens at a time and, per token, sends the metadata
-// record and the row (read once) to every other destination rank: 16-byte warp stores, or TMA (bulk load
-// into the warp's staging row, one bulk store per destination). Then its lanes publish the chunk's slot
-// range on each rank and release-store (system scope) dflag = epoch. No block-wide barrier: a warp never
-// waits for another. Whole SMs send, so their memory pipelines carry only those stores.
+// Sender blocks [0, S): a warp takes a chunk of kHtChunkTokens tokens at a time and, per token, sends the
+// metadata record and the row (read once) to every other destination rank, through the copy policy the
+// config chose (WarpRowSend: 16-byte warp stores; TmaRowSend: a bulk load into the warp's staging row, one
+// bulk store per destination). Then its lanes publish the chunk's slot range on each rank and
+// release-store (system scope) dflag = epoch. No block-wide barrier: a warp never waits for another. Whole
+// SMs send, so their memory pipelines carry only those stores.
 // Expansion: items handed out in order by a per-rank counter, one warp each, to the receiver blocks
 // [S, G) from the start and to the sender warps once they have sent everything (the local expansion moves
-// ~3x the senders' bytes and is bound by the SMs' store throughput, so every SM that is free must help).
+// more bytes than the senders and is bound by the SMs' store throughput, so every SM that is free helps).
 // Items: our own chunks first (records from the routing, rows from x: no wait), then (chunk, remote source)
 // chunk-major, each after a bounded wait for its flag. Every token of an item becomes one output row per
 // local expert it names, row = src_base[s][e] + idx (exchanged counts, so the order is fixed by routing,
-// not by which warp expands): 16-byte warp copies or TMA (bulk load, one bulk store per row). The item
-// also records recv_rows/recv_w for combine. Receiver warps first zero the alignment padding rows; the
-// call's counts_out / expert_offsets (fresh arrays every call) come from the last block.
+// not by which warp expands), by 16-byte warp copies. The item also records recv_rows/recv_w for combine.
+// Receiver warps first zero the alignment padding rows; the call's counts_out / expert_offsets (fresh
+// arrays every call) come from the last block.
 // The grid must be co-resident (G <= SMs): receivers wait for senders of other blocks and other ranks.
 #include "common/params.cuh"
 #include "common/reduce.cuh"
 
 namespace ep {
 
-// One token's metadata record, staged in shared memory and sent as 16-byte stores: as single-word stores it
-// was ~25 tiny NVLink writes per (token, destination).
-constexpr int kMetaBytesMax = (8 + 12 * kMaxTopk + 15) / 16 * 16;
 // 16-byte vectors in flight per lane when a warp copies a row: the register budget is 64 per thread at 32
 // warps per block.
 constexpr int kCopyVecs = kDispatchWarps > 16 ? 8 : 16;
+
+// How a sender warp moves one row to its n destinations (lane j < n holds the j-th one's address).
+// begin(): before the token's metadata is sent; send(): the row itself; chunk_done(): before the chunk's
+// flags are released; finish(): before the warp moves on to expanding.
+struct WarpRowSend {
+  __device__ __forceinline__ void init(u8*, u64*, int) {}
+  __device__ __forceinline__ void begin(const u8*, int, int, int) {}
+  __device__ __forceinline__ void send(u64 my_dst, int n, const u8* src, int bytes, int lane) {
+    warp_copy_multi<kCopyVecs>(my_dst, n, src, bytes, lane);
+  }
+  __device__ __forceinline__ void chunk_done(int) {}
+  __device__ __forceinline__ void finish(int) {}
+};
+
+struct TmaRowSend {
+  u8* stage;   // the warp's staging row in shared memory
+  u64* bar;    // its mbarrier
+  u32 phase;   // the mbarrier's parity, flipped per load
+  __device__ __forceinline__ void init(u8* stage_row, u64* mbar, int lane) {
+    stage = stage_row;
+    bar = mbar;
+    phase = 0;
+    if (lane == 0) {
+      mbar_init(bar, 1);
+      fence_mbar_init();
+    }
+    __syncwarp();
+  }
+  __device__ __forceinline__ void begin(const u8* src, int n, int bytes, int lane) {
+    if (lane == 0 && n) staged_row_load(stage, src, bytes, bar);
+  }
+  __device__ __forceinline__ void send(u64 my_dst, int n, const u8*, int bytes, int lane) {
+    if (lane == 0 && n) staged_row_wait(bar, phase);
+    staged_row_store(my_dst, n, stage, bytes, lane);
+  }
+  __device__ __forceinline__ void chunk_done(int lane) {
+    if (lane == 0) {
+      tma_wait_all();
+      fence_proxy_async_global();
+    }
+  }
+  __device__ __forceinline__ void finish(int lane) {
+    if (lane == 0) tma_wait_all();
+  }
+};
+
+using RowSend = Select<kDispatchTma, TmaRowSend, WarpRowSend>::type;
 
 // What a sender needs of one token, loaded one token ahead so the loads overlap the previous row's copy.
 struct SendToken {
@@ -77,8 +122,9 @@ __device__ __forceinline__ u64 send_dst(const HtDispatchParams& p, const SendTok
 // (`next`): consecutive chunks go out in parallel, so chunk c lands at about the same time on every rank and
 // the chunk-major receivers follow. After each chunk lane d publishes the slot range sent to rank d (no
 // block-wide barrier: warps never wait for each other).
-__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, u8* my_row, u64* bar, u32& phase,
-                                        u8* meta_stage, int* next, int lane) {
+template <class Send>
+__device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, Send& copy, u8* meta_stage, int* next,
+                                        int lane) {
   const int W = p.world, K = p.topk, L = p.local_experts;
   const int nchunks = (p.num_tokens + p.chunk_tokens - 1) / p.chunk_tokens;
   const u32 remote = ~(1u << p.rank);
@@ -101,7 +147,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, u8
       }
       const u32 rmask = __ballot_sync(0xFFFFFFFFu, tok.pos >= 0) & remote;
       const u8* src = p.x + static_cast<i64>(t) * p.row_bytes;
-      if (kDispatchTma && lane == 0 && rmask) staged_row_load(my_row, src, p.row_bytes, bar);
+      copy.begin(src, rmask, p.row_bytes, lane);
       __syncwarp();                         // the previous token's records have been sent
       if (lane == 0) {
         *staged.token() = t;
@@ -131,17 +177,9 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, u8
       }
       // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's address.
       const u64 my_dst = compact_by_mask(rmask, send_dst(p, tok, orow_d, lane), lane);
-      if (kDispatchTma) {
-        if (lane == 0 && rmask) staged_row_wait(bar, phase);
-        staged_row_store(my_dst, __popc(rmask), my_row, p.row_bytes, lane);
-      } else {
-        warp_copy_multi<kCopyVecs>(my_dst, __popc(rmask), src, p.row_bytes, lane);
-      }
+      copy.send(my_dst, __popc(rmask), src, p.row_bytes, lane);
     }
-    if (kDispatchTma && lane == 0) {
-      tma_wait_all();
-      fence_proxy_async_global();
-    }
+    copy.chunk_done(lane);
     __syncwarp();
     if (lane < W && lane != p.rank) {   // our own tokens are expanded straight from the routing
       if (hi == 0) lo = 0;
@@ -151,7 +189,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, u8
       st_release_sys(reinterpret_cast<u64*>(p.sig_peers[lane] + p.dflag_offset) + cell, epoch);
     }
   }
-  if (kDispatchTma && lane == 0) tma_wait_all();
+  copy.finish(lane);
 }
 
 // What a receiver needs of one received token, loaded one token ahead.
@@ -176,8 +214,7 @@ __device__ __forceinline__ RecvToken load_recv_token(const HtDispatchParams& p, 
 // record its rows and weights for combine. in_place (owned outputs, remote tokens): the sender wrote the row
 // into the token's first expert row already; it is the source of the copies to the others, `src` unused.
 __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i64 i, const RecvToken& tok,
-                                             const u8* src, bool in_place, u8* stage, u64* bar, u32& phase,
-                                             int lane) {
+                                             const u8* src, bool in_place, int lane) {
   const int K = p.topk;
   const InfoLayout lay(p.local_experts, p.world);
   int row = -1;
@@ -195,21 +232,12 @@ __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i
   const int n = __popc(copy_mask);
   const u64 dst_of_lane = reinterpret_cast<u64>(p.out) + static_cast<u64>(row < 0 ? 0 : row) * p.row_bytes;
   const u64 my_dst = compact_by_mask(copy_mask, dst_of_lane, lane);
-  if (kRecvTma) {
-    if (n && lane == 0) {
-      staged_row_load(stage, src, p.row_bytes, bar);
-      staged_row_wait(bar, phase);
-    }
-    staged_row_store(my_dst, n, stage, p.row_bytes, lane);
-  } else if (n) {
-    warp_copy_multi<kCopyVecs>(my_dst, n, src, p.row_bytes, lane);
-  }
+  if (n) warp_copy_multi<kCopyVecs>(my_dst, n, src, p.row_bytes, lane);
 }
 
 // Our own chunk c needs no sender and no wait: its records come straight from the routing and its rows
 // from x. These items go first, so expanding warps have work while the first remote chunks are in flight.
-__device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int c, u8* stage, u64* bar, u32& phase,
-                                                 int lane) {
+__device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int c, int lane) {
   const InfoLayout lay(p.local_experts, p.world);
   const int t_begin = c * p.chunk_tokens;
   const int t_end = min(p.num_tokens, t_begin + p.chunk_tokens);
@@ -221,7 +249,7 @@ __device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int 
     if (pos < 0) continue;
     const RecvToken rt{local_code(tok.code, p.local_experts, p.rank), tok.sidx, tok.w};
     expand_token(p, p.rank, static_cast<i64>(p.info[lay.recv_prefix + p.rank]) + pos, rt,
-                 p.x + static_cast<i64>(t) * p.row_bytes, false, stage, bar, phase, lane);
+                 p.x + static_cast<i64>(t) * p.row_bytes, false, lane);
   }
 }
 
@@ -257,8 +285,7 @@ __device__ __forceinline__ void zero_padding(const HtDispatchParams& p, int gw, 
   }
 }
 
-__device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, u8* stage, u64* bar, u32& phase,
-                                          int lane) {
+__device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, int lane) {
   const int W = p.world;
   const InfoLayout lay(p.local_experts, W);
   const int* info = p.info;
@@ -279,7 +306,7 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, 
     item = __shfl_sync(0xFFFFFFFFu, item, 0);
     if (item >= total_items) break;
     if (item < own_items) {
-      expand_own_chunk(p, item, stage, bar, phase, lane);
+      expand_own_chunk(p, item, lane);
       continue;
     }
     const int r = item - own_items;
@@ -294,7 +321,6 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, 
       start = ld_cg_i32(range);
       end = ld_cg_i32(range + 1);
     }
-    if (kRecvTma && lane == 0) fence_proxy_async_global();   // the peers' rows, for the bulk loads below
     ok = __shfl_sync(0xFFFFFFFFu, ok, 0);
     if (!ok) break;
     start = __shfl_sync(0xFFFFFFFFu, start, 0);
@@ -306,10 +332,9 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, 
       const RecvToken tok = cur;
       if (pos + 1 < end) cur = load_recv_token(p, my_meta + (slot0 + pos + 1) * p.meta_stride, lane);
       expand_token(p, s, static_cast<i64>(info[lay.recv_prefix + s]) + pos, tok,
-                   in_place ? nullptr : my_data + (slot0 + pos) * p.row_bytes, in_place, stage, bar, phase, lane);
+                   in_place ? nullptr : my_data + (slot0 + pos) * p.row_bytes, in_place, lane);
     }
   }
-  if (kRecvTma && lane == 0) tma_wait_all();
 }
 
 // The call's counts_out / expert_offsets, from the routing's info (one warp).
@@ -325,34 +350,26 @@ __device__ __forceinline__ void write_counts(const HtDispatchParams& p, int lane
 
 extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_dispatch(const ep::HtDispatchParams p) {
   using namespace ep;
-  extern __shared__ __align__(128) u8 smem[];   // TMA: one staging row per sending / expanding warp
+  extern __shared__ __align__(128) u8 smem[];   // TMA senders: one staging row per sending warp
   __shared__ u64 bars[kDispatchWarps];
   __shared__ __align__(16) u8 meta_stage[kDispatchWarps][kMetaBytesMax];
   __shared__ int next_chunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const bool sender = blockIdx.x < p.send_blocks;
-  if (warp >= (sender ? p.send_warps : p.recv_warps)) return;
   const u64 epoch = dispatch_epoch(p.item_ctr);
-  u8* my_row = smem + static_cast<u64>(warp) * p.row_bytes;
-  u32 phase = 0;   // parity of the warp's staging-row mbarrier
-  if ((kDispatchTma || kRecvTma) && lane == 0) {
-    mbar_init(&bars[warp], 1);
-    fence_mbar_init();
-  }
-  __syncwarp();
-  if (sender) {
+  if (blockIdx.x < p.send_blocks) {
     if (threadIdx.x == 0) next_chunk = 0;
-    named_barrier(1, p.send_warps * kWarpSize);
-    ht_send(p, epoch, my_row, &bars[warp], phase, meta_stage[warp], &next_chunk, lane);
-    // With TMA receivers only the first recv_warps warps have a staging row.
-    if (warp < p.recv_warps) ht_expand(p, epoch, my_row, &bars[warp], phase, lane);
+    __syncthreads();
+    if (warp < p.send_warps) {   // the others expand from the start
+      RowSend copy;
+      copy.init(smem + static_cast<u64>(warp) * p.row_bytes, &bars[warp], lane);
+      ht_send(p, epoch, copy, meta_stage[warp], &next_chunk, lane);
+    }
   } else {
     if (p.counts_out && blockIdx.x == gridDim.x - 1 && warp == 0) write_counts(p, lane);
-    const int RW = (gridDim.x - p.send_blocks) * p.recv_warps;
-    zero_padding(p, (blockIdx.x - p.send_blocks) * p.recv_warps + warp, RW, lane);
-    ht_expand(p, epoch, my_row, &bars[warp], phase, lane);
+    const int RW = (gridDim.x - p.send_blocks) * kDispatchWarps;
+    zero_padding(p, (blockIdx.x - p.send_blocks) * kDispatchWarps + warp, RW, lane);
   }
-  // Every running warp passes here exactly once (a timed-out wait breaks out of its loop).
-  const u32 participants = p.send_blocks * p.send_warps + (gridDim.x - p.send_blocks) * p.recv_warps;
-  if (lane == 0) dispatch_done(p.item_ctr, participants);
+  ht_expand(p, epoch, lane);
+  // Every warp passes here exactly once (a failed wait breaks out of its loop).
+  if (lane == 0) dispatch_done(p.item_ctr, gridDim.x * kDispatchWarps);
 }

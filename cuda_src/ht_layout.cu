@@ -91,30 +91,26 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   // 2. publish totals: every peer's slot [rank] gets our rows per expert, all E of them (so every rank can
   //    derive every rank's layout: peer_row below), and the token count for that peer.
   const int E = p.num_experts;
+  auto slot_at = [&](int d, int s) {
+    return reinterpret_cast<CountSlot*>(p.sig_peers[d] + p.cnt_offset + static_cast<u64>(s) * p.cnt_stride);
+  };
   for (int i = tid; i < W * E; i += blockDim.x) {
     const int d = i / E, g = i % E;
-    i32* slot = reinterpret_cast<i32*>(p.sig_peers[d] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
-    slot[6 + g] = s_total[g];
+    slot_counts(slot_at(d, p.rank))[g] = s_total[g];
   }
   if (tid < W) {
-    i32* slot = reinterpret_cast<i32*>(p.sig_peers[tid] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
-    slot[2] = s_total[p.num_experts + tid];   // tokens sent to tid
-    slot[3] = p.num_tokens;
-    slot[4] = invalid;
+    CountSlot* slot = slot_at(tid, p.rank);
+    slot->tokens_to_you = s_total[p.num_experts + tid];
+    slot->num_tokens = p.num_tokens;
+    slot->invalid = invalid;
   }
   __threadfence_system();
   __syncthreads();
   if (tid == 0) *p.bad = 0x7FFFFFFF;   // every thread has read it: ready for the next routing's ht_route_count
-  if (tid < W) {
-    u64* flag = reinterpret_cast<u64*>(p.sig_peers[tid] + p.cnt_offset + static_cast<u64>(p.rank) * p.cnt_stride);
-    st_release_sys(flag, p.epoch);
-  }
+  if (tid < W) st_release_sys(&slot_at(tid, p.rank)->epoch, p.epoch);
   // 3. wait for every source's slot in our own buffer.
-  const u8* my_cnt = reinterpret_cast<const u8*>(p.sig_peers[p.rank] + p.cnt_offset);
-  if (tid < W) {
-    const u64* flag = reinterpret_cast<const u64*>(my_cnt + static_cast<u64>(tid) * p.cnt_stride);
-    if (!wait_geq(flag, p.epoch, p.err, p.timeout_ns, kPhaseHtCounts, p.rank, tid)) s_abort = 1;
-  }
+  if (tid < W && !wait_geq(&slot_at(p.rank, tid)->epoch, p.epoch, p.err, p.timeout_ns, kPhaseHtCounts, p.rank, tid))
+    s_abort = 1;
   __syncthreads();
   if (s_abort) return;
   // 4. derive the layouts, one rule for every rank d: each expert's rows padded to the alignment, experts
@@ -124,12 +120,12 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   //    again: padded sizes.
   const InfoLayout lay(L, W);
   i32* info = p.info;
-  auto slot_of = [&](int s) { return reinterpret_cast<const volatile i32*>(my_cnt + static_cast<u64>(s) * p.cnt_stride); };
+  auto counts_of = [&](int s) { return reinterpret_cast<const volatile i32*>(slot_counts(slot_at(p.rank, s))); };
   const int mine = p.rank * L;   // our experts' columns in the count slots
   for (int g = tid; g < E; g += blockDim.x) {
     int total = 0, before = 0;
     for (int s = 0; s < W; ++s) {
-      const int c = slot_of(s)[6 + g];
+      const int c = counts_of(s)[g];
       total += c;
       if (s < p.rank) before += c;
     }
@@ -156,12 +152,12 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   if (tid == 0) {
     int mask = 0, prefix = 0;
     for (int s = 0; s < W; ++s) {
-      const volatile i32* sl = slot_of(s);
-      if (sl[4]) mask |= 1 << s;
-      info[lay.recv_n + s] = sl[2];
-      info[lay.src_T + s] = sl[3];
+      const volatile CountSlot* sl = slot_at(p.rank, s);
+      if (sl->invalid) mask |= 1 << s;
+      info[lay.recv_n + s] = sl->tokens_to_you;
+      info[lay.src_T + s] = sl->num_tokens;
       info[lay.recv_prefix + s] = prefix;
-      prefix += sl[2];
+      prefix += sl->tokens_to_you;
     }
     info[lay.recv_prefix + W] = prefix;
     info[lay.n_recv_total] = prefix;
@@ -172,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
     int row = info[lay.base + e];
     for (int s = 0; s < W; ++s) {
       info[lay.src_base + s * L + e] = row;
-      row += slot_of(s)[6 + mine + e];
+      row += counts_of(s)[mine + e];
     }
   }
   __syncthreads();

@@ -5,7 +5,7 @@ bf16 is ``torch.bfloat16`` for torch, and ``uint16`` bit patterns for CuPy and N
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,15 @@ import numpy as np
 TORCH, CUPY, NUMPY = "torch", "cupy", "numpy"
 
 
-def framework_of(arr: Any) -> str:
+def argument_error(cls: type, name: str, message: str) -> Exception:
+    """An exception about argument ``name``, tagged with it (``ep_argument``) so that the peers of a rank that
+    fails its input checks can be told which argument failed (ep.validation)."""
+    exc = cls(message)
+    exc.ep_argument = name
+    return exc
+
+
+def framework_of(arr: Any, name: str = "array") -> str:
     module = type(arr).__module__
     if module.startswith("torch"):
         return TORCH
@@ -21,7 +29,8 @@ def framework_of(arr: Any) -> str:
         return CUPY
     if isinstance(arr, np.ndarray):
         return NUMPY
-    raise TypeError(f"expected a torch tensor, CuPy array or NumPy array, got {type(arr).__name__}")
+    raise argument_error(TypeError, name, f"{name}: expected a torch tensor, CuPy array or NumPy array, got "
+                                          f"{type(arr).__name__}")
 
 
 _DTYPE_NAMES: dict = {}   # dtype object -> name; str(dtype) costs microseconds on every call's hot path
@@ -46,20 +55,21 @@ class ArrayInfo:
     dtype: str
     ptr: int          # device pointer (0 for NumPy)
     device: int       # CUDA device id, -1 on the CPU
+    obj: Any = field(default=None, compare=False, repr=False)   # the array itself
 
 
 def describe(arr: Any, name: str, fw: str | None = None) -> ArrayInfo:
-    fw = fw or framework_of(arr)
+    fw = fw or framework_of(arr, name)
     shape = tuple(arr.shape)   # ints already (torch.Size, CuPy and NumPy tuples)
     if fw == TORCH:
         dev = arr.device.index if arr.device.type == "cuda" else -1
         if arr.device.type == "cuda" and dev is None:
             dev = 0
         ptr = arr.data_ptr() if arr.device.type == "cuda" else 0
-        return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev)
+        return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev, arr)
     if fw == CUPY:
-        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data.ptr, arr.device.id)
-    return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1)
+        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data.ptr, arr.device.id, arr)
+    return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1, arr)
 
 
 def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], device: int,
@@ -69,15 +79,15 @@ def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], d
     info = describe(arr, name, fw)
     if len(info.shape) != len(shape) or any(want is not None and got != want for got, want in zip(info.shape, shape)):
         pretty = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise ValueError(f"{name}: expected shape {pretty}, got {info.shape}")
+        raise argument_error(ValueError, name, f"{name}: expected shape {pretty}, got {info.shape}")
     if info.dtype not in dtypes:
-        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {info.dtype}")
+        raise argument_error(TypeError, name, f"{name}: expected dtype {' or '.join(dtypes)}, got {info.dtype}")
     if info.device != device:
         where = "the CPU" if device < 0 else f"cuda:{device}"
         got = "the CPU" if info.device < 0 else f"cuda:{info.device}"
-        raise ValueError(f"{name}: expected an array on {where}, got one on {got}")
+        raise argument_error(ValueError, name, f"{name}: expected an array on {where}, got one on {got}")
     if not (arr.is_contiguous() if info.framework == TORCH else arr.flags.c_contiguous):
-        raise ValueError(f"{name}: must be C-contiguous")
+        raise argument_error(ValueError, name, f"{name}: must be C-contiguous")
     return info
 
 

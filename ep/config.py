@@ -5,11 +5,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from .constants import MAX_LOCAL_EXPERTS, MAX_TOPK, MAX_WORLD_SIZE
 from .errors import ConfigError
 
-MAX_WORLD_SIZE = 32      # peer masks are 32-bit words in the kernels
-MAX_TOPK = 32            # per-token metadata holds at most this many slots
-MAX_LOCAL_EXPERTS = 1024  # per-(source, expert) count tables live in shared memory
+__all__ = ["MAX_LOCAL_EXPERTS", "MAX_TOPK", "MAX_WORLD_SIZE", "DispatchLayout", "CommOverlapConfig", "HtTuning",
+           "LLTuning", "MoECommunicatorConfig", "QuantScales", "DispatchOutput", "DispatchHandle"]
 
 
 class DispatchLayout(enum.Enum):
@@ -43,6 +43,64 @@ class CommOverlapConfig:
                 raise ConfigError(f"CommOverlapConfig.{name} must be a positive int or None, got {value!r}")
 
 
+def _check_int(owner: str, name: str, value: Any, lo: int, hi: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        what = f"an int in [{lo}, {hi}]" + (" or None" if optional else "")
+        raise ConfigError(f"{owner}.{name} must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HtTuning:
+    """Tuning of the HT kernels. Every field has an environment override (in brackets), read once when a
+    communicator is built; resolved with the rest of the config into ``MoECommunicator.tuning``.
+
+    dispatch_senders [EP_DISPATCH_SENDERS]: dispatch blocks that send (the rest expand what arrives);
+      None = a third of the dispatch grid, at least 1.
+    dispatch_warps [EP_DISPATCH_WARPS]: warps per dispatch block.
+    dispatch_copy [EP_NCCLEP_TMA]: how senders move a row to its destinations: "warp" (16-byte stores of
+      one read of the row) or "tma" (a bulk load into shared memory, one bulk store per destination).
+    combine [EP_COMBINE_PUSH]: "push" (the copy engines copy each peer's partials into the source's landing
+      buffer, one more symmetric buffer of W x max_tokens_per_rank rows, and the source sums locally) or
+      "pull" (the source reads the partials from the peers over NVLink).
+    gather_warps_wide / gather_warps_narrow / gather_wide_max_blocks [EP_CMB_TMA_WARPS_WIDE / _NARROW /
+      _MAXCH]: warps per block of the pull combine's gather: wide up to that many blocks, narrow above.
+    """
+
+    dispatch_senders: int | None = None
+    dispatch_warps: int = 24
+    dispatch_copy: str = "warp"
+    combine: str = "push"
+    gather_warps_wide: int = 16
+    gather_warps_narrow: int = 4
+    gather_wide_max_blocks: int = 32
+
+    def __post_init__(self):
+        _check_int("HtTuning", "dispatch_senders", self.dispatch_senders, 1, 1024, optional=True)
+        _check_int("HtTuning", "dispatch_warps", self.dispatch_warps, 4, 32)
+        if self.dispatch_copy not in ("warp", "tma"):
+            raise ConfigError(f"HtTuning.dispatch_copy must be 'warp' or 'tma', got {self.dispatch_copy!r}")
+        if self.combine not in ("push", "pull"):
+            raise ConfigError(f"HtTuning.combine must be 'push' or 'pull', got {self.combine!r}")
+        _check_int("HtTuning", "gather_warps_wide", self.gather_warps_wide, 1, 32)
+        _check_int("HtTuning", "gather_warps_narrow", self.gather_warps_narrow, 1, 32)
+        _check_int("HtTuning", "gather_wide_max_blocks", self.gather_wide_max_blocks, 1, 1024)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLTuning:
+    """Tuning of the LL kernels (environment overrides in brackets).
+
+    warps [EP_LL_WARPS]: warps per LL block.
+    """
+
+    warps: int = 16
+
+    def __post_init__(self):
+        _check_int("LLTuning", "warps", self.warps, 4, 32)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoECommunicatorConfig:
     """Everything a communicator needs to size its buffers and pick its kernels.
@@ -56,6 +114,12 @@ class MoECommunicatorConfig:
       rank's next dispatch (or close()). Peers then write every received token straight into its first expert
       row, which saves the receiver one row copy per (token, rank) (docs/perf.md row 27); a cached dispatch
       then always queues a cross-rank barrier first. Off: fresh exact-size outputs per call.
+    num_sms [EP_DISPATCH_NSM / EP_COMBINE_NSM override the dispatch / combine share, as does ``overlap``]:
+      blocks (one per SM) of the data kernels.
+    timeout_s [EP_TIMEOUT_S]: bound of every device and host wait.
+    shared_gpu [EP_SHARED_GPU]: allow several ranks of a node on one GPU (ranks beyond the GPU count share
+      GPUs round-robin). For tests only: it proves correctness, never speed.
+    ht_tuning, ll_tuning: kernel tuning of each mode (HtTuning, LLTuning).
     """
 
     mode: str = "ht"
@@ -70,6 +134,9 @@ class MoECommunicatorConfig:
     timeout_s: float = 60.0
     owned_output: bool = False
     overlap: CommOverlapConfig = field(default_factory=CommOverlapConfig)
+    shared_gpu: bool = False
+    ht_tuning: HtTuning = field(default_factory=HtTuning)
+    ll_tuning: LLTuning = field(default_factory=LLTuning)
 
     def __post_init__(self):
         def positive_int(name: str, value: Any) -> None:
@@ -106,6 +173,12 @@ class MoECommunicatorConfig:
                               "L x W*T_max rows (its worst-case capacity)")
         if not isinstance(self.overlap, CommOverlapConfig):
             raise ConfigError(f"overlap must be a CommOverlapConfig, got {self.overlap!r}")
+        if not isinstance(self.shared_gpu, bool):
+            raise ConfigError(f"shared_gpu must be a bool, got {self.shared_gpu!r}")
+        if not isinstance(self.ht_tuning, HtTuning):
+            raise ConfigError(f"ht_tuning must be an HtTuning, got {self.ht_tuning!r}")
+        if not isinstance(self.ll_tuning, LLTuning):
+            raise ConfigError(f"ll_tuning must be an LLTuning, got {self.ll_tuning!r}")
         if self.mode == "ht" and (self.overlap.dispatch_num_sms or self.num_sms) < 2:
             raise ConfigError("mode='ht' dispatch needs at least 2 SMs (sender blocks and receiver blocks); "
                               "set num_sms or overlap.dispatch_num_sms >= 2")

@@ -2,7 +2,13 @@
 
 Each rank sends every destination the tokens routed to it (with their indices, ids and weights), builds
 its output with :mod:`ep.reference`, and combine sends the bf16 partials back. Semantics and rounding are
-exactly those of the GPU kernels, so model code can be prototyped and unit-tested without GPUs.
+exactly those of the GPU kernels, and so are the rules a program must follow, so model code can be
+prototyped and unit-tested without GPUs:
+- a cached dispatch (previous_handle) uses the handle's routing with this call's x and weights;
+- LL outputs are communicator-owned and overwritten by the next dispatch (tokens) and combine (output);
+  a handle can be combined while its dispatch is one of the last two;
+- LL treats an invalid expert id as unused and reports it in the next call (EP_DEBUG_CHECKS: this call);
+- every op passes the same op gate as on GPUs, so one rank's bad input raises on every rank.
 """
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arrays, reference, sizes
+from . import arrays, reference, sizes, validation
 from .bootstrap import Group
+from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
-from .envs import Snapshot
-from .errors import InvalidStateError, PeerInputError
+from .errors import InvalidStateError
+from .runtime_base import Runtime
+from .tuning import Tuning
 
 
 @dataclass
@@ -24,46 +32,63 @@ class CpuHandle:
     sent_index: list      # per destination: token indices this rank sent there
     num_tokens: int
     tokens_shape: tuple
-    topk_ids: np.ndarray
+    topk_ids: np.ndarray  # the routing (a cached dispatch reuses it)
     seq: int
 
 
-class CpuRuntime:
-    def __init__(self, cfg: MoECommunicatorConfig, group: Group, knobs: Snapshot):
-        self.cfg, self.group, self.knobs = cfg, group, knobs
+class CpuRuntime(Runtime):
+    def __init__(self, cfg: MoECommunicatorConfig, group: Group, tuning: Tuning):
+        self.cfg, self.group, self.tuning = cfg, group, tuning
         self.W, self.rank = group.size, group.rank
         self.L = cfg.num_experts // self.W
         self.seq = 0
-        self.owned = None   # owned_output: the buffer every dispatch's tokens view (allocated at first use)
+        self.owned = None       # HT owned_output: the buffer every dispatch's tokens view (first use)
+        self.ll_out = None      # LL: the owned dispatch output [L, W*T_max, H] and combine output [T_max, H]
+        self.ll_comb = None
+        self._bad_id: str | None = None
+        self.open_gate(tuning.timeout_s)
 
-    def check_errors(self) -> None:
-        pass
+    def check_handle(self, state: CpuHandle) -> None:
+        if self.cfg.mode == "ll" and self.seq - state.seq not in (0, 1):
+            raise InvalidStateError(f"LL handle is {self.seq - state.seq} dispatches old; LL keeps the last two "
+                                    "dispatches only")
 
-    def dispatch(self, x, topk_ids, weights, previous: CpuHandle | None, output_buffer, framework):
+    def same_routing(self, state: CpuHandle, topk_ids) -> bool:
+        ids = arrays.to_numpy(topk_ids.obj).astype(np.int64)
+        return bool(np.array_equal(ids, state.topk_ids))
+
+    def take_input_error(self) -> BaseException | None:
+        if self._bad_id is None:
+            return None
+        exc = arrays.argument_error(ValueError, "topk_ids", self._bad_id)
+        exc.ep_code_flags = validation.EARLIER
+        self._bad_id = None
+        return exc
+
+    def _ll_ids(self, ids: np.ndarray) -> np.ndarray:
+        """LL: invalid ids are treated as unused; the first one is reported in the next call."""
+        bad = (ids < -1) | (ids >= self.cfg.num_experts)
+        if not bad.any():
+            return ids
+        t, k = (int(v) for v in np.argwhere(bad)[0])
+        self._bad_id = (f"an earlier LL dispatch got topk_ids[{t}, {k}] = {int(ids[t, k])} outside "
+                        f"[-1, {self.cfg.num_experts}); that slot was treated as unused")
+        return np.where(bad, -1, ids)
+
+    def dispatch(self, call: DispatchCall):
         cfg, W = self.cfg, self.W
-        xn = arrays.to_numpy(x).astype(np.uint16, copy=False)
-        ids = arrays.to_numpy(topk_ids).astype(np.int64)
-        w = None if weights is None else arrays.to_numpy(weights).astype(np.float32)
-        # Validate collectively so every rank raises together instead of one hanging in the exchange.
-        problem = None
-        try:
-            reference.check_topk_ids(ids, cfg.num_experts)
-            if previous is not None:
-                if previous.num_tokens != ids.shape[0]:
-                    raise ValueError(f"previous_handle was made for {previous.num_tokens} tokens, x has {ids.shape[0]}")
-                if self.knobs.debug_checks and not np.array_equal(previous.topk_ids, ids):
-                    raise ValueError("previous_handle: topk_ids differ from the routing the handle was made for")
-        except ValueError as exc:
-            problem = exc
-        failed = self.group.allgather(problem is not None)
-        if problem is not None:
-            raise problem
-        if any(failed):
-            bad = [r for r, f in enumerate(failed) if f]
-            raise PeerInputError(f"rank(s) {bad} passed invalid input to this dispatch; nothing was sent")
-        slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W) for d in range(W)]
-        received = self.group.alltoall(slices)
+        framework = call.framework
+        xn = arrays.to_numpy(call.x.obj).astype(np.uint16, copy=False)
+        if call.previous is not None:
+            ids = call.previous.topk_ids
+        else:
+            ids = arrays.to_numpy(call.topk_ids.obj).astype(np.int64)
         ll = cfg.mode == "ll"
+        if ll:
+            ids = self._ll_ids(ids)
+        w = None if call.weights is None else arrays.to_numpy(call.weights.obj).astype(np.float32)
+        slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W) for d in range(W)]
+        received = self.group.alltoall(slices, "cpu dispatch")
         layout_kind = DispatchLayout.EXPERT_MAJOR if (ll or cfg.layout is DispatchLayout.EXPERT_MAJOR) else DispatchLayout.FLAT
         capacity = W * cfg.max_tokens_per_rank if ll else None
         res = reference.dispatch_receive(received, self.rank, cfg.num_experts, W, cfg.hidden_size,
@@ -71,18 +96,26 @@ class CpuRuntime:
         tokens = res.tokens
         if ll and cfg.layout is DispatchLayout.FLAT:
             tokens = tokens.reshape(-1, cfg.hidden_size)
-        if output_buffer is not None:
-            target = arrays.to_numpy(output_buffer)
+        like = call.x.obj
+        if call.output_buffer is not None:
+            target = arrays.to_numpy(call.output_buffer.obj)
             target[...] = res.tokens.reshape(target.shape)
-            tokens_out = output_buffer if cfg.layout is not DispatchLayout.FLAT else output_buffer.reshape(tokens.shape)
+            buf = call.output_buffer.obj
+            tokens_out = buf if cfg.layout is not DispatchLayout.FLAT else buf.reshape(tokens.shape)
+        elif ll:   # like the GPU: one owned buffer, overwritten by the next dispatch
+            if self.ll_out is None:
+                self.ll_out = np.empty(res.tokens.shape, np.uint16)
+            self.ll_out[...] = res.tokens
+            view = self.ll_out.reshape(tokens.shape)
+            tokens_out = arrays.from_numpy(view, framework, bf16=True, like=like)
         elif cfg.owned_output:   # like the GPU: a view of one buffer, overwritten by the next dispatch
             if self.owned is None:
                 self.owned = np.empty((sizes.owned_output_rows(cfg, W), cfg.hidden_size), np.uint16)
             view = self.owned[:tokens.shape[0]]
             view[...] = tokens
-            tokens_out = arrays.from_numpy(view, framework, bf16=True, like=x)
+            tokens_out = arrays.from_numpy(view, framework, bf16=True, like=like)
         else:
-            tokens_out = arrays.from_numpy(tokens, framework, bf16=True, like=x)
+            tokens_out = arrays.from_numpy(tokens, framework, bf16=True, like=like)
         self.seq += 1
         out = DispatchOutput(
             tokens=tokens_out,
@@ -95,19 +128,21 @@ class CpuRuntime:
                            self.seq)
         return out, handle
 
-    def combine(self, expert_output, handle: CpuHandle, out, framework):
+    def combine(self, call: CombineCall):
         cfg = self.cfg
-        if cfg.mode == "ll" and self.seq - handle.seq not in (0, 1):
-            raise InvalidStateError(f"LL handle is {self.seq - handle.seq} dispatches old; LL keeps the last two dispatches only")
-        y = arrays.to_numpy(expert_output).reshape(-1, cfg.hidden_size)
+        handle: CpuHandle = call.state
+        y = arrays.to_numpy(call.expert_output.obj).reshape(-1, cfg.hidden_size)
         partials = [reference.expert_partials(y, handle.rows[s], handle.recv_weights[s]) for s in range(self.W)]
-        back = self.group.alltoall(partials)
+        back = self.group.alltoall(partials, "cpu combine")
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]
         result = reference.combine_partials(handle.num_tokens, cfg.hidden_size, parts)
-        if out is not None:
-            arrays.to_numpy(out)[...] = result
-            return out
-        return arrays.from_numpy(result, framework, bf16=True, like=expert_output)
-
-    def close(self) -> None:
-        pass
+        if call.out is not None:
+            arrays.to_numpy(call.out.obj)[...] = result
+            return call.out.obj
+        if cfg.mode == "ll":   # like the GPU: a view of one owned buffer, overwritten by the next combine
+            if self.ll_comb is None:
+                self.ll_comb = np.empty((cfg.max_tokens_per_rank, cfg.hidden_size), np.uint16)
+            view = self.ll_comb[:handle.num_tokens]
+            view[...] = result
+            return arrays.from_numpy(view, call.framework, bf16=True, like=call.expert_output.obj)
+        return arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj)

@@ -1,30 +1,34 @@
 """The one table of ep's knobs and the only reader of ``os.environ`` in the library.
 
-A knob is either a *runtime* knob (selects a path or a value in Python) or a *macro* knob (becomes a
-``-D`` macro of the kernels that use it, so each value is its own compiled, cached variant).
-Values are parsed strictly; a bad value raises :class:`ConfigError` naming the knob.
-The README's knob table is checked against :data:`KNOBS` by a test.
+Most knobs override a config field (``overrides`` names it: ``ht_tuning.dispatch_warps``, ``timeout_s``...):
+unset, the config's value holds; set, it replaces that value in every communicator the process builds
+(:func:`apply`), so a communicator's resolved tuning (``MoECommunicator.tuning``) is config + overrides.
+The others select process-wide behaviour (backend, cache directory, logging, debug checks).
+Values are parsed strictly; a bad value raises :class:`ConfigError` naming the knob. An ``EP_*`` variable
+that is no knob gets a warning naming the closest one. The README's knob table is checked against
+:data:`KNOBS` by a test.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-
-RUNTIME = "runtime"
-MACRO = "macro"
 
 
 @dataclass(frozen=True)
 class Knob:
     name: str
     type: type            # bool, int, float or str
-    default: Any
+    default: Any          # the value when unset; None for a knob that overrides a config field
     doc: str
-    kind: str = RUNTIME   # RUNTIME or MACRO
+    overrides: str | None = None   # dotted config field this knob replaces when set
+    to_field: Callable[[Any], Any] | None = None   # knob value -> field value (None: the same)
     lo: float | None = None     # inclusive range for int/float
     hi: float | None = None
     choices: tuple[str, ...] | None = None
@@ -62,45 +66,46 @@ class Knob:
             raise ConfigError(f"{self.name}={raw!r}: must be a multiple of {self.multiple_of}")
         return value
 
-    def macro_value(self, value: Any) -> str:
-        """The text a macro knob's value becomes after ``-D<name>=``."""
-        if self.type is bool:
-            return "1" if value else "0"
-        return str(value)
+
+def _zero_is_unset(value: int) -> int | None:
+    return value or None
 
 
 KNOBS: tuple[Knob, ...] = (
-    # --- runtime knobs -------------------------------------------------------------------------
+    # --- process-wide ---------------------------------------------------------------------------
     Knob("EP_BACKEND", str, "auto", "Backend: `gpu`, `cpu` (NumPy reference over MPI) or `auto` (gpu when CuPy sees a device).",
          choices=("auto", "gpu", "cpu")),
     Knob("EP_CACHE_DIR", str, "", "Directory of the on-disk kernel cache (default `~/.cache/ep/kernels`, created mode 0700)."),
-    Knob("EP_DISPATCH_NSM", int, 0, "Blocks of the dispatch data kernels; 0 = the config's value. Overrides `num_sms` and the overlap config.", lo=0, hi=1024),
-    Knob("EP_COMBINE_NSM", int, 0, "Blocks of the combine data kernels; 0 = the config's value. Overrides `num_sms` and the overlap config.", lo=0, hi=1024),
-    Knob("EP_DISPATCH_SENDERS", int, 0, "HT dispatch blocks that send (the rest expand what arrives); 0 = a third of the grid, at least 1.",
-         lo=0, hi=1024),
-    Knob("EP_TIMEOUT_S", float, 0.0, "Bound of every device and host wait in seconds; 0 = the config's `timeout_s`.", lo=0.0, hi=86400.0),
-    Knob("EP_DEBUG_CHECKS", bool, False, "Full device checks: a cached dispatch compares its routing with the handle's; LL checks expert ids synchronously."),
+    Knob("EP_DEBUG_CHECKS", bool, False, "Full checks: a cached dispatch compares its routing with the handle's (GPU: a device compare and a host wait); LL checks expert ids synchronously."),
+    Knob("EP_DEBUG_TRAP", bool, False, "Kernels trap (abort the context) on a wait time-out instead of recording it and returning. Debug only."),
     Knob("EP_LOG_LEVEL", str, "WARNING", "Level of the `ep` logger.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
-    # --- macro knobs (each value is its own compiled variant) ------------------------------------
-    Knob("EP_NCCLEP_TMA", bool, False, "HT dispatch senders move whole tokens with TMA bulk copies (G2S then S2G to each destination); 0 = warp 16-byte stores.",
-         kind=MACRO),
-    Knob("EP_DISPATCH_RECV_TMA", bool, False, "HT dispatch receivers expand each token with TMA: one bulk load into the warp's staging row, one bulk store per expert row; 0 = 16-byte warp copies.",
-         kind=MACRO),
-    Knob("EP_DISPATCH_WARPS", int, 24, "Warps per HT dispatch block (every block either sends or expands received tokens).",
-         kind=MACRO, lo=4, hi=32),
-    Knob("EP_COMBINE_PUSH", bool, True, "HT combine: each peer's partials are copied by the copy engines into the source's landing buffer (one more symmetric buffer of `W * max_tokens_per_rank` rows) while the next peer's are reduced, and the source sums locally; 0 = the source pulls the partials from the peers (the EP_CMB_TMA* knobs).", kind=MACRO),
-    Knob("EP_CMB_TMA", bool, True, "HT combine gathers partials from peers through a TMA shared-memory pipeline; 0 = warp 16-byte loads.", kind=MACRO),
-    Knob("EP_CMB_TMA_STAGES", int, 2, "Shared-memory stages of the HT combine TMA pipeline, per warp.", kind=MACRO, lo=1, hi=4),
-    Knob("EP_CMB_TMA_WARPS_WIDE", int, 16, "Warps per HT combine block when the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),
-    Knob("EP_CMB_TMA_WARPS_MAXCH", int, 32, "Largest block count that still uses EP_CMB_TMA_WARPS_WIDE warps per block.", kind=MACRO, lo=1, hi=1024),
-    Knob("EP_CMB_TMA_WARPS_NARROW", int, 4, "Warps per HT combine block above EP_CMB_TMA_WARPS_MAXCH blocks.", kind=MACRO, lo=1, hi=32),
-    Knob("EP_LL_WARPS", int, 16, "Warps per LL dispatch/combine block.", kind=MACRO, lo=4, hi=32),
-    Knob("EP_DEBUG_TRAP", bool, False, "Kernels trap (abort the context) on a wait time-out instead of recording it and returning. Debug only.",
-         kind=MACRO),
+    # --- overrides of config fields ---------------------------------------------------------------
+    Knob("EP_TIMEOUT_S", float, None, "Bound of every device and host wait in seconds; 0 = unset.", overrides="timeout_s",
+         to_field=lambda v: v or None, lo=0.0, hi=86400.0),
+    Knob("EP_SHARED_GPU", bool, None, "Several ranks may share one GPU (tests: correctness only, never speed).",
+         overrides="shared_gpu"),
+    Knob("EP_DISPATCH_NSM", int, None, "Blocks (SMs) of the dispatch data kernels; 0 = unset.",
+         overrides="overlap.dispatch_num_sms", to_field=_zero_is_unset, lo=0, hi=1024),
+    Knob("EP_COMBINE_NSM", int, None, "Blocks (SMs) of the combine data kernels; 0 = unset.",
+         overrides="overlap.combine_num_sms", to_field=_zero_is_unset, lo=0, hi=1024),
+    Knob("EP_DISPATCH_SENDERS", int, None, "HT dispatch blocks that send (the rest expand what arrives); 0 = a third of the grid, at least 1.",
+         overrides="ht_tuning.dispatch_senders", to_field=_zero_is_unset, lo=0, hi=1024),
+    Knob("EP_DISPATCH_WARPS", int, None, "Warps per HT dispatch block.", overrides="ht_tuning.dispatch_warps", lo=4, hi=32),
+    Knob("EP_NCCLEP_TMA", bool, None, "HT dispatch senders move rows with TMA bulk copies (one load into shared memory, one store per destination); 0 = 16-byte warp stores.",
+         overrides="ht_tuning.dispatch_copy", to_field=lambda v: "tma" if v else "warp"),
+    Knob("EP_COMBINE_PUSH", bool, None, "HT combine: 1 = push (copy engines carry each peer's partials to the source, which sums locally; one more symmetric buffer of `W * max_tokens_per_rank` rows), 0 = pull (the source reads the partials from the peers).",
+         overrides="ht_tuning.combine", to_field=lambda v: "push" if v else "pull"),
+    Knob("EP_CMB_TMA_WARPS_WIDE", int, None, "Warps per block of the pull combine's gather while the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.",
+         overrides="ht_tuning.gather_warps_wide", lo=1, hi=32),
+    Knob("EP_CMB_TMA_WARPS_MAXCH", int, None, "Largest gather grid that still uses EP_CMB_TMA_WARPS_WIDE warps per block.",
+         overrides="ht_tuning.gather_wide_max_blocks", lo=1, hi=1024),
+    Knob("EP_CMB_TMA_WARPS_NARROW", int, None, "Warps per gather block above EP_CMB_TMA_WARPS_MAXCH blocks.",
+         overrides="ht_tuning.gather_warps_narrow", lo=1, hi=32),
+    Knob("EP_LL_WARPS", int, None, "Warps per LL block.", overrides="ll_tuning.warps", lo=4, hi=32),
 )
 
 KNOB_BY_NAME: Mapping[str, Knob] = MappingProxyType({k.name: k for k in KNOBS})
-MACRO_KNOBS: tuple[Knob, ...] = tuple(k for k in KNOBS if k.kind == MACRO)
+OVERRIDE_KNOBS: tuple[Knob, ...] = tuple(k for k in KNOBS if k.overrides)
 
 
 class Snapshot:
@@ -123,8 +128,17 @@ class Snapshot:
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
-    def macros(self) -> dict[str, Any]:
-        return {k.name: self._values[k.name] for k in MACRO_KNOBS}
+    def overrides(self) -> dict[str, Any]:
+        """{dotted config field: value} of the override knobs that are set."""
+        out = {}
+        for knob in OVERRIDE_KNOBS:
+            value = self._values[knob.name]
+            if value is None:
+                continue
+            value = knob.to_field(value) if knob.to_field else value
+            if value is not None:
+                out[knob.overrides] = value
+        return out
 
     def with_values(self, **overrides: Any) -> "Snapshot":
         """A copy with some knobs replaced (keys are full knob names)."""
@@ -136,14 +150,54 @@ class Snapshot:
         return Snapshot(merged)
 
 
+# EP_* variables that are not knobs but are read by someone else on purpose (the test harnesses).
+NOT_KNOBS = ("EP_TEST_SEED",)
+_warned: set[str] = set()
+
+
+def unknown_variables(env: Mapping[str, str]) -> dict[str, str | None]:
+    """{EP_* variable that is no knob: the closest knob name, or None}."""
+    out = {}
+    for name in env:
+        if name.startswith("EP_") and name not in KNOB_BY_NAME and name not in NOT_KNOBS:
+            close = difflib.get_close_matches(name, list(KNOB_BY_NAME), n=1, cutoff=0.6)
+            out[name] = close[0] if close else None
+    return out
+
+
 def read(environ: Mapping[str, str] | None = None) -> Snapshot:
-    """Parse every knob from ``environ`` (default ``os.environ``) into a :class:`Snapshot`."""
+    """Parse every knob from ``environ`` (default ``os.environ``) into a :class:`Snapshot`. Warns once per
+    name about ``EP_*`` variables that are no knob (a typo would otherwise be ignored silently)."""
     env = os.environ if environ is None else environ
     values = {}
     for knob in KNOBS:
         raw = env.get(knob.name)
         values[knob.name] = knob.default if raw is None or raw == "" else knob.parse(raw)
+    for name, close in unknown_variables(env).items():
+        if name not in _warned:
+            _warned.add(name)
+            hint = f"; did you mean {close}?" if close else ""
+            warnings.warn(f"{name} is not an ep knob and is ignored{hint}", RuntimeWarning, stacklevel=2)
     return Snapshot(values)
+
+
+def apply(config, snapshot: Snapshot):
+    """``config`` with every set override knob replacing its field (nested dataclasses replaced too).
+    Raises ConfigError (naming the knob) when the result is not a valid config."""
+    for dotted, value in snapshot.overrides().items():
+        knob = next(k.name for k in OVERRIDE_KNOBS if k.overrides == dotted)
+        try:
+            config = _replace_path(config, dotted.split("."), value)
+        except ConfigError as exc:
+            raise ConfigError(f"{knob}: {exc}") from None
+    return config
+
+
+def _replace_path(obj, path: list[str], value):
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: value})
+    inner = getattr(obj, path[0])
+    return dataclasses.replace(obj, **{path[0]: _replace_path(inner, path[1:], value)})
 
 
 def defaults() -> Snapshot:
@@ -151,6 +205,28 @@ def defaults() -> Snapshot:
 
 
 # Launcher facts. These are not knobs of ours: they are what mpirun/torchrun tell a process.
+_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+
+
+def launcher_world_size() -> tuple[str, int] | None:
+    """(variable, size) of the job as the launcher exported it, or None."""
+    for var in _WORLD_SIZE_VARS:
+        raw = os.environ.get(var)
+        if raw is not None and raw.strip().isdigit():
+            return var, int(raw)
+    return None
+
+
+def torch_distributed_ready() -> bool:
+    """torch.distributed is imported and initialized (never imports torch)."""
+    import sys
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return bool(dist is not None and dist.is_available() and dist.is_initialized())
+    except Exception:
+        return False
+
+
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
                     "PMI_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
 

@@ -25,8 +25,10 @@ class CapacityError(EPError, ValueError):
     its own T before anything is sent, so a receiver can never be overrun."""
 
 
-class PeerInputError(EPError):
-    """Another rank passed invalid input to the same collective call; every rank raises together."""
+class PeerInputError(EPError, ValueError):
+    """Another rank's input failed its checks in the same collective call: every rank raises together (the
+    failing rank its own ValueError/TypeError), nothing was sent, and the communicator stays usable. A
+    ValueError, so ``except ValueError`` recovers on every rank."""
 
 
 class EPTimeoutError(EPError, TimeoutError):

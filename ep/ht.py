@@ -13,13 +13,13 @@ Owned output (config owned_output): ht_dispatch's senders write each token strai
                     count exchange (uncached) or the barrier that a cached dispatch then always queues. (The
                     combine's own barrier does not do: a peer past it may start its next cached dispatch
                     while this rank's gather still reads its own tokens' rows, which may be the output.)
-Combine (EP_COMBINE_PUSH=1, default): ht_combine_reduce once per peer (the next rank first), each followed by a
+Combine (HtTuning.combine = "push", default): ht_combine_reduce once per peer (the next rank first), each followed by a
                     copy-engine copy of that peer's partials into its landing buffer on a side stream, then once for
                     our own tokens (under the last copy) -> join -> ep_barrier -> ht_combine_sum (local: our
                     landing buffer and our own partials). The copies first wait for an ep_barrier run on another
                     side stream under the first reduce: every peer has finished its previous combine's sum, the
                     last reader of its landing buffer, so the push combine needs no conditional barrier.
-Combine (EP_COMBINE_PUSH=0): (ep_barrier if the previous op was a combine) -> ht_combine_reduce (peers' tokens)
+Combine ("pull"): (ep_barrier if the previous op was a combine) -> ht_combine_reduce (peers' tokens)
                     -> ep_barrier -> ht_combine_gather (pulls the peers' partials, folds our own tokens').
 Why the conditional barriers: a rank's data buffer region [s] is written by s (dispatch) and by itself
 (combine partials) and read by itself (expansion, push copies) and, pulling, by s (gather). After a combine
@@ -28,9 +28,7 @@ back-to-back cached dispatches or back-to-back pull combines need an explicit on
 dispatches and combines can be: no host wait), the host no longer knows what ran before, so the barrier is
 always queued. The kernels keep their sequence numbers on the device (dispatch epoch, barrier generation),
 so graph replays and eager calls interleave freely.
-(Partials stored by the SMs straight into the source's buffer, and a fused one-kernel combine with per-chunk
-flags, both measured slower than the pull combine; the copy engines push without stalling the reducing SMs:
-docs/perf.md rows 2a, 7, 20, 21, 29.)
+The push combine's copies run on the copy engines, so the reducing SMs never stall on remote stores.
 """
 from __future__ import annotations
 
@@ -40,48 +38,18 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, jit, sizes, structs
+from . import arrays, constants, sizes, structs
 from .bootstrap import Group
+from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
-from .envs import Snapshot
-from .errors import ConfigError, PeerInputError
+from .errors import EPError, PeerInputError
 from .peer_memory import ErrorRecord, HostMapped, SymmetricBuffer, host_wait
-from .runtime_base import Barrier, block_count, load_kernels, ptr, timeout_ns
+from .runtime_base import Barrier, GpuRuntime, load_kernels, ptr
+from .tuning import Tuning, dispatch_static_smem
 
 log = logging.getLogger("ep.ht")
 
 INT_MAX = 2**31 - 1
-
-
-def combine_warps(knobs: Snapshot, blocks: int) -> int:
-    """Same rule as combine_warps() in cuda_src/common/config.cuh."""
-    if blocks <= knobs["EP_CMB_TMA_WARPS_MAXCH"]:
-        return knobs["EP_CMB_TMA_WARPS_WIDE"]
-    return knobs["EP_CMB_TMA_WARPS_NARROW"]
-
-
-def combine_smem(knobs: Snapshot, warps: int) -> int:
-    """Dynamic shared memory of the HT gather kernel: each warp's TMA ring plus the stage its own partials are
-    folded into (0 with EP_CMB_TMA=0). Raises ConfigError when they do not fit in a block's shared memory."""
-    if not knobs["EP_CMB_TMA"]:
-        return 0
-    nbytes = warps * (knobs["EP_CMB_TMA_STAGES"] + 1) * sizes.COMBINE_SEG_BYTES
-    if nbytes > sizes.SMEM_LIMIT:
-        raise ConfigError(f"HT combine: {warps} warps x (EP_CMB_TMA_STAGES={knobs['EP_CMB_TMA_STAGES']} + 1) stages x "
-                          f"{sizes.COMBINE_SEG_BYTES} bytes = {nbytes} bytes of shared memory per block, more than "
-                          f"{sizes.SMEM_LIMIT}; lower EP_CMB_TMA_STAGES or EP_CMB_TMA_WARPS_WIDE/_NARROW")
-    return nbytes
-
-
-def dispatch_senders(knobs: Snapshot, blocks: int) -> int:
-    """Sender blocks of the HT dispatch grid (the others expand): EP_DISPATCH_SENDERS, else a third (8 of 24
-    measured best: the receivers' local expansion moves ~3x the senders' NVLink bytes, docs/perf.md)."""
-    if blocks < 2:
-        raise ConfigError(f"HT dispatch needs at least 2 blocks (senders and receivers), got {blocks}")
-    senders = knobs["EP_DISPATCH_SENDERS"] or max(1, blocks // 3)
-    if senders >= blocks:
-        raise ConfigError(f"EP_DISPATCH_SENDERS={senders} leaves no receiver block in a grid of {blocks}")
-    return senders
 
 
 @dataclass
@@ -97,7 +65,7 @@ class Routing:
     n_recv: int
     recv_prefix: list        # [W + 1]: the received items of source s are [recv_prefix[s], recv_prefix[s + 1])
     num_tokens: int
-    topk_ids_copy: Any       # only with EP_DEBUG_CHECKS
+    topk_ids_copy: Any       # int32 [T, K] on the device, only with EP_DEBUG_CHECKS
     dispatch_params: Any     # ht_dispatch params of this routing, per-call fields zero: each dispatch fills a copy
 
 
@@ -109,22 +77,18 @@ class HtHandle:
     combine_params: Any      # ht_combine params of this handle, expert_out/out zero: each combine fills a copy
 
 
-class HtRuntime:
-    def __init__(self, cfg: MoECommunicatorConfig, group: Group, knobs: Snapshot):
+class HtRuntime(GpuRuntime):
+    def __init__(self, cfg: MoECommunicatorConfig, group: Group, tuning: Tuning):
         import cupy
-        self.cfg, self.group, self.knobs = cfg, group, knobs
+        self.cfg, self.group, self.tuning = cfg, group, tuning
+        plan = self.plan = tuning.ht
         self.W, self.rank = group.size, group.rank
         self.L = cfg.num_experts // self.W
-        self.combine_push = knobs["EP_COMBINE_PUSH"]
+        self.combine_push = plan.combine == "push"
         self.layout = sizes.ht_layout(cfg, self.W, self.combine_push)
         self.row_bytes = sizes.row_bytes(cfg)
         self.meta_stride = sizes.meta_stride(cfg.topk)
-        self.timeout_ns = timeout_ns(cfg, knobs)
-        self.dispatch_blocks = block_count(cfg, knobs.dispatch_nsm, cfg.overlap.dispatch_num_sms, "dispatch")
-        self.combine_blocks = block_count(cfg, knobs.combine_nsm, cfg.overlap.combine_num_sms, "combine")
-        self.dispatch_senders = dispatch_senders(knobs, self.dispatch_blocks)
-        self.combine_warps = combine_warps(knobs, self.combine_blocks)
-        self.combine_smem = 0 if self.combine_push else combine_smem(knobs, self.combine_warps)
+        self.timeout_ns = tuning.timeout_ns
         self._bufs = []
         self.data = self._sym(self.layout.data_bytes, "ht.data")
         self.meta = self._sym(self.layout.meta_bytes, "ht.meta")
@@ -154,15 +118,14 @@ class HtRuntime:
         self.item_ctr = cupy.zeros(3, np.uint64)
         # The routing kernels' scratch, kept across calls: `bad` (the first invalid slot; INT_MAX = none, reset
         # by ht_route_exchange once read), then chunk_cnt [chunks, E + W] (fully rewritten by ht_route_count).
-        max_chunks = -(-cfg.max_tokens_per_rank // sizes.ROUTE_CHUNK)
+        max_chunks = -(-cfg.max_tokens_per_rank // constants.ROUTE_CHUNK)
         self.route_scratch = cupy.full(1 + max_chunks * (cfg.num_experts + self.W), INT_MAX, np.int32)
-        info_lay = sizes.info_layout(self.L, self.W)
+        info_lay = self.info_lay = sizes.info_layout(self.L, self.W)
         self.info_size = info_lay["size"]
         # The host mirror: info up to peer_row (the host never reads the peers' layout), then bad index, value.
-        self.host_size = info_lay["peer_row"]
-        self.host = HostMapped(8 + 4 * (self.host_size + 2))
+        self.host = HostMapped(8 + 4 * info_lay["host_size"])
         self.host_epoch = self.host.view(np.uint64, 1)
-        self.host_info = self.host.view(np.int32, self.host_size + 2, offset=8)
+        self.host_info = self.host.view(np.int32, info_lay["host_size"], offset=8)
         # Routing kernels' params, per-call fields zero: each uncached dispatch fills a copy.
         bad = ptr(self.route_scratch)
         self.route_params = structs.pack(
@@ -172,49 +135,29 @@ class HtRuntime:
             ids_64=0, rank=self.rank, world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts,
             local_experts=self.L, nchunks=0, alignment=cfg.expert_alignment,
             expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR))
-        send_tma, recv_tma = knobs["EP_NCCLEP_TMA"], knobs["EP_DISPATCH_RECV_TMA"]
-        kernels = self._load(send_tma, recv_tma)
-        self.dispatch_warps = knobs["EP_DISPATCH_WARPS"]
-        # A TMA role gives each of its warps one staging row, next to the kernel's static shared memory.
-        rows = (sizes.SMEM_LIMIT - kernels["ht_dispatch"].static_smem) // self.row_bytes
-        if (send_tma or recv_tma) and rows < 1:
-            log.warning("[rank %d] HT dispatch TMA: a %d-byte staging row does not fit in shared memory; using warp "
-                        "copies", self.rank, self.row_bytes)
-            send_tma = recv_tma = False
-            kernels = self._load(False, False)
-        tma_warps = min(self.dispatch_warps, rows)
-        self.dispatch_send_warps = tma_warps if send_tma else self.dispatch_warps
-        self.dispatch_recv_warps = tma_warps if recv_tma else self.dispatch_warps
-        self.dispatch_smem = tma_warps * self.row_bytes if send_tma or recv_tma else 0
-        self.k = kernels
-        self.barrier = Barrier(kernels["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
+        self.k = load_kernels(group, tuning.kernels)
+        static = self.k["ht_dispatch"].static_smem
+        if static > dispatch_static_smem(plan.dispatch_warps):
+            raise EPError(f"ht_dispatch uses {static} bytes of static shared memory, more than ep.tuning budgets "
+                          f"({dispatch_static_smem(plan.dispatch_warps)}): update dispatch_static_smem")
+        self.barrier = Barrier(self.k["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
                                self.W, self.timeout_ns)
         self.exchange_seq = 0   # count exchanges run: uncached dispatches wait on the host, so never in a graph
         self.last_op = None     # "dispatch" / "combine" as the host queued them, until a CUDA graph is captured
         self.graphs = False     # a graph was captured: its replays may run anywhere, so every barrier is kept
         self._cupy = cupy
         cupy.cuda.runtime.deviceSynchronize()   # the initial values above are in place before any stream uses them
-        group.barrier()
-
-    def _load(self, send_tma: bool, recv_tma: bool) -> dict:
-        knobs = self.knobs
-        return load_kernels(self.group, knobs, [
-            (jit.KernelVariant.of("barrier.cu", knobs), ["ep_barrier"]),
-            (jit.KernelVariant.of("ht_layout.cu", knobs), ["ht_route_count", "ht_route_exchange", "ht_route_positions"]),
-            (jit.KernelVariant.of("ht_dispatch.cu", knobs, EP_NCCLEP_TMA=send_tma,
-                                       EP_DISPATCH_RECV_TMA=recv_tma), ["ht_dispatch"]),
-            (jit.KernelVariant.of("ht_combine.cu", knobs), ["ht_combine_reduce", "ht_combine_gather", "ht_combine_sum"]),
-        ])
+        self.open_gate(tuning.timeout_s)
 
     def _sym(self, nbytes: int, name: str) -> SymmetricBuffer:
         buf = SymmetricBuffer(self.group, nbytes, name)
         self._bufs.append(buf)
         return buf
 
-    # ------------------------------------------------------------------------------------ errors
-    def check_errors(self) -> None:
-        if self.err.raised():
-            raise self.err.as_timeout()
+    def same_routing(self, state: "HtHandle", topk_ids) -> bool:
+        """EP_DEBUG_CHECKS: whether ``topk_ids`` (ArrayInfo) equal the routing of the handle (a device
+        compare and a host wait)."""
+        return bool((_as_cupy(topk_ids.obj).astype(np.int32) == state.routing.topk_ids_copy).all())
 
     def _note_capture(self, stream) -> None:
         if not self.graphs and stream.is_capturing():
@@ -234,9 +177,9 @@ class HtRuntime:
         """Queue the routing kernels and pack the dispatch params; returns what _route_finish needs."""
         cp = self._cupy
         W, K, E = self.W, self.cfg.topk, self.cfg.num_experts
-        nchunks = -(-T // sizes.ROUTE_CHUNK)
-        # One allocation for the routing's arrays (six CuPy allocations and two fills cost ~60 us of host time
-        # before the first launch, docs/perf.md row 25); ht_route_exchange writes every field of info.
+        nchunks = -(-T // constants.ROUTE_CHUNK)
+        # One allocation for the routing's arrays: they are allocated while the GPU may be idle, waiting for
+        # the host; ht_route_exchange writes every field of info.
         n_route, n_pos = max(T, 1) * K, max(T, 1) * W
         with stream:
             workspace = cp.empty(2 * n_route + n_pos + self.info_size, np.int32)
@@ -248,53 +191,52 @@ class HtRuntime:
         params = structs.update(self.route_params, topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
                                 info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
         if nchunks:
-            self.k["ht_route_count"].launch(nchunks, sizes.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
+            self.k["ht_route_count"].launch(nchunks, constants.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
         self.k["ht_route_exchange"].launch(1, 1024, params, smem=4 * (E + W), stream=stream)
         if nchunks:
-            self.k["ht_route_positions"].launch(nchunks, sizes.ROUTE_CHUNK, params,
-                                                smem=4 * (sizes.ROUTE_CHUNK // 32) * min(E + W, sizes.ROUTE_POS_TILE),
-                                                stream=stream)
+            self.k["ht_route_positions"].launch(
+                nchunks, constants.ROUTE_CHUNK, params,
+                smem=4 * (constants.ROUTE_CHUNK // 32) * min(E + W, constants.ROUTE_POS_TILE), stream=stream)
         return workspace, send_pos, info, T, self.exchange_seq, self._dispatch_params(route, slot_idx, send_pos, info, T)
 
-    def _route_finish(self, pending: tuple, topk_ids) -> Routing:
+    def _route_finish(self, pending: tuple, topk_ids: arrays.ArrayInfo) -> Routing:
         """Wait for the count exchange of _route_start and return the layout."""
         workspace, send_pos, info, T, epoch, dispatch_params = pending
         W, L, K, E = self.W, self.L, self.cfg.topk, self.cfg.num_experts
         # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
         host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)
-        lay = sizes.info_layout(L, W)
+        lay = self.info_lay
         hi = self.host_info.copy()
         invalid = int(hi[lay["invalid_mask"]])
         if invalid:
+            self.last_op = None   # the exchange was a rendezvous of every rank, and nothing else was launched
             if invalid >> self.rank & 1:
-                flat, value = int(hi[self.host_size]), int(hi[self.host_size + 1])
-                raise ValueError(f"topk_ids[{flat // K}, {flat % K}] = {value} is outside [-1, {E}); nothing was sent")
+                flat, value = int(hi[lay["host_bad"]]), int(hi[lay["host_bad"] + 1])
+                raise arrays.argument_error(ValueError, "topk_ids", f"topk_ids[{flat // K}, {flat % K}] = {value} is "
+                                                                    f"outside [-1, {E}); nothing was sent")
             bad_ranks = [r for r in range(W) if invalid >> r & 1]
-            raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids to this dispatch; nothing was sent")
+            raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids (ValueError in argument topk_ids) to "
+                                 "this dispatch; nothing was sent and the communicator stays usable")
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
-        copy = _as_cupy(topk_ids).astype(np.int32) if self.knobs.debug_checks else None
+        copy = _as_cupy(topk_ids.obj).astype(np.int32) if self.tuning.debug_checks else None
         prefix = hi[lay["recv_prefix"]:lay["recv_prefix"] + W + 1].tolist()
         return Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
                        int(hi[lay["n_recv_total"]]), prefix, T, copy, dispatch_params)
 
-    def dispatch(self, x, x_info, topk_ids, ids_info, weights, w_info, previous, stream, framework):
-        # Everything up to a launch runs while the GPU may be idle: keep it lean (docs/perf.md rows 19, 23, 25).
+    def dispatch(self, call: DispatchCall):
+        # Everything up to a launch runs while the GPU may be idle: keep it lean.
         cfg, L, K, H = self.cfg, self.L, self.cfg.topk, self.cfg.hidden_size
-        T = x_info.shape[0]
+        T, stream, framework = call.num_tokens, call.stream, call.framework
+        ids_info, x_info, w_info = call.topk_ids, call.x, call.weights
         counts_specs = [((L + 1,), "int64"), ((L,), "int32")]   # expert_offsets, num_tokens_per_expert
+        previous = call.previous
         if previous is None:
             pending = self._route_start(ids_info.ptr, ids_info.dtype == "int64", T, stream)
             # While the routing kernels run: the outputs whose size does not depend on the exchange.
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(framework, counts_specs, stream)
-            routing = self._route_finish(pending, topk_ids)
+            routing = self._route_finish(pending, ids_info)
         else:
             routing = previous.routing
-            if routing.num_tokens != T:
-                raise ValueError(f"previous_handle was made for {routing.num_tokens} tokens, x has {T}")
-            if self.knobs.debug_checks:
-                same = bool((_as_cupy(topk_ids).astype(np.int32) == routing.topk_ids_copy).all())
-                if not same:
-                    raise ValueError("previous_handle: topk_ids differ from the routing the handle was made for")
             self._barrier_after("dispatch", stream)
         if cfg.layout is DispatchLayout.EXPERT_MAJOR:
             shape = (L, routing.capacity, H)
@@ -318,8 +260,8 @@ class HtRuntime:
         params = structs.update(
             routing.dispatch_params, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
             recv_rows=rows_ptr, recv_w=w_ptr, counts_out=counts_ptr, expert_offsets=offsets_ptr)
-        self.k["ht_dispatch"].launch(self.dispatch_blocks, self.dispatch_warps * 32, params, smem=self.dispatch_smem,
-                                     stream=stream)
+        self.k["ht_dispatch"].launch(self.plan.dispatch_blocks, self.plan.dispatch_warps * 32, params,
+                                     smem=self.plan.dispatch_smem, stream=stream)
         self.last_op = "dispatch"
         out = DispatchOutput(
             tokens=tokens,
@@ -342,9 +284,9 @@ class HtRuntime:
             expert_offsets=0, err=self.err.ptr, timeout_ns=self.timeout_ns,
             dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset, rank=self.rank,
             world=self.W, num_tokens=T, topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes,
-            max_tokens=cfg.max_tokens_per_rank, chunk_tokens=sizes.HT_CHUNK_TOKENS, max_chunks=self.layout.max_chunks,
-            meta_stride=self.meta_stride, send_blocks=self.dispatch_senders, send_warps=self.dispatch_send_warps,
-            recv_warps=self.dispatch_recv_warps)
+            max_tokens=cfg.max_tokens_per_rank, chunk_tokens=constants.HT_CHUNK_TOKENS,
+            max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride, send_blocks=self.plan.dispatch_senders,
+            send_warps=self.plan.dispatch_send_warps)
 
     def _combine_params(self, routing: Routing, rows_ptr: int, w_ptr: int):
         """ht_combine params of one handle; expert_out and out are zero until a combine updates them."""
@@ -354,7 +296,7 @@ class HtRuntime:
             info=routing.info_ptr, data_peers=ptr(self.data.table), partial_peers=ptr(self.partial_peers), out=0,
             err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens,
             topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank,
-            item_lo=0, item_hi=INT_MAX)
+            item_lo=0, item_hi=INT_MAX, skip_own=0 if self.combine_push else 1)
 
     def _owned_view(self, framework: str, rows: int):
         """The first ``rows`` rows of the owned output in the caller's framework (the whole-buffer view is made
@@ -369,28 +311,32 @@ class HtRuntime:
         return view[:rows]
 
     # ----------------------------------------------------------------------------------- combine
-    def combine(self, y_info, handle: HtHandle, out, out_ptr: int, stream, framework):
-        """Queue a combine into ``out`` (``out_ptr``), or into a fresh ``[T, H]`` array when ``out`` is None;
-        returns it (the LL runtime's signature)."""
-        if out is None:
-            out, out_ptr = arrays.empty(framework, (handle.routing.num_tokens, self.cfg.hidden_size), "bf16", stream)
-        params = structs.update(handle.combine_params, expert_out=y_info.ptr, out=out_ptr)
+    def combine(self, call: CombineCall):
+        """Queue a combine into ``call.out``, or into a fresh ``[T, H]`` array; returns it."""
+        handle: HtHandle = call.state
+        stream, plan = call.stream, self.plan
+        if call.out is None:
+            out, out_ptr = arrays.empty(call.framework, (handle.routing.num_tokens, self.cfg.hidden_size), "bf16",
+                                        stream)
+        else:
+            out, out_ptr = call.out.obj, call.out.ptr
+        params = structs.update(handle.combine_params, expert_out=call.expert_output.ptr, out=out_ptr)
         if not self.combine_push:
             self._barrier_after("combine", stream)
             self._reduce(params, stream)
             self.barrier(stream)
-            self.k["ht_combine_gather"].launch(self.combine_blocks, self.combine_warps * 32, params,
-                                               smem=self.combine_smem, stream=stream)
+            self.k["ht_combine_gather"].launch(plan.combine_blocks, plan.gather_warps * 32, params, stream=stream)
         else:
             self._note_capture(stream)
             self._reduce_and_push(params, handle.routing, stream)
             self.barrier(stream)
-            self.k["ht_combine_sum"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
+            self.k["ht_combine_sum"].launch(plan.combine_blocks, plan.reduce_warps * 32, params, stream=stream)
         self.last_op = "combine"
         return out
 
     def _reduce(self, params, stream) -> None:
-        self.k["ht_combine_reduce"].launch(self.combine_blocks, sizes.COMBINE_REDUCE_WARPS * 32, params, stream=stream)
+        self.k["ht_combine_reduce"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params,
+                                           stream=stream)
 
     def _reduce_and_push(self, params, routing: Routing, stream) -> None:
         """Push combine up to its barrier: reduce the peers' tokens one peer at a time (the step-th next rank at
@@ -425,6 +371,7 @@ class HtRuntime:
             rt.streamWaitEvent(stream.ptr, joined.ptr, 0)
 
     def close(self) -> None:
+        super().close()
         self._owned_views = {}
         for buf in self._bufs:
             buf.close()

@@ -1,11 +1,14 @@
 """Run-time compilation of the CUDA kernels: variants, an honest cache key, NVRTC, the disk cache, launch.
 
-A :class:`KernelVariant` is (source file, macro values); with an arch it names one cubin. Compilation goes
-through CuPy's NVRTC bindings directly, with the same options whether a GPU is present or not, so CI can
-compile every variant for sm_90 and sm_100 on a machine without a GPU (``python -m ep.jit --arch sm_90``).
-Cubins are cached on disk under ``EP_CACHE_DIR`` (default ``~/.cache/ep/kernels``, mode 0700); the key
-hashes every file under ``cuda_src/`` (so an edited header never serves a stale binary), the options,
-the arch and the NVRTC version. In process, loaded modules are kept in a dict.
+A :class:`KernelVariant` is (source file, macro values); with an arch it names one cubin. The macro values
+come from the resolved tuning (ep/tuning.py), and a variant carries exactly the macros its source reads, so
+a tunable that changes nothing a kernel reads never builds another binary. Compilation goes through CuPy's
+NVRTC bindings directly, with the same options whether a GPU is present or not, so CI can compile every
+variant for sm_90 and sm_100 on a machine without a GPU (``python -m ep.jit --arch sm_90``). Cubins are
+cached on disk under ``EP_CACHE_DIR`` (default ``~/.cache/ep/kernels``, mode 0700); the key hashes every
+file under the variant's source roots (so an edited header never serves a stale binary), the options, the
+arch and the NVRTC version. The benchmark's kernels (ep/bench/cuda) have a root of their own, outside the
+product's digest: editing them never rebuilds a product kernel. In process, loaded modules are kept in a dict.
 """
 from __future__ import annotations
 
@@ -37,68 +40,111 @@ def source_dir() -> Path:
     raise EPError(f"cannot find the CUDA sources (looked in {here.parent / 'cuda_src'} and {here / 'cuda_src'})")
 
 
-# Source file -> the macro knobs it reads (besides EP_DEBUG_TRAP, which every file reads via wait.cuh).
+def bench_source_dir() -> Path:
+    return Path(__file__).resolve().parent / "bench" / "cuda"
+
+
+# Macros a kernel may read: name -> (type, short label in variant names). Their values come from the
+# resolved tuning (ep/tuning.py); the seed's names are kept as the macro names.
+MACROS: Mapping[str, tuple[type, str]] = {
+    "EP_NCCLEP_TMA": (bool, "tma"),
+    "EP_DISPATCH_WARPS": (int, "w"),
+    "EP_LL_WARPS": (int, "w"),
+    "EP_DEBUG_TRAP": (bool, "trap"),
+}
+# Source file -> the macros it reads (besides EP_DEBUG_TRAP, which every file reads via wait.cuh).
 SOURCES: Mapping[str, tuple[str, ...]] = {
     "barrier.cu": (),
     "ht_layout.cu": (),
-    "ht_dispatch.cu": ("EP_NCCLEP_TMA", "EP_DISPATCH_RECV_TMA", "EP_DISPATCH_WARPS"),
-    "ht_combine.cu": ("EP_COMBINE_PUSH", "EP_CMB_TMA", "EP_CMB_TMA_STAGES", "EP_CMB_TMA_WARPS_WIDE", "EP_CMB_TMA_WARPS_MAXCH",
-                      "EP_CMB_TMA_WARPS_NARROW"),
+    "ht_dispatch.cu": ("EP_NCCLEP_TMA", "EP_DISPATCH_WARPS"),
+    "ht_combine.cu": (),
     "ll_dispatch.cu": ("EP_LL_WARPS",),
     "ll_combine.cu": ("EP_LL_WARPS",),
-    "bench_copy.cu": (),
 }
+BENCH_SOURCES: Mapping[str, tuple[str, ...]] = {"bench_copy.cu": ()}
 COMMON_MACROS = ("EP_DEBUG_TRAP",)
-# Short labels of macros in variant names (e.g. ht_combine_push1_tma1_st2_wide16_maxch32_narrow4).
-SHORT = {"EP_COMBINE_PUSH": "push", "EP_NCCLEP_TMA": "tma", "EP_DISPATCH_RECV_TMA": "rtma", "EP_DISPATCH_WARPS": "w", "EP_CMB_TMA": "tma", "EP_CMB_TMA_STAGES": "st",
-         "EP_CMB_TMA_WARPS_WIDE": "wide", "EP_CMB_TMA_WARPS_MAXCH": "maxch", "EP_CMB_TMA_WARPS_NARROW": "narrow",
-         "EP_LL_WARPS": "w", "EP_DEBUG_TRAP": "trap"}
+
+
+def _macros_of(source: str) -> tuple[str, ...]:
+    if source in SOURCES:
+        return SOURCES[source] + COMMON_MACROS
+    if source in BENCH_SOURCES:
+        return BENCH_SOURCES[source] + COMMON_MACROS
+    raise EPError(f"unknown kernel source {source!r}")
+
+
+def _digest(roots: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".cu", ".cuh")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(b"\0")
+            h.update(path.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
     """sha256 over every file under cuda_src/ (relative path and bytes)."""
-    root = source_dir()
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".cu", ".cuh")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(b"\0")
-        h.update(path.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
+    return _digest([source_dir()])
+
+
+@functools.lru_cache(maxsize=1)
+def bench_digest() -> str:
+    """sha256 over the product sources (the bench kernels include their headers) and ep/bench/cuda/."""
+    return _digest([source_dir(), bench_source_dir()])
+
+
+def _macro_text(name: str, value) -> str:
+    kind = MACROS[name][0]
+    if kind is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise EPError(f"macro {name} takes a bool, got {value!r}")
+        return "1" if value else "0"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise EPError(f"macro {name} takes an int, got {value!r}")
+    return str(int(value))
 
 
 @dataclass(frozen=True)
 class KernelVariant:
-    """One compilable unit: a source file and the values of the macros it reads."""
+    """One compilable unit: a source file and the values of exactly the macros it reads."""
 
     source: str
     macros: tuple[tuple[str, str], ...]   # sorted (name, value)
 
     @staticmethod
-    def of(source: str, snapshot: envs.Snapshot | None = None, **overrides) -> "KernelVariant":
-        if source not in SOURCES:
-            raise EPError(f"unknown kernel source {source!r}")
-        snap = snapshot if snapshot is not None else envs.defaults()
-        values = {}
-        for name in SOURCES[source] + COMMON_MACROS:
-            knob = envs.KNOB_BY_NAME[name]
-            value = overrides.pop(name, snap[name])
-            values[name] = knob.macro_value(value)
-        if overrides:
-            raise EPError(f"{source} does not read macros {sorted(overrides)}")
-        return KernelVariant(source, tuple(sorted(values.items())))
+    def of(source: str, **values) -> "KernelVariant":
+        """``values``: every macro the source reads (EP_DEBUG_TRAP may be left out: off)."""
+        names = _macros_of(source)
+        values.setdefault("EP_DEBUG_TRAP", False)
+        missing = [n for n in names if n not in values]
+        extra = sorted(set(values) - set(names))
+        if missing or extra:
+            raise EPError(f"{source} reads macros {list(names)}: missing {missing}, not read {extra}")
+        return KernelVariant(source, tuple(sorted((n, _macro_text(n, values[n])) for n in names)))
+
+    @property
+    def bench(self) -> bool:
+        return self.source in BENCH_SOURCES
 
     @property
     def name(self) -> str:
         stem = self.source.rsplit(".", 1)[0]
-        order = SOURCES[self.source] + COMMON_MACROS
         values = dict(self.macros)
-        parts = [f"{SHORT[k]}{values[k]}" for k in order if k != "EP_DEBUG_TRAP" or values[k] != "0"]
+        parts = [f"{MACROS[k][1]}{values[k]}" for k in _macros_of(self.source)
+                 if k != "EP_DEBUG_TRAP" or values[k] != "0"]
         return "_".join([stem] + parts)
 
     def macro(self, name: str) -> str:
         return dict(self.macros)[name]
+
+    def path(self) -> Path:
+        return (bench_source_dir() if self.bench else source_dir()) / self.source
+
+    def digest(self) -> str:
+        return bench_digest() if self.bench else source_digest()
 
     def options(self, arch: str) -> tuple[str, ...]:
         return ("-std=c++17", f"--gpu-architecture={arch}", f"-I{source_dir()}", "-lineinfo",
@@ -112,7 +158,7 @@ def nvrtc_version() -> tuple[int, int]:
 
 def cache_key(variant: KernelVariant, arch: str) -> str:
     h = hashlib.sha256()
-    for part in (source_digest(), variant.source, *variant.options(arch), arch, str(nvrtc_version())):
+    for part in (variant.digest(), variant.source, *variant.options(arch), arch, str(nvrtc_version())):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -129,8 +175,7 @@ def cache_dir(snapshot: envs.Snapshot | None = None) -> Path:
 def compile_cubin(variant: KernelVariant, arch: str) -> bytes:
     """NVRTC-compile ``variant`` for ``arch`` (e.g. "sm_90"). Needs no GPU. Raises CompileError."""
     from cupy.cuda import nvrtc
-    path = source_dir() / variant.source
-    prog = nvrtc.createProgram(path.read_text(), variant.source, [], [])
+    prog = nvrtc.createProgram(variant.path().read_text(), variant.source, [], [])
     try:
         try:
             nvrtc.compileProgram(prog, list(variant.options(arch)))
@@ -235,21 +280,30 @@ def load(variant: KernelVariant, entries: Sequence[str], snapshot: envs.Snapshot
 
 
 def all_variants() -> list[KernelVariant]:
-    """Every variant the runtime can select: each boolean macro both ways, integer macros at default."""
+    """Every product variant the tuning can select: each boolean macro both ways, integer macros at the
+    values of the config's defaults (ep/tuning.py default_macros)."""
+    from .tuning import default_macros
+    defaults = default_macros()
     out = []
     for source, names in SOURCES.items():
         names = names + COMMON_MACROS
-        bools = [n for n in names if envs.KNOB_BY_NAME[n].type is bool]
-        for values in itertools.product((False, True), repeat=len(bools)):
-            out.append(KernelVariant.of(source, **dict(zip(bools, values))))
+        bools = [n for n in names if MACROS[n][0] is bool]
+        for flags in itertools.product((False, True), repeat=len(bools)):
+            values = {n: defaults[n] for n in names}
+            values.update(zip(bools, flags))
+            out.append(KernelVariant.of(source, **values))
     return out
+
+
+def bench_variants() -> list[KernelVariant]:
+    return [KernelVariant.of(source) for source in BENCH_SOURCES]
 
 
 def compile_all(archs: Iterable[str], variants: Iterable[KernelVariant] | None = None) -> list[tuple[str, str, int]]:
     """Compile every variant for every arch (no GPU needed). Returns (variant name, arch, cubin bytes)."""
     results = []
     for arch in archs:
-        for variant in (all_variants() if variants is None else variants):
+        for variant in (all_variants() + bench_variants() if variants is None else variants):
             results.append((variant.name, arch, len(compile_cubin(variant, arch))))
     return results
 
@@ -261,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="only list the variants")
     args = parser.parse_args(argv)
     if args.list:
-        for v in all_variants():
+        for v in all_variants() + bench_variants():
             print(v.name)
         return 0
     for name, arch, size in compile_all(args.arch or ["sm_90", "sm_100"]):

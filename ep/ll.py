@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arrays, jit, sizes, structs
+from . import arrays, sizes, structs, validation
 from .bootstrap import Group
+from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
-from .envs import Snapshot
 from .errors import InvalidStateError
 from .peer_memory import ErrorRecord, SymmetricBuffer
-from .runtime_base import block_count, load_kernels, ptr, timeout_ns
+from .runtime_base import GpuRuntime, load_kernels, ptr
+from .tuning import Tuning
 
 log = logging.getLogger("ep.ll")
 
@@ -33,14 +34,16 @@ class LLHandle:
     tokens_shape: tuple
 
 
-class LLRuntime:
-    def __init__(self, cfg: MoECommunicatorConfig, group: Group, knobs: Snapshot):
-        self.cfg, self.group, self.knobs = cfg, group, knobs
+class LLRuntime(GpuRuntime):
+    def __init__(self, cfg: MoECommunicatorConfig, group: Group, tuning: Tuning):
+        self.cfg, self.group, self.tuning = cfg, group, tuning
+        self.plan = tuning.ll
         self.W, self.rank = group.size, group.rank
         self.L = cfg.num_experts // self.W
         self.capacity = self.W * cfg.max_tokens_per_rank
         self.ready = False
         self.seq = 0
+        self.open_gate(tuning.timeout_s)
 
     def prepare(self) -> None:
         """Compile the LL kernels and allocate the LL buffers (collective; idempotent)."""
@@ -51,9 +54,7 @@ class LLRuntime:
         lay = self.layout = sizes.ll_layout(cfg, W)
         self.row_bytes = sizes.row_bytes(cfg)
         self.meta_stride = sizes.meta_stride(cfg.topk)
-        self.timeout_ns = timeout_ns(cfg, self.knobs)
-        self.blocks = block_count(cfg, self.knobs.dispatch_nsm, cfg.overlap.dispatch_num_sms, "LL dispatch")
-        self.combine_blocks = block_count(cfg, self.knobs.combine_nsm, cfg.overlap.combine_num_sms, "LL combine")
+        self.timeout_ns = self.tuning.timeout_ns
         self._bufs = []
         try:
             self.recv = self._sym(lay.recv_bytes, "ll.recv")
@@ -69,17 +70,14 @@ class LLRuntime:
             self.state = cupy.zeros(4, np.uint32)
             self.rows_local = cupy.zeros(2 * W * cfg.max_tokens_per_rank * cfg.topk, np.int32)
             self.send_mask = cupy.zeros(2 * cfg.max_tokens_per_rank, np.uint32)
-            self.k = load_kernels(self.group, self.knobs, [
-                (jit.KernelVariant.of("ll_dispatch.cu", self.knobs), ["ll_dispatch"]),
-                (jit.KernelVariant.of("ll_combine.cu", self.knobs), ["ll_combine"]),
-            ])
+            self.k = load_kernels(self.group, self.tuning.kernels)
         except BaseException:
             for buf in self._bufs:
                 buf.close()
             raise
         self._torch_views = {}
         cupy.cuda.runtime.deviceSynchronize()
-        self.group.barrier()
+        self.group.barrier("ll prepare")
         self.ready = True
 
     def _sym(self, nbytes: int, name: str) -> SymmetricBuffer:
@@ -101,17 +99,29 @@ class LLRuntime:
         return self._torch_views[framework]
 
     def check_errors(self) -> None:
-        if not self.ready:
-            return
-        if self.err.raised():
-            raise self.err.as_timeout()
-        if self.input_err.raised():
-            f = self.input_err.fields()
-            self.input_err.clear()
-            K = self.cfg.topk
-            raise ValueError(f"an earlier LL dispatch got topk_ids[{f['peer'] // K}, {f['peer'] % K}] = "
-                             f"{np.int64(np.uint64(f['observed']).view(np.int64))} outside [-1, {self.cfg.num_experts}); "
-                             "that slot was treated as unused")
+        if self.ready:
+            super().check_errors()
+
+    def take_input_error(self) -> BaseException | None:
+        if not self.ready or not self.input_err.raised():
+            return None
+        f = self.input_err.fields()
+        self.input_err.clear()
+        K = self.cfg.topk
+        exc = arrays.argument_error(ValueError, "topk_ids", (
+            f"an earlier LL dispatch got topk_ids[{f['peer'] // K}, {f['peer'] % K}] = "
+            f"{np.int64(np.uint64(f['observed']).view(np.int64))} outside [-1, {self.cfg.num_experts}); "
+            "that slot was treated as unused"))
+        exc.ep_code_flags = validation.EARLIER
+        return exc
+
+    def check_handle(self, state: "LLHandle") -> None:
+        age = self.seq - state.seq
+        if age not in (0, 1):
+            raise InvalidStateError(f"LL handle is {age} dispatches old; LL keeps the last two dispatches only")
+
+    def same_routing(self, state, topk_ids) -> bool:
+        return True   # LL has no cached dispatch
 
     def _params(self, **kw) -> np.ndarray:
         cfg = self.cfg
@@ -127,17 +137,19 @@ class LLRuntime:
         base.update(kw)
         return structs.pack(structs.LL_PARAMS, **base)
 
-    def dispatch(self, x_info, ids_info, w_info, output_buffer, out_info, stream, framework):
+    def dispatch(self, call: DispatchCall):
+        self.prepare()
         cfg = self.cfg
-        T = x_info.shape[0]
+        T, framework = call.num_tokens, call.framework
+        x_info, ids_info, w_info, out_info = call.x, call.topk_ids, call.weights, call.output_buffer
         views = self.owned_views(framework)
-        out_ptr = out_info.ptr if output_buffer is not None else ptr(self.out)
+        out_ptr = out_info.ptr if out_info is not None else ptr(self.out)
         params = self._params(x=x_info.ptr, topk_ids=ids_info.ptr, weights=0 if w_info is None else w_info.ptr,
                               out=out_ptr, num_tokens=T, ids_64=int(ids_info.dtype == "int64"))
-        self.k["ll_dispatch"].launch(self.blocks, self.knobs["EP_LL_WARPS"] * 32, params, stream=stream)
+        self.k["ll_dispatch"].launch(self.plan.dispatch_blocks, self.plan.warps * 32, params, stream=call.stream)
         self.seq += 1
-        if output_buffer is not None:
-            tokens = output_buffer
+        if out_info is not None:
+            tokens = out_info.obj
             if cfg.layout is DispatchLayout.FLAT:
                 tokens = tokens.reshape(self.L * self.capacity, cfg.hidden_size)
         else:
@@ -146,19 +158,21 @@ class LLRuntime:
                              expert_offsets=views["offsets"], layout=cfg.layout)
         return out, LLHandle(self.seq, T, tuple(int(s) for s in tokens.shape))
 
-    def combine(self, y_info, handle: LLHandle, out, out_ptr, stream, framework):
+    def combine(self, call: CombineCall):
+        handle: LLHandle = call.state
         age = self.seq - handle.seq
-        if age not in (0, 1):
-            raise InvalidStateError(f"LL handle is {age} dispatches old; LL keeps the last two dispatches only")
         T = handle.num_tokens
-        if out is None:
-            out = self.owned_views(framework)["comb_out"][:T]
+        if call.out is None:
+            out = self.owned_views(call.framework)["comb_out"][:T]
             out_ptr = ptr(self.comb_out)
-        params = self._params(expert_out=y_info.ptr, out=out_ptr, num_tokens=T, age=age)
-        self.k["ll_combine"].launch(self.combine_blocks, self.knobs["EP_LL_WARPS"] * 32, params, stream=stream)
+        else:
+            out, out_ptr = call.out.obj, call.out.ptr
+        params = self._params(expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T, age=age)
+        self.k["ll_combine"].launch(self.plan.combine_blocks, self.plan.warps * 32, params, stream=call.stream)
         return out
 
     def close(self) -> None:
+        super().close()
         if not self.ready:
             return
         for buf in self._bufs:

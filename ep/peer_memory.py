@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .bootstrap import Group
+from .constants import PHASE_NAMES
 from .errors import EPTimeoutError
 from .structs import ERROR_RECORD
 
@@ -34,7 +35,7 @@ class SymmetricBuffer:
         try:
             runtime.memset(self.ptr, 0, self.nbytes)
             handle = bytes(runtime.ipcGetMemHandle(self.ptr)) if group.size > 1 else b""
-            handles = group.allgather(handle)
+            handles = group.allgather(handle, f"ipc handles of {name}")
             ptrs = []
             for r, h in enumerate(handles):
                 if r == group.rank:
@@ -86,8 +87,6 @@ class HostMapped:
             self.ptr = 0
 
 
-PHASES = {1: "barrier", 2: "ht count exchange", 3: "ht dispatch receive", 4: "ht combine receive",
-          5: "ll dispatch receive", 6: "ll combine receive", 7: "invalid expert id", 8: "capacity"}
 
 
 class ErrorRecord:
@@ -104,7 +103,7 @@ class ErrorRecord:
 
     def fields(self) -> dict:
         r = self._rec[0]
-        return {"phase": PHASES.get(int(r["phase"]), str(int(r["phase"]))), "rank": int(r["rank"]),
+        return {"phase": PHASE_NAMES.get(int(r["phase"]), str(int(r["phase"]))), "rank": int(r["rank"]),
                 "peer": int(r["peer"]), "observed": int(r["observed"]), "expected": int(r["expected"])}
 
     def clear(self) -> None:

@@ -1,34 +1,119 @@
-"""What the GPU mode runtimes share: kernel loading, the error record, barriers, knob-derived sizes."""
+"""The runtime protocol every backend implements, and what the GPU runtimes share: kernel loading, the error
+records, barriers.
+
+A runtime takes the communicator's validated call records (ep/calls.py) and nothing else:
+
+    prepare()                  build lazily created resources (collective; idempotent)
+    agree(op, failure)         the op's first rendezvous: share the outcome of this rank's input checks of
+                               ``op`` with the peers before anything moves (the op gate), raising on every
+                               rank when one failed (ep/validation.py settle)
+    take_input_error()         an input error found on the device in an earlier call (LL's invalid expert
+                               ids), reported in the next call's agree
+    dispatch(call)             -> (DispatchOutput, state kept in the handle)
+    combine(call)              -> [T, H] output
+    check_handle(state)        raise InvalidStateError when a handle can no longer be combined
+    same_routing(state, ids)   whether topk_ids equal the routing of a handle (EP_DEBUG_CHECKS)
+    check_errors()             raise a time-out the device reported (EPTimeoutError: the communicator is
+                               broken from then on)
+    synchronize()              wait for this rank's queued work
+    close()                    free (the communicator runs the barriers around it)
+"""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
-
-from . import jit, structs
+from . import jit, structs, validation
 from .bootstrap import Group
-from .config import MoECommunicatorConfig
-from .envs import Snapshot
-from .errors import ConfigError
+from .calls import CombineCall, DispatchCall
+from .gate import OpGate
 from .peer_memory import ErrorRecord, SymmetricBuffer
+from .tuning import KernelSet
 
 log = logging.getLogger("ep.runtime")
 
 
-def load_kernels(group: Group, knobs: Snapshot, wanted: Sequence[tuple[jit.KernelVariant, Sequence[str]]]) -> dict:
-    """Load every (variant, entries); node-local rank 0 compiles into the disk cache first, the others
-    load after a barrier so a cold cache is compiled once per node. Returns {entry: Kernel}."""
+class Runtime:
+    """Base of the backends: the protocol above, with the defaults most runtimes share."""
+
+    group: Group
+    gate: OpGate | None = None
+
+    def open_gate(self, timeout_s: float) -> None:
+        """Collective: the node-shared op gate, or host collectives when shared memory cannot be mapped."""
+        try:
+            self.gate = OpGate(self.group, timeout_s)
+        except OSError as exc:
+            log.warning("[rank %d] op gate unavailable (%s); ops agree through host collectives", self.group.rank,
+                        exc)
+            self.gate = None
+
+    def prepare(self) -> None:
+        pass
+
+    def agree(self, op: str, failure: BaseException | None) -> None:
+        code = 0 if failure is None else validation.abort_code(failure)
+        if self.gate is not None:
+            outcomes = [(validation.OP_NAMES.get(k, f"op {k}"), c) for k, c in self.gate.pass_(validation.OP_KINDS[op], code)]
+        else:
+            outcomes = self.group.allgather((op, code), "agree")
+        validation.settle(self.group.rank, op, failure, outcomes)
+
+    def take_input_error(self) -> BaseException | None:
+        return None
+
+    def dispatch(self, call: DispatchCall) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def combine(self, call: CombineCall) -> Any:
+        raise NotImplementedError
+
+    def check_handle(self, state) -> None:
+        pass
+
+    def same_routing(self, state, topk_ids) -> bool:
+        raise NotImplementedError
+
+    def check_errors(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
+
+
+class GpuRuntime(Runtime):
+    """What the GPU runtimes share: the time-out record."""
+
+    err: ErrorRecord
+
+    def check_errors(self) -> None:
+        if self.err.raised():
+            raise self.err.as_timeout()
+
+    def synchronize(self) -> None:
+        import cupy
+        cupy.cuda.runtime.deviceSynchronize()
+
+
+def load_kernels(group: Group, wanted: Sequence[KernelSet]) -> dict:
+    """Load every kernel set; node-local rank 0 compiles into the disk cache first, the others load after a
+    barrier so a cold cache is compiled once per node. Returns {entry: Kernel}."""
     def load_all():
         out = {}
-        for variant, entries in wanted:
-            out.update(jit.load(variant, entries, knobs))
+        for ks in wanted:
+            out.update(jit.load(ks.variant, ks.entries))
         return out
 
     if group.local_rank == 0:
         kernels = load_all()
-        group.barrier()
+        group.barrier("compile")
     else:
-        group.barrier()
+        group.barrier("compile")
         kernels = load_all()
     return kernels
 
@@ -36,16 +121,6 @@ def load_kernels(group: Group, knobs: Snapshot, wanted: Sequence[tuple[jit.Kerne
 def sm_count() -> int:
     import cupy
     return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-
-
-def block_count(cfg: MoECommunicatorConfig, knob_value: int, overlap_value: int | None, what: str) -> int:
-    """Blocks of a data kernel: env knob, else the overlap config, else num_sms. The grid must be
-    co-resident (receivers spin on senders of other blocks), so it may not exceed the SM count."""
-    blocks = knob_value or overlap_value or cfg.num_sms
-    sms = sm_count()
-    if blocks > sms:
-        raise ConfigError(f"{what}: {blocks} blocks requested but the GPU has {sms} SMs (the grid must be co-resident)")
-    return blocks
 
 
 class Barrier:
@@ -71,7 +146,5 @@ def ptr(arr) -> int:
     return 0 if arr is None else int(arr.data.ptr)
 
 
-def timeout_ns(cfg: MoECommunicatorConfig, knobs: Snapshot) -> int:
-    seconds = knobs.timeout_s or cfg.timeout_s
-    return int(seconds * 1e9)
+
 

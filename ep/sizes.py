@@ -6,16 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import envs
 from .config import MoECommunicatorConfig
-
-ROUTE_CHUNK = 128          # cuda_src/common/params.cuh kRouteChunk: tokens per HT routing block
-ROUTE_POS_TILE = 2048      # cuda_src/common/params.cuh kRoutePosTile: columns per tile of ht_route_positions
-COMBINE_SEG_BYTES = 4096   # cuda_src/common/params.cuh kCombineSegBytes: HT combine TMA stage
-COMBINE_REDUCE_WARPS = 32  # warps per block of ht_combine_reduce (narrow fold, <= 64 registers; docs/perf.md exp. 16)
-HT_CHUNK_TOKENS = 4        # tokens per HT dispatch chunk: one sender warp sends it, then publishes (flag per chunk and destination)
-BARRIER_SLOTS = 32         # u64 barrier flags per signal buffer (max world size)
-SMEM_LIMIT = 227 * 1024    # Hopper: largest dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+from .constants import BARRIER_SLOTS, HT_CHUNK_TOKENS
+from .structs import COUNT_SLOT
 
 
 def round_up(x: int, m: int) -> int:
@@ -32,7 +25,9 @@ def meta_stride(topk: int) -> int:
 
 
 def info_layout(L: int, W: int) -> dict[str, int]:
-    """Offsets (in int32) of the per-call HT info array; mirrors InfoLayout in params.cuh."""
+    """Offsets (in int32) of the per-call HT info array; mirrors InfoLayout in params.cuh (a CPU test compares
+    them). The host mirror holds the fields before ``peer_row``, then {bad index, bad value}, then the
+    abort code of every source (``host_abort``)."""
     lay = {"invalid_mask": 0, "total_rows": 1, "capacity": 2, "n_recv_total": 3, "counts": 4}
     lay["base"] = lay["counts"] + L
     lay["src_base"] = lay["base"] + L + 1
@@ -41,6 +36,8 @@ def info_layout(L: int, W: int) -> dict[str, int]:
     lay["src_T"] = lay["recv_prefix"] + W + 1
     lay["peer_row"] = lay["src_T"] + W      # [E]: device only, the host mirror holds the fields before it
     lay["size"] = lay["peer_row"] + W * L
+    lay["host_bad"] = lay["peer_row"]
+    lay["host_size"] = lay["peer_row"] + 2
     return lay
 
 
@@ -52,7 +49,7 @@ class HtLayout:
     meta_bytes: int        # [W][T_max][meta_stride]
     sig_bytes: int
     out_bytes: int         # owned dispatch output [owned_output_rows, H], 0 without owned_output
-    land_bytes: int        # push combine's landing buffer [W][T_max][row] (knob EP_COMBINE_PUSH), else 0
+    land_bytes: int        # push combine's landing buffer [W][T_max][row] (HtTuning.combine = "push"), else 0
     barrier_offset: int
     cnt_offset: int
     cnt_stride: int
@@ -76,7 +73,7 @@ def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtL
     L = cfg.num_experts // world
     T = cfg.max_tokens_per_rank
     max_chunks = -(-T // HT_CHUNK_TOKENS)
-    cnt_stride = round_up(24 + 4 * cfg.num_experts, 16)   # every rank's layout is known to every rank
+    cnt_stride = round_up(COUNT_SLOT.itemsize + 4 * cfg.num_experts, 16)   # CountSlot, then counts[E]
     barrier_offset = 0
     cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
     dflag_offset = round_up(cnt_offset + world * cnt_stride, 128)
@@ -118,17 +115,6 @@ def ll_layout(cfg: MoECommunicatorConfig, world: int) -> LLLayout:
     sig_bytes = round_up(ntok_offset + 2 * BARRIER_SLOTS * 4, 4096)
     return LLLayout(2 * world * T * rb, 2 * world * T * meta_stride(cfg.topk), 2 * world * T * rb, sig_bytes, 0,
                     disp_cnt_offset, comb_cnt_offset, ntok_offset, L * world * T * rb, 2 * world * T * cfg.topk * 4)
-
-
-def buffer_bytes(cfg: MoECommunicatorConfig, world: int, combine_push: bool | None = None) -> int:
-    """Device bytes a communicator of this config keeps (symmetric buffers and owned outputs); combine_push:
-    the knob EP_COMBINE_PUSH (None: read from the environment, as a communicator would)."""
-    cfg.check_world(world)
-    if cfg.mode != "ht":
-        return ll_layout(cfg, world).total
-    if combine_push is None:
-        combine_push = envs.read()["EP_COMBINE_PUSH"]
-    return ht_layout(cfg, world, combine_push).total
 
 
 def check_row_index_range(cfg: MoECommunicatorConfig, world: int) -> None:

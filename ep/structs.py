@@ -21,6 +21,9 @@ def _struct(*fields) -> np.dtype:
 ERROR_RECORD = _struct(("claim", np.uint32), ("flag", np.uint32), ("phase", _I), ("rank", _I), ("peer", _I),
                        ("reserved", _I), ("observed", _U64), ("expected", _U64))
 
+COUNT_SLOT = _struct(("epoch", _U64), ("tokens_to_you", _I), ("num_tokens", _I), ("invalid", _I),
+                     ("reserved", _I))
+
 BARRIER_PARAMS = _struct(("sig_peers", _P), ("err", _P), ("generation", _P), ("timeout_ns", _U64),
                          ("flags_offset", _U64), ("rank", _I), ("world", _I))
 
@@ -34,17 +37,17 @@ HT_ROUTE_PARAMS = _struct(
 HT_DISPATCH_PARAMS = _struct(
     ("x", _P), ("weights", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("info", _P),
     ("data_peers", _P), ("meta_peers", _P), ("sig_peers", _P), ("out", _P), ("out_peers", _P), ("recv_rows", _P),
-    ("recv_w", _P), ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P), ("timeout_ns", _U64),
-    ("dflag_offset", _U64), ("drange_offset", _U64),
+    ("recv_w", _P), ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P),
+    ("timeout_ns", _U64), ("dflag_offset", _U64), ("drange_offset", _U64),
     ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I),
     ("max_tokens", _I), ("chunk_tokens", _I), ("max_chunks", _I), ("meta_stride", _I), ("send_blocks", _I),
-    ("send_warps", _I), ("recv_warps", _I), ("reserved", _I))
+    ("send_warps", _I), ("reserved", _I))
 
 HT_COMBINE_PARAMS = _struct(
     ("expert_out", _P), ("recv_rows", _P), ("recv_w", _P), ("send_pos", _P), ("info", _P), ("data_peers", _P),
     ("partial_peers", _P), ("out", _P), ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I),
     ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I), ("item_lo", _I),
-    ("item_hi", _I))
+    ("item_hi", _I), ("skip_own", _I))
 
 LL_PARAMS = _struct(
     ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("counts_out", _P),
@@ -57,6 +60,7 @@ LL_PARAMS = _struct(
 # C struct name -> dtype, for the layout test.
 C_STRUCTS = {
     "ErrorRecord": ERROR_RECORD,
+    "CountSlot": COUNT_SLOT,
     "BarrierParams": BARRIER_PARAMS,
     "HtRouteParams": HT_ROUTE_PARAMS,
     "HtDispatchParams": HT_DISPATCH_PARAMS,

@@ -1,35 +1,39 @@
 #!/usr/bin/env bash
-# One GPU session on a machine without network: GPU tests at W=2 and W=all, then benchmark runs.
-# Usage: tools/gpu_session.sh [tests|bench|all] [extra bench args...]; logs go to $OUT (or /tmp/ep-out).
+# One device session (a machine without network): compile check, the GPU suite at W=1 and at W=2/4/8 (ranks
+# sharing GPUs when there are fewer), then benchmark runs. Logs go to $OUT (or /tmp/ep-out); a short summary
+# is printed last.
+# Usage: tools/gpu_session.sh [tests] [bench "ARGS"]... [base-bench "ARGS"]...
+#   tests             jit compile check + make test-gpu
+#   bench "ARGS"      python -m ep.bench ARGS at W=1 (repeatable)
+#   base-bench "ARGS" the same in .base/ (an older checkout, e.g. git archive HEAD~n), for before/after figures
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:-all}; shift || true
 out=${OUT:-/tmp/ep-out}; mkdir -p "$out"
 export PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 EP_CACHE_DIR=${EP_CACHE_DIR:-/tmp/ep-cache}
 PY=${PYTHON:-python3}
-N=$($PY -c 'import cupy; print(cupy.cuda.runtime.getDeviceCount())')
-RUN="mpirun --allow-run-as-root -x PYTHONPATH -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED -x EP_CACHE_DIR"
 summary=()
-if [[ $what == tests || $what == all ]]; then
-  $PY -m ep.jit --arch sm_90 > "$out/jit.log" 2>&1 || summary+=("jit compile FAILED")
-  $PY -m pytest tests/gpu -q -m "not mpi" -p no:cacheprovider > "$out/gpu_w1.log" 2>&1
-  summary+=("W=1: $(tail -1 "$out/gpu_w1.log")")
-  for w in 2 $N; do
-    timeout 300 $RUN -np $w $PY -m pytest tests/gpu -q -m mpi -p no:cacheprovider > "$out/gpu_w$w.log" 2>&1
-    summary+=("W=$w: $(grep -E 'passed|failed|error' "$out/gpu_w$w.log" | tail -1)")
-  done
-  # The non-default HT copy paths, bit-exact like the defaults: TMA senders and receivers in dispatch with the
-  # pull combine's warp-load gather, then the pull combine's TMA gather (with the graph tests).
-  EP_NCCLEP_TMA=1 EP_DISPATCH_RECV_TMA=1 EP_COMBINE_PUSH=0 EP_CMB_TMA=0 timeout 300 $RUN -x EP_NCCLEP_TMA \
-    -x EP_DISPATCH_RECV_TMA -x EP_COMBINE_PUSH -x EP_CMB_TMA -np $N $PY -m pytest tests/gpu/test_ht.py -q -m mpi \
-    -p no:cacheprovider > "$out/gpu_w${N}_alt.log" 2>&1
-  summary+=("W=$N HT, TMA dispatch + pull combine (warp loads): $(grep -E 'passed|failed|error' "$out/gpu_w${N}_alt.log" | tail -1)")
-  EP_COMBINE_PUSH=0 timeout 300 $RUN -x EP_COMBINE_PUSH -np $N $PY -m pytest tests/gpu/test_ht.py tests/gpu/test_ht_graph.py \
-    -q -m mpi -p no:cacheprovider > "$out/gpu_w${N}_pull.log" 2>&1
-  summary+=("W=$N HT, pull combine (TMA gather): $(grep -E 'passed|failed|error' "$out/gpu_w${N}_pull.log" | tail -1)")
-fi
-if [[ $what == bench || $what == all ]]; then
-  timeout 400 $RUN -np $N $PY -m ep.bench "$@" --json "$out/bench.json" > "$out/bench.log" 2>&1
-  summary+=("bench rc=$?")
-fi
+n=0
+while [[ $# -gt 0 ]]; do
+  step=$1; shift
+  n=$((n + 1))
+  case $step in
+    tests)
+      $PY -m ep.jit --arch sm_90 > "$out/jit.log" 2>&1 && summary+=("jit: $(wc -l < "$out/jit.log") variants compiled") \
+        || summary+=("jit compile FAILED (see jit.log)")
+      timeout 900 make test-gpu PYTHON=$PY > "$out/test-gpu.log" 2>&1
+      rc=$?
+      summary+=("make test-gpu rc=$rc:")
+      while IFS= read -r line; do summary+=("  $line"); done < <(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed|[0-9]+ failed|error" "$out/test-gpu.log" | grep -E "passed|failed" | tail -8)
+      ;;
+    bench|base-bench)
+      args=$1; shift
+      dir=.; [[ $step == base-bench ]] && dir=.base
+      log="$out/${step}-$n.log"
+      (cd $dir && PYTHONPATH=$PWD timeout 400 $PY -m ep.bench $args) > "$log" 2>&1
+      summary+=("$step [$args] rc=$?")
+      while IFS= read -r line; do summary+=("  $line"); done < <(grep -E "^(HT|LL)  T=|^\s*ep (dispatch|combine|cached|graph|dispatch\+combine)|Error|error" "$log" | head -24)
+      ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
 printf '%s\n' "${summary[@]}"

@@ -7,10 +7,6 @@
 
 namespace ep {
 
-constexpr int kDupBit = 1 << 30;     // route/lexp flag: this slot repeats an expert named by an earlier slot
-constexpr int kRouteChunk = 128;     // tokens per block of the HT routing kernels (= their block size)
-constexpr int kRoutePosTile = 2048;  // columns per shared-memory tile of ht_route_positions (ep/sizes.py)
-
 struct BarrierParams {
   const u64* sig_peers;   // [W] base of every rank's signal buffer
   ErrorRecord* err;
@@ -20,6 +16,17 @@ struct BarrierParams {
   i32 rank;
   i32 world;
 };
+
+// One source's count slot in the HT count exchange (cnt_offset + source * cnt_stride of each signal
+// buffer); i32 counts[E] follow it (the source's rows per global expert).
+struct CountSlot {
+  u64 epoch;              // the exchange this slot belongs to (release-stored last)
+  i32 tokens_to_you;      // tokens the source sends to the slot's owner
+  i32 num_tokens;         // the source's T
+  i32 invalid;            // the source's topk_ids hold an id outside [-1, E)
+  i32 reserved;
+};
+__device__ __forceinline__ i32* slot_counts(CountSlot* slot) { return reinterpret_cast<i32*>(slot + 1); }
 
 struct HtRouteParams {
   const void* topk_ids;   // [T, K] int32 or int64
@@ -36,7 +43,7 @@ struct HtRouteParams {
   u64 epoch;
   u64 timeout_ns;
   u64 cnt_offset;         // byte offset of the count slots in the signal buffer
-  i32 cnt_stride;         // bytes per source's count slot: u64 epoch, i32 tokens-to-you, T, invalid, pad, counts[E]
+  i32 cnt_stride;         // bytes per source's count slot: CountSlot, then i32 counts[E]
   i32 ids_64;
   i32 rank;
   i32 world;
@@ -83,8 +90,7 @@ struct HtDispatchParams {
   i32 max_chunks;
   i32 meta_stride;
   i32 send_blocks;        // blocks [0, send_blocks) send, the others expand what arrives
-  i32 send_warps;         // warps of a sender block that send (TMA: as many staging rows as shared memory holds)
-  i32 recv_warps;         // warps of a receiver block that expand (TMA: as many staging rows as shared memory holds)
+  i32 send_warps;         // warps of a sender block that send (TMA: one staging row each); the others expand
   i32 reserved;
 };
 
@@ -106,11 +112,10 @@ struct HtCombineParams {
   i32 local_experts;
   i32 row_bytes;
   i32 max_tokens;
-  i32 item_lo;            // reduce: the received items [item_lo, item_hi) of this launch (pull: own ones skipped)
+  i32 item_lo;            // reduce: the received items [item_lo, item_hi) of this launch
   i32 item_hi;
+  i32 skip_own;           // reduce: 1 = leave out our own tokens (the pull gather folds them itself)
 };
-
-constexpr int kCombineSegBytes = 4096;   // HT combine TMA stage size (ep/sizes.py COMBINE_SEG_BYTES)
 
 struct LLParams {
   const u8* x;            // dispatch: [T, H]
@@ -149,23 +154,15 @@ struct LLParams {
 // Per-call HT info (i32 array), written by ht_route_exchange. Mirrored by ep/sizes.py info_layout().
 // counts[L], base[L + 1], src_base[W][L] describe this rank's output; peer_row[E] describes the peers': the
 // row of this rank's first token of global expert g in the output of g's owner (the host mirror stops there).
+// The host mirror adds {bad flat index, bad value} after peer_row.
 struct InfoLayout {
   int invalid_mask, total_rows, capacity, n_recv_total;
   int counts, base, src_base, recv_n, recv_prefix, src_T, peer_row, size;
-  __device__ __forceinline__ InfoLayout(int L, int W) {
-    invalid_mask = 0;
-    total_rows = 1;
-    capacity = 2;
-    n_recv_total = 3;
-    counts = 4;
-    base = counts + L;
-    src_base = base + L + 1;
-    recv_n = src_base + W * L;
-    recv_prefix = recv_n + W;
-    src_T = recv_prefix + W + 1;
-    peer_row = src_T + W;
-    size = peer_row + W * L;
-  }
+  __host__ __device__ constexpr InfoLayout(int L, int W)
+      : invalid_mask(0), total_rows(1), capacity(2), n_recv_total(3), counts(4), base(4 + L),
+        src_base(4 + L + L + 1), recv_n(4 + 2 * L + 1 + W * L), recv_prefix(4 + 2 * L + 1 + W * L + W),
+        src_T(4 + 2 * L + 1 + W * L + 2 * W + 1), peer_row(4 + 2 * L + 1 + W * L + 3 * W + 1),
+        size(4 + 2 * L + 1 + W * L + 3 * W + 1 + W * L) {}
 };
 
 // Per-token metadata that rides along with a dispatched token (meta buffer entry).

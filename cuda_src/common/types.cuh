@@ -12,6 +12,12 @@ namespace ep {
 
 constexpr i32 kI32Max = 0x7FFFFFFF;
 
+// std::conditional without the C++ library (NVRTC gets none from us): a compile-time policy choice.
+template <bool kCond, class A, class B>
+struct Select { using type = A; };
+template <class A, class B>
+struct Select<false, A, B> { using type = B; };
+
 // bf16 travels as its 16-bit pattern. Conversions match ep/reference.py bit for bit.
 __device__ __forceinline__ float bf16_to_f32(u32 bits16) { return __uint_as_float(bits16 << 16); }
 

@@ -9,18 +9,6 @@
 
 namespace ep {
 
-// Phase codes; ep/peer_memory.py PHASES names them for Python errors.
-enum Phase : int {
-  kPhaseBarrier = 1,
-  kPhaseHtCounts = 2,
-  kPhaseHtDispatchRecv = 3,
-  kPhaseHtCombineRecv = 4,
-  kPhaseLLDispatchRecv = 5,
-  kPhaseLLCombineRecv = 6,
-  kPhaseBadExpertId = 7,
-  kPhaseCapacity = 8,
-};
-
 struct ErrorRecord {      // mirrored by ep/structs.py ERROR_RECORD
   u32 claim;
   u32 flag;
@@ -37,32 +25,42 @@ __device__ __forceinline__ bool error_raised(const ErrorRecord* err) {
   return *reinterpret_cast<const volatile u32*>(&err->flag) != 0;
 }
 
-__device__ __noinline__ void record_error(ErrorRecord* err, int phase, int rank, int peer, u64 observed, u64 expected) {
-  if (atomicCAS(&err->claim, 0u, 1u) == 0u) {
-    err->phase = phase;
-    err->rank = rank;
-    err->peer = peer;
-    err->observed = observed;
-    err->expected = expected;
-    __threadfence_system();
-    *reinterpret_cast<volatile u32*>(&err->flag) = 1u;
-    __threadfence_system();
-  }
+// Fill the record if no failure claimed it first. Returns whether this call filled it.
+__device__ __noinline__ bool record_first(ErrorRecord* err, int phase, int rank, int peer, u64 observed, u64 expected) {
+  if (atomicCAS(&err->claim, 0u, 1u) != 0u) return false;
+  err->phase = phase;
+  err->rank = rank;
+  err->peer = peer;
+  err->observed = observed;
+  err->expected = expected;
+  __threadfence_system();
+  *reinterpret_cast<volatile u32*>(&err->flag) = 1u;
+  __threadfence_system();
+  return true;
+}
+
+// A bounded wait gave up: record it (and trap under EP_DEBUG_TRAP).
+__device__ __forceinline__ void record_error(ErrorRecord* err, int phase, int rank, int peer, u64 observed,
+                                             u64 expected) {
+  record_first(err, phase, rank, peer, observed, expected);
   if (kTrapOnTimeout) __trap();
 }
 
-// Poll until *flag >= target, then acquire (system scope). False on time-out or when another wait failed.
-// Polls are relaxed loads with a short growing sleep between them, and one fence at the end: hundreds of
-// warps spinning on a few flag lines make an L2 hot spot that slows every other access of the GPU, the
-// peers' incoming stores included (docs/perf.md: a 256 ns cap made 20 HT receiver SMs 4x slower than 1024).
+// Poll until *flag >= target, then acquire (system scope). False on time-out (recorded) or when another
+// wait failed. Polls are relaxed loads with a growing sleep between them, capped at kSleepMaxNs, and one
+// fence at the end: hundreds of warps spinning on a few flag lines make an L2 hot spot that slows every
+// other access of the GPU, the peers' incoming stores included, so waits with many pollers sleep up to
+// kPollSleepMaxNs; a wait of at most one warp per peer (barriers, LL) spins tighter (kSpinSleepMaxNs).
 constexpr u32 kPollSleepMaxNs = 1024;
+constexpr u32 kSpinSleepMaxNs = 64;
+template <u32 kSleepMaxNs = kPollSleepMaxNs>
 __device__ __forceinline__ bool wait_geq(const u64* flag, u64 target, ErrorRecord* err, u64 timeout_ns,
                                          int phase, int rank, int peer) {
   const u64 start = global_timer_ns();
   u32 sleep_ns = 0;   // the first poll does not sleep
   for (u32 iter = 0;; ++iter) {
     if (sleep_ns) __nanosleep(sleep_ns);
-    sleep_ns = sleep_ns ? min(2 * sleep_ns, kPollSleepMaxNs) : 32;
+    sleep_ns = sleep_ns ? min(2 * sleep_ns, kSleepMaxNs) : 32u;
     const u64 v = ld_relaxed_sys(flag);
     if (v >= target) {
       fence_sys();

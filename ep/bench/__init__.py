@@ -4,7 +4,7 @@ mpirun or torchrun), or on the CPU backend for a smoke run.
 
 Modules: cli (arguments, cases, output), workload (inputs, byte counts), timing (flush, barriers, events),
 ep_runs (ep through the public MoECommunicator API), baselines / ceiling / nccl_a2a (GPU-only baselines),
-copy_params (mirror of cuda_src/bench_copy.cu's params), validate (--validate), report (table, JSON, plot),
+copy_params (mirror of ep/bench/cuda/bench_copy.cu's params), validate (--validate), report (table, JSON, plot),
 gpu (GPU-only helpers), procenv (the launcher's and NCCL's environment).
 
 NOTE: the rule "only ep/envs.py reads os.environ" has one stated exception here: ep/bench/procenv.py reads

@@ -13,28 +13,12 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume, snaps: dict) -> dict:
     return out
 
 
-def _pick_impl(ctx):
-    choice = ctx.args.nccl_impl
-    have = ctx.group.allgather((nccl_a2a.torch_usable(), nccl_a2a.cupy_nccl_usable()))
-    torch_ok = all(h[0] for h in have)
-    cupy_ok = all(h[1] for h in have)
-    if choice in ("auto", "torch") and torch_ok:
-        return nccl_a2a.TorchA2A, None
-    if choice in ("auto", "cupy") and cupy_ok:
-        return nccl_a2a.CupyA2A, None
-    want = {"auto": "torch (with CUDA and NCCL) or cupy.cuda.nccl", "torch": "torch with CUDA and NCCL",
-            "cupy": "cupy.cuda.nccl (libnccl)"}[choice]
-    return None, f"needs {want} on every rank"
-
-
 def run_nccl(ctx, shape: Shape, dev_inputs, vol: Volume, snaps: dict) -> dict:
-    impl, why = _pick_impl(ctx)
-    if impl is None:
-        return {"skipped": why}
-    if impl is nccl_a2a.TorchA2A:
-        ctx.torch_pg_created |= nccl_a2a.ensure_torch_process_group(ctx)
+    if not all(ctx.group.allgather(nccl_a2a.torch_usable(), "nccl baseline")):
+        return {"skipped": "the NCCL dispatcher baseline needs torch with CUDA and NCCL on every rank"}
+    ctx.torch_pg_created |= nccl_a2a.ensure_torch_process_group(ctx)
     clock, group = ctx.clock, ctx.group
-    disp = impl(ctx, shape, dev_inputs)
+    disp = nccl_a2a.TorchA2A(ctx, shape, dev_inputs)
     state = {}
     try:
         # Untimed first call: NCCL connects its peers on first use.

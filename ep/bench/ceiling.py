@@ -5,7 +5,7 @@
               (cudaMemcpyPeerAsync is not tried: with IPC mappings it needs the peer's device ordinal and a
               context on that device in every process; cudaMemcpyDefault reaches the peer through UVA and
               uses the same copy engines);
-  sm-vector   bench_a2a_copy (cuda_src/bench_copy.cu): 16-byte loads, 8 in flight per lane, 16-byte stores;
+  sm-vector   bench_a2a_copy (ep/bench/cuda/bench_copy.cu): 16-byte loads, 8 in flight per lane, 16-byte stores;
   sm-tma      bench_a2a_copy_tma: per-warp TMA bulk load -> bulk store pipeline, 3 stages;
 the SM kernels at several block counts (16/24/32/64/all SMs, and 2x/4x the SMs for the vector kernel)
 and block sizes. The best median wins.
@@ -18,6 +18,7 @@ import logging
 import numpy as np
 
 from .. import jit, runtime_base
+from ..tuning import KernelSet
 from ..peer_memory import SymmetricBuffer
 from ..sizes import round_up
 from . import copy_params, gpu, report, timing
@@ -127,8 +128,8 @@ def run(ctx, vol: Volume) -> dict:
         return {"skipped": "nothing crosses NVLink (one rank, or no token leaves its rank)"}
     setup = _Setup(ctx, vol)
     try:
-        kernels = runtime_base.load_kernels(group, ctx.knobs, [(jit.KernelVariant.of(copy_params.SOURCE, ctx.knobs),
-                                                                [copy_params.VECTOR_ENTRY, copy_params.TMA_ENTRY])])
+        kernels = runtime_base.load_kernels(group, [KernelSet(jit.KernelVariant.of(copy_params.SOURCE),
+                                                              (copy_params.VECTOR_ENTRY, copy_params.TMA_ENTRY))])
         sms = gpu.sm_count()
         block_grid = sorted({b for b in SM_BLOCKS if b <= sms} | {sms})
         candidates = [(f"ce-memcpy x{k}", f"copy engines (cudaMemcpyAsync, {k} stream(s)/peer)", 0,

@@ -49,8 +49,9 @@ def parse_args(argv):
     p.add_argument("--backend", choices=("gpu", "cpu"),
                    help="gpu (CUDA events) or cpu (NumPy reference over MPI, host wall times, no baselines); "
                         "default: EP_BACKEND, else gpu when CuPy sees a device")
-    p.add_argument("--nccl-impl", choices=("auto", "torch", "cupy"), default="auto",
-                   help="NCCL baseline through torch.distributed or cupy.cuda.nccl (default: torch when present)")
+    p.add_argument("--allow-shared-gpu", action="store_true",
+                   help="run even when ranks share a GPU (more ranks than GPUs): the figures then prove that the code "
+                        "runs and is bit-exact, never its speed, and every row says so")
     p.add_argument("--no-baselines", action="store_true", help="time ep only")
     p.add_argument("--owned-output", action="store_true",
                    help="HT: MoECommunicatorConfig(owned_output=True): dispatch writes into a communicator-owned output "
@@ -91,6 +92,7 @@ class Context:
     stream: Any = None
     clock: Any = None
     torch_pg_created: bool = False
+    shared_gpu: bool = False
 
 
 def _cuda_devices() -> int:
@@ -140,7 +142,7 @@ def _environment(ctx: Context) -> dict:
            "launcher": "torchrun" if procenv.launched_by_torchrun() else "mpi", "hostname": socket.gethostname(),
            "python": platform.python_version(), "numpy": np.__version__, "ep_version": __version__,
            "knobs": ctx.knobs.as_dict(), "gpu_name": None, "driver_version": None, "cupy_version": None,
-           "nccl_nvls_enable": procenv.get("NCCL_NVLS_ENABLE")}
+           "nccl_nvls_enable": procenv.get("NCCL_NVLS_ENABLE"), "shared_gpu": ctx.shared_gpu}
     if ctx.backend == "gpu":
         from . import gpu
         env.update(gpu.environment(ctx.device))
@@ -166,6 +168,9 @@ def _run_case(ctx: Context, shape: workload.Shape, sweep, baseline_cache: dict) 
         if ctx.backend != "gpu":
             reason = "GPU-only baselines; backend cpu"
             base = {"ceiling": {"skipped": reason}, "nccl": {"skipped": reason}}
+        elif ctx.shared_gpu:
+            reason = "ranks share a GPU (NCCL refuses two ranks on one GPU; a ceiling would measure the sharing)"
+            base = {"ceiling": {"skipped": reason}, "nccl": {"skipped": reason}}
         elif args.no_baselines:
             base = {"ceiling": {"skipped": "--no-baselines"}, "nccl": {"skipped": "--no-baselines"}}
         else:
@@ -180,6 +185,9 @@ def _run_case(ctx: Context, shape: workload.Shape, sweep, baseline_cache: dict) 
         for row in ceil.get("family_best", []):
             rows.append(dict(row, note=row["note"] + ("  <- best" if row is ceil.get("best") else "")))
         rows.extend(base["nccl"].get("rows", []))
+    if ctx.shared_gpu:
+        for row in rows:
+            row["note"] = "shared GPU: not a speed figure" + (f"; {row['note']}" if row.get("note") else "")
     case = {
         "mode": shape.mode, "shape": asdict(shape), "routing": args.routing, "drop": args.drop, "seed": args.seed,
         "sweep": None if sweep is None else {"name": sweep[0], "value": sweep[1]},
@@ -219,8 +227,9 @@ def _run(ctx: Context) -> int:
         env = doc["environment"]
         print(f"ep.bench: W={group.size} backend={ctx.backend} ({env['timing']})"
               + (f" GPU={env['gpu_name']} driver={env['driver_version']} cupy={env['cupy_version']}"
-                 if ctx.backend == "gpu" else "  [CPU backend: host wall times; GPU-only baselines skipped]"),
-              flush=True)
+                 if ctx.backend == "gpu" else "  [CPU backend: host wall times; GPU-only baselines skipped]")
+              + ("  [SHARED GPU: ranks time-slice one GPU; these times are not speed figures]"
+                 if ctx.shared_gpu else ""), flush=True)
     start = time.monotonic()
     for i, value in enumerate(values):
         for mode in modes:
@@ -269,13 +278,23 @@ def _fail(ctx: Context, exc: Exception) -> int:
     os._exit(2 if usage else 1)     # torchrun: its agent stops the other workers
 
 
+SHARED_GPU_REFUSAL = ("{ranks} ranks share {gpus} GPU(s) on this node: ranks on one GPU run by time-slicing, so "
+                      "their times measure the sharing, not ep. Run one rank per GPU, or pass --allow-shared-gpu to run "
+                      "anyway (correctness and --validate only; every row is then marked 'shared GPU').")
+
+
 def _setup(ctx: Context) -> None:
     if ctx.backend == "gpu":
         import cupy
         from . import gpu
-        ctx.device = bootstrap.bind_device(ctx.group)
+        gpus = gpu.visible_gpus()
+        if ctx.group.local_size > gpus:
+            if not ctx.args.allow_shared_gpu:
+                raise ConfigError(SHARED_GPU_REFUSAL.format(ranks=ctx.group.local_size, gpus=gpus))
+            ctx.shared_gpu = True
+        ctx.device = bootstrap.bind_device(ctx.group, ctx.shared_gpu)
         ctx.stream = cupy.cuda.Stream(non_blocking=True)
-        ctx.clock = timing.GpuClock(ctx.stream, ctx.group, gpu.DeviceBarrier(ctx.group, ctx.knobs))
+        ctx.clock = timing.GpuClock(ctx.stream, ctx.group, gpu.DeviceBarrier(ctx.group))
     else:
         ctx.clock = timing.HostClock()
 

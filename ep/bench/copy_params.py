@@ -1,4 +1,4 @@
-"""NumPy mirror of ``ep::BenchCopyParams`` (cuda_src/bench_copy.cu) and the constants its kernels use.
+"""NumPy mirror of ``ep::BenchCopyParams`` (ep/bench/cuda/bench_copy.cu) and the constants its kernels use.
 
 ``tests/cpu/test_bench_cpu.py`` compiles static_asserts generated from :data:`BENCH_COPY_PARAMS` against
 the C struct (NVRTC, no GPU needed), so the two cannot drift.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import structs
-from ..config import MAX_WORLD_SIZE
+from ..constants import MAX_WORLD_SIZE
 
 BENCH_COPY_PARAMS = np.dtype([
     ("src", np.uint64, (MAX_WORLD_SIZE,)),

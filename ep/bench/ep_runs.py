@@ -24,24 +24,26 @@ from .workload import Shape, Volume
 
 
 def make_config(shape: Shape, num_sms: int, dispatch_nsm: int | None, combine_nsm: int | None,
-                owned_output: bool = False) -> MoECommunicatorConfig:
+                owned_output: bool = False, shared_gpu: bool = False) -> MoECommunicatorConfig:
     return MoECommunicatorConfig(
         mode=shape.mode, num_experts=shape.experts, hidden_size=shape.hidden, topk=shape.topk,
         max_tokens_per_rank=shape.tokens, num_sms=num_sms, owned_output=owned_output and shape.mode == "ht",
-        overlap=CommOverlapConfig(dispatch_num_sms=dispatch_nsm, combine_num_sms=combine_nsm))
+        overlap=CommOverlapConfig(dispatch_num_sms=dispatch_nsm, combine_num_sms=combine_nsm), shared_gpu=shared_gpu)
 
 
-def config_dict(cfg: MoECommunicatorConfig) -> dict:
+def config_dict(comm: MoECommunicator) -> dict:
+    """The communicator's effective config (env overrides applied) and its resolved tuning."""
+    cfg = comm.effective_config
     d = asdict(cfg)
     d["output_layout"] = cfg.layout.value
+    d["tuning"] = comm.tuning.describe()
     return d
 
 
-def block_counts(cfg: MoECommunicatorConfig, knobs) -> dict[str, int]:
-    """Blocks (= SMs) of the dispatch and combine data kernels: the rule of ep.runtime_base.block_count
-    (env knob, else the overlap config, else num_sms), computed from public config and knobs."""
-    return {"dispatch": knobs.dispatch_nsm or cfg.overlap.dispatch_num_sms or cfg.num_sms,
-            "combine": knobs.combine_nsm or cfg.overlap.combine_num_sms or cfg.num_sms}
+def block_counts(comm: MoECommunicator) -> dict[str, int]:
+    """Blocks (= SMs) of the dispatch and combine data kernels, as the communicator resolved them."""
+    plan = comm.tuning.ht if comm.tuning.mode == "ht" else comm.tuning.ll
+    return {"dispatch": plan.dispatch_blocks, "combine": plan.combine_blocks}
 
 
 def _host(arr) -> np.ndarray:
@@ -54,8 +56,8 @@ def _host(arr) -> np.ndarray:
 
 def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     """Time ep on one shape. Returns {"config", "rows", "snapshots", "skipped"}. Collective."""
-    cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm, ctx.args.owned_output)
-    sms = block_counts(cfg, ctx.knobs)
+    cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm, ctx.args.owned_output,
+                      ctx.shared_gpu)
     x, ids, w = dev_inputs
     gpu = ctx.backend == "gpu"
     stream = ctx.stream if gpu else None
@@ -64,6 +66,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     snaps: dict[str, np.ndarray] = {}
     skipped = []
     comm = MoECommunicator(cfg, group=group, backend=ctx.backend)
+    sms, config = block_counts(comm), config_dict(comm)
     try:
         def sec_dispatch_combine():
             m0 = clock.mark()
@@ -121,7 +124,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     for op, factor, sm in order:
         if op in stats:
             rows.append(report.op_row(f"ep {op}", "ep", stats[op], logical, physical, sm, factor))
-    return {"config": config_dict(cfg), "sms": sms, "rows": rows, "snapshots": snaps, "skipped": skipped}
+    return {"config": config, "sms": sms, "rows": rows, "snapshots": snaps, "skipped": skipped}
 
 
 def _capture(stream, body):

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import jit, runtime_base
 from ..peer_memory import ErrorRecord, SymmetricBuffer
+from ..tuning import KernelSet
 
 log = logging.getLogger("ep.bench")
 
@@ -27,11 +28,11 @@ class DeviceBarrier:
     """ep_barrier (cuda_src/barrier.cu) over the bench's own signal buffer: every rank leaves it within
     a few microseconds of the last one arriving. Collective to build and to close."""
 
-    def __init__(self, group, knobs):
+    def __init__(self, group):
         self.group = group
         self.sig = SymmetricBuffer(group, 4096, "bench.sig")
         self.err = ErrorRecord()
-        kernels = runtime_base.load_kernels(group, knobs, [(jit.KernelVariant.of("barrier.cu", knobs), ["ep_barrier"])])
+        kernels = runtime_base.load_kernels(group, [KernelSet(jit.KernelVariant.of("barrier.cu"), ("ep_barrier",))])
         self._barrier = runtime_base.Barrier(kernels["ep_barrier"], self.sig, 0, self.err, group.rank, group.size,
                                              int(DEVICE_BARRIER_TIMEOUT_S * 1e9))
 
@@ -45,7 +46,7 @@ class DeviceBarrier:
     def close(self) -> None:
         import cupy
         cupy.cuda.runtime.deviceSynchronize()
-        self.group.barrier()
+        self.group.barrier("bench close")
         self.sig.close()
         self.err.close()
 

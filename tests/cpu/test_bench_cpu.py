@@ -139,7 +139,7 @@ def test_bench_under_mpiexec_two_ranks(tmp_path):
 
 
 def test_bench_copy_params_mirror_matches_the_c_struct():
-    """static_asserts generated from BENCH_COPY_PARAMS compile against cuda_src/bench_copy.cu (NVRTC, sm_90)."""
+    """static_asserts generated from BENCH_COPY_PARAMS compile against ep/bench/cuda/bench_copy.cu (NVRTC, sm_90)."""
     try:
         from cupy.cuda import nvrtc
     except ImportError:
@@ -147,7 +147,7 @@ def test_bench_copy_params_mirror_matches_the_c_struct():
     variant = jit.KernelVariant.of(copy_params.SOURCE)
     # NVRTC ships no <cstddef>: offsetof comes from the compiler builtin.
     prelude = "#ifndef offsetof\n#define offsetof(T, m) __builtin_offsetof(T, m)\n#endif\n"
-    source = prelude + (jit.source_dir() / copy_params.SOURCE).read_text() + "\n" + copy_params.static_asserts() + "\n"
+    source = prelude + variant.path().read_text() + "\n" + copy_params.static_asserts() + "\n"
     prog = nvrtc.createProgram(source, copy_params.SOURCE, [], [])
     try:
         try:

@@ -11,6 +11,16 @@ from ep.errors import ConfigError
 from ep import envs, jit
 from ep.errors import CompileError, EPError
 from ep.jit import COMMON_MACROS, SOURCES, KernelVariant
+from ep.tuning import default_macros
+
+
+def V(source: str, **values) -> KernelVariant:  # noqa: N802
+    """The variant of ``source`` at the default config's macro values, some replaced."""
+    defaults = default_macros()
+    names = SOURCES.get(source, ()) + COMMON_MACROS
+    merged = {n: defaults[n] for n in names}
+    merged.update(values)
+    return KernelVariant.of(source, **merged)
 
 ARCHS = ("sm_90", "sm_100")
 # Sources compile in well under a second each; barrier.cu is the cheapest, so the cache tests use it.
@@ -46,11 +56,10 @@ def mode_of(path) -> int:
 # ---------------------------------------------------------------------------------------- variants
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_variant_macros_are_sorted_and_include_the_trap_macro(source):
-    variant = KernelVariant.of(source)
+    variant = V(source)
     names = [name for name, _ in variant.macros]
     assert names == sorted(names)
     assert set(names) == set(SOURCES[source]) | set(COMMON_MACROS)
-    assert "EP_DEBUG_TRAP" in names
     assert variant.macro("EP_DEBUG_TRAP") == "0"
     assert all(isinstance(value, str) for _, value in variant.macros)
 
@@ -58,32 +67,41 @@ def test_variant_macros_are_sorted_and_include_the_trap_macro(source):
 @pytest.mark.parametrize("source, name", [
     ("barrier.cu", "barrier"),
     ("ht_layout.cu", "ht_layout"),
-    ("ht_dispatch.cu", "ht_dispatch_tma0_rtma0_w24"),
-    ("ht_combine.cu", "ht_combine_push1_tma1_st2_wide16_maxch32_narrow4"),
+    ("ht_dispatch.cu", "ht_dispatch_tma0_w24"),
+    ("ht_combine.cu", "ht_combine"),
     ("ll_dispatch.cu", "ll_dispatch_w16"),
     ("ll_combine.cu", "ll_combine_w16"),
     ("bench_copy.cu", "bench_copy")])
 def test_default_variant_names(source, name):
-    assert KernelVariant.of(source).name == name
+    assert V(source).name == name
 
 
 def test_variant_names_show_non_default_macros():
-    assert KernelVariant.of("barrier.cu", EP_DEBUG_TRAP=True).name == "barrier_trap1"
-    assert KernelVariant.of("ht_dispatch.cu", EP_NCCLEP_TMA=True, EP_DISPATCH_WARPS=8).name == "ht_dispatch_tma1_rtma0_w8"
-    assert KernelVariant.of("ll_combine.cu", EP_LL_WARPS=8, EP_DEBUG_TRAP=True).name == "ll_combine_w8_trap1"
+    assert V("barrier.cu", EP_DEBUG_TRAP=True).name == "barrier_trap1"
+    assert V("ht_dispatch.cu", EP_NCCLEP_TMA=True, EP_DISPATCH_WARPS=8).name == "ht_dispatch_tma1_w8"
+    assert V("ll_combine.cu", EP_LL_WARPS=8, EP_DEBUG_TRAP=True).name == "ll_combine_w8_trap1"
 
 
-def test_variant_takes_macro_values_from_the_snapshot_and_overrides_win():
-    snap = envs.read({"EP_LL_WARPS": "8", "EP_DEBUG_TRAP": "yes", "EP_DISPATCH_WARPS": "4"})
-    assert KernelVariant.of("ll_dispatch.cu", snap).name == "ll_dispatch_w8_trap1"
-    assert KernelVariant.of("ll_dispatch.cu", snap, EP_LL_WARPS=12).macro("EP_LL_WARPS") == "12"
-    assert KernelVariant.of("barrier.cu", snap).name == "barrier_trap1", "every source reads EP_DEBUG_TRAP"
+def test_a_variant_needs_every_macro_its_source_reads_and_no_other():
+    with pytest.raises(EPError, match=r"missing \['EP_NCCLEP_TMA'\]"):
+        KernelVariant.of("ht_dispatch.cu", EP_DISPATCH_WARPS=24)
+    with pytest.raises(EPError, match=r"not read \['EP_LL_WARPS'\]"):
+        KernelVariant.of("barrier.cu", EP_LL_WARPS=8)
+    with pytest.raises(EPError, match="not read"):
+        KernelVariant.of("ht_combine.cu", EP_NCCLEP_TMA=False)
+
+
+def test_macro_values_are_type_checked():
+    with pytest.raises(EPError, match="EP_NCCLEP_TMA takes a bool"):
+        V("ht_dispatch.cu", EP_NCCLEP_TMA=1)
+    with pytest.raises(EPError, match="EP_LL_WARPS takes an int"):
+        V("ll_dispatch.cu", EP_LL_WARPS=True)
 
 
 def test_variants_are_values():
-    assert KernelVariant.of("ll_dispatch.cu") == KernelVariant.of("ll_dispatch.cu", envs.defaults())
-    assert len({KernelVariant.of("ll_dispatch.cu"), KernelVariant.of("ll_dispatch.cu")}) == 1
-    assert KernelVariant.of("ll_dispatch.cu") != KernelVariant.of("ll_dispatch.cu", EP_LL_WARPS=8)
+    assert V("ll_dispatch.cu") == V("ll_dispatch.cu")
+    assert len({V("ll_dispatch.cu"), V("ll_dispatch.cu")}) == 1
+    assert V("ll_dispatch.cu") != V("ll_dispatch.cu", EP_LL_WARPS=8)
 
 
 def test_unknown_source_raises():
@@ -91,21 +109,13 @@ def test_unknown_source_raises():
         KernelVariant.of("nope.cu")
 
 
-def test_a_macro_the_source_does_not_read_raises():
-    with pytest.raises(EPError, match=r"barrier.cu does not read macros \['EP_LL_WARPS'\]"):
-        KernelVariant.of("barrier.cu", EP_LL_WARPS=8)
-    with pytest.raises(EPError, match="EP_NCCLEP_TMA"):
-        KernelVariant.of("ht_combine.cu", EP_NCCLEP_TMA=False)
-
-
 def test_options_pass_the_macros_in_sorted_order():
-    variant = KernelVariant.of("ht_combine.cu", EP_CMB_TMA_STAGES=3)
-    opts = variant.options("sm_90")
+    opts = V("ht_dispatch.cu", EP_DISPATCH_WARPS=8).options("sm_90")
     assert "-std=c++17" in opts and "--gpu-architecture=sm_90" in opts
     assert f"-I{jit.source_dir()}" in opts
     defines = [o for o in opts if o.startswith("-D")]
     assert defines == sorted(defines)
-    assert "-DEP_CMB_TMA_STAGES=3" in defines and "-DEP_DEBUG_TRAP=0" in defines
+    assert "-DEP_DISPATCH_WARPS=8" in defines and "-DEP_DEBUG_TRAP=0" in defines
 
 
 def test_all_variants_cover_every_source_and_both_trap_values():
@@ -115,45 +125,45 @@ def test_all_variants_cover_every_source_and_both_trap_values():
     assert {v.source for v in variants} == set(SOURCES)
     for source in SOURCES:
         assert {v.macro("EP_DEBUG_TRAP") for v in variants if v.source == source} == {"0", "1"}
-    assert KernelVariant.of("ht_dispatch.cu", EP_NCCLEP_TMA=False) in variants
-    assert KernelVariant.of("ht_combine.cu", EP_CMB_TMA=False, EP_DEBUG_TRAP=True) in variants
+    assert V("ht_dispatch.cu", EP_NCCLEP_TMA=True) in variants
+    assert V("ht_combine.cu", EP_DEBUG_TRAP=True) in variants
 
 
 # --------------------------------------------------------------------------------------- cache key
 def test_cache_key_is_deterministic():
-    variant = KernelVariant.of("ll_dispatch.cu")
-    assert jit.cache_key(variant, "sm_90") == jit.cache_key(KernelVariant.of("ll_dispatch.cu"), "sm_90")
+    variant = V("ll_dispatch.cu")
+    assert jit.cache_key(variant, "sm_90") == jit.cache_key(V("ll_dispatch.cu"), "sm_90")
 
 
 def test_cache_key_changes_when_a_macro_changes():
-    assert jit.cache_key(KernelVariant.of("ll_dispatch.cu"), "sm_90") != \
-        jit.cache_key(KernelVariant.of("ll_dispatch.cu", EP_LL_WARPS=8), "sm_90")
-    assert jit.cache_key(KernelVariant.of("barrier.cu"), "sm_90") != \
-        jit.cache_key(KernelVariant.of("barrier.cu", EP_DEBUG_TRAP=True), "sm_90")
+    assert jit.cache_key(V("ll_dispatch.cu"), "sm_90") != \
+        jit.cache_key(V("ll_dispatch.cu", EP_LL_WARPS=8), "sm_90")
+    assert jit.cache_key(V("barrier.cu"), "sm_90") != \
+        jit.cache_key(V("barrier.cu", EP_DEBUG_TRAP=True), "sm_90")
 
 
 def test_cache_key_changes_when_the_arch_changes():
-    variant = KernelVariant.of("ht_layout.cu")
+    variant = V("ht_layout.cu")
     assert jit.cache_key(variant, "sm_90") != jit.cache_key(variant, "sm_100")
 
 
 def test_cache_key_changes_with_the_nvrtc_version(monkeypatch):
-    variant = KernelVariant.of("ht_layout.cu")
+    variant = V("ht_layout.cu")
     before = jit.cache_key(variant, "sm_90")
     monkeypatch.setattr(jit, "nvrtc_version", lambda: (99, 9))
     assert jit.cache_key(variant, "sm_90") != before
 
 
 def test_cache_key_differs_between_sources():
-    assert jit.cache_key(KernelVariant.of("ll_dispatch.cu"), "sm_90") != \
-        jit.cache_key(KernelVariant.of("ll_combine.cu"), "sm_90")
+    assert jit.cache_key(V("ll_dispatch.cu"), "sm_90") != \
+        jit.cache_key(V("ll_combine.cu"), "sm_90")
 
 
 @pytest.mark.parametrize("edited", ["common/ptx.cuh", "common/params.cuh", "ll_combine.cu"])
 def test_cache_key_changes_when_any_file_under_cuda_src_changes(src_copy, edited):
     # NOTE: the key hashes every file, not only the variant's own: an edited header (pulled in with -I, which
     # CuPy's own cache would not see) or even another kernel file must never serve a stale binary.
-    variant = KernelVariant.of("ll_dispatch.cu")
+    variant = V("ll_dispatch.cu")
     before = jit.cache_key(variant, "sm_90")
     with open(src_copy / edited, "a") as f:
         f.write("\n// edited\n")
@@ -162,7 +172,7 @@ def test_cache_key_changes_when_any_file_under_cuda_src_changes(src_copy, edited
 
 
 def test_cache_key_changes_when_a_header_is_added(src_copy):
-    variant = KernelVariant.of("barrier.cu")
+    variant = V("barrier.cu")
     before = jit.cache_key(variant, "sm_90")
     (src_copy / "common" / "new.cuh").write_text("#pragma once\n")
     jit.source_digest.cache_clear()
@@ -180,7 +190,7 @@ def test_source_digest_of_an_identical_copy_is_unchanged(fresh_digest, tmp_path,
 
 # ---------------------------------------------------------------------------------------- disk cache
 def test_cached_cubin_compiles_once_then_hits(cache_snapshot, monkeypatch):
-    variant = KernelVariant.of(CHEAP)
+    variant = V(CHEAP)
     path, compiled_now = jit.cached_cubin(variant, "sm_90", cache_snapshot)
     assert compiled_now is True
     assert path.is_file() and path.stat().st_size > 0
@@ -198,7 +208,7 @@ def test_cached_cubin_compiles_once_then_hits(cache_snapshot, monkeypatch):
 
 
 def test_cache_directory_is_private_and_cubins_are_owner_only(cache_snapshot):
-    path, _ = jit.cached_cubin(KernelVariant.of(CHEAP), "sm_90", cache_snapshot)
+    path, _ = jit.cached_cubin(V(CHEAP), "sm_90", cache_snapshot)
     assert mode_of(path.parent) == 0o700
     assert mode_of(path) == 0o600
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file is left behind"
@@ -213,23 +223,23 @@ def test_an_existing_cache_directory_is_made_private(tmp_path):
 
 
 def test_a_changed_macro_is_a_second_file_and_the_first_remains(cache_snapshot):
-    first, compiled_first = jit.cached_cubin(KernelVariant.of(CHEAP), "sm_90", cache_snapshot)
-    second, compiled_second = jit.cached_cubin(KernelVariant.of(CHEAP, EP_DEBUG_TRAP=True), "sm_90", cache_snapshot)
+    first, compiled_first = jit.cached_cubin(V(CHEAP), "sm_90", cache_snapshot)
+    second, compiled_second = jit.cached_cubin(V(CHEAP, EP_DEBUG_TRAP=True), "sm_90", cache_snapshot)
     assert compiled_first and compiled_second
     assert first != second
     assert first.is_file() and second.is_file()
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])
-    assert jit.cached_cubin(KernelVariant.of(CHEAP), "sm_90", cache_snapshot) == (first, False)
+    assert jit.cached_cubin(V(CHEAP), "sm_90", cache_snapshot) == (first, False)
 
 
 def test_another_arch_is_another_file(cache_snapshot):
-    a, _ = jit.cached_cubin(KernelVariant.of(CHEAP), "sm_90", cache_snapshot)
-    b, compiled_now = jit.cached_cubin(KernelVariant.of(CHEAP), "sm_100", cache_snapshot)
+    a, _ = jit.cached_cubin(V(CHEAP), "sm_90", cache_snapshot)
+    b, compiled_now = jit.cached_cubin(V(CHEAP), "sm_100", cache_snapshot)
     assert compiled_now and a != b and a.is_file()
 
 
 def test_an_edited_source_misses_the_cache(src_copy, cache_snapshot):
-    variant = KernelVariant.of(CHEAP)
+    variant = V(CHEAP)
     first, _ = jit.cached_cubin(variant, "sm_90", cache_snapshot)
     with open(src_copy / "common" / "wait.cuh", "a") as f:
         f.write("\n// edited\n")
@@ -242,7 +252,7 @@ def test_an_edited_source_misses_the_cache(src_copy, cache_snapshot):
 def test_a_broken_source_raises_compile_error_naming_the_variant(src_copy):
     with open(src_copy / "barrier.cu", "a") as f:
         f.write("\nthis is not C++;\n")
-    variant = KernelVariant.of("barrier.cu", EP_DEBUG_TRAP=True)
+    variant = V("barrier.cu", EP_DEBUG_TRAP=True)
     with pytest.raises(CompileError, match=r"barrier_trap1 \(sm_90\) failed to compile") as info:
         jit.compile_cubin(variant, "sm_90")
     assert "barrier.cu" in str(info.value), "the message carries the compiler log"
@@ -253,7 +263,7 @@ def test_a_failed_compile_leaves_nothing_in_the_cache(src_copy, cache_snapshot):
     with open(src_copy / "barrier.cu", "a") as f:
         f.write("\nthis is not C++;\n")
     with pytest.raises(CompileError, match="barrier"):
-        jit.cached_cubin(KernelVariant.of("barrier.cu"), "sm_90", cache_snapshot)
+        jit.cached_cubin(V("barrier.cu"), "sm_90", cache_snapshot)
     assert list(jit.cache_dir(cache_snapshot).iterdir()) == []
 
 
@@ -272,30 +282,16 @@ def _config_cuh_accepts(defines: dict[str, str]) -> bool:
         nvrtc.destroyProgram(prog)
 
 
-INT_MACRO_KNOBS = [k for k in envs.MACRO_KNOBS if k.type is int]
+# Each int macro and the knob/field that sets it: every value the knob table accepts must compile.
+INT_MACROS = [("EP_DISPATCH_WARPS", "ht_dispatch.cu"), ("EP_LL_WARPS", "ll_dispatch.cu")]
 
 
-def _values_in_range(knob) -> list[int]:
-    lo, hi = int(knob.lo), int(knob.hi)
-    if hi - lo <= 64:
-        return list(range(lo, hi + 1))
-    return sorted({lo, lo + 1, lo + 2, lo + 3, (lo + hi) // 2 + 1, hi - 1, hi})
-
-
-@pytest.mark.parametrize("knob", INT_MACRO_KNOBS, ids=lambda k: k.name)
-def test_every_value_the_knob_table_accepts_compiles(knob):
-    source = next(s for s, names in SOURCES.items() if knob.name in names)
-    rejected = []
-    for value in _values_in_range(knob):
-        if value % knob.multiple_of:
-            with pytest.raises(ConfigError):
-                knob.parse(str(value))
-            continue
-        assert knob.parse(str(value)) == value
-        defines = dict(KernelVariant.of(source, **{knob.name: value}).macros)
-        if not _config_cuh_accepts(defines):
-            rejected.append(value)
-    assert not rejected, f"{knob.name}: values accepted by ep.envs but rejected by config.cuh: {rejected}"
+@pytest.mark.parametrize("macro, source", INT_MACROS, ids=[m for m, _ in INT_MACROS])
+def test_every_value_the_knob_table_accepts_compiles(macro, source):
+    knob = envs.KNOB_BY_NAME[macro]
+    rejected = [v for v in range(int(knob.lo), int(knob.hi) + 1)
+                if not _config_cuh_accepts(dict(V(source, **{macro: knob.parse(str(v))}).macros))]
+    assert not rejected, f"{macro}: values accepted by ep.envs but rejected by config.cuh: {rejected}"
 
 
 # ------------------------------------------------------------------------------------- CI NVRTC check

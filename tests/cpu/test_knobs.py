@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ep import ConfigError, envs
-from ep.envs import KNOB_BY_NAME, KNOBS, MACRO, MACRO_KNOBS, RUNTIME
+import dataclasses
+import warnings
+
+from ep import ConfigError, MoECommunicatorConfig, envs
+from ep.envs import KNOB_BY_NAME, KNOBS, OVERRIDE_KNOBS
 
 EP_DIR = Path(envs.__file__).resolve().parent
 
@@ -31,22 +34,51 @@ def test_knob_names_are_unique_and_prefixed():
 
 @pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.name)
 def test_knob_is_well_formed(knob):
-    assert knob.kind in (RUNTIME, MACRO)
     assert knob.type in (bool, int, float, str)
     assert knob.doc.strip()
-    assert type(knob.default) is knob.type
+    if knob.overrides:
+        assert knob.default is None, "an override knob is unset by default: the config's value holds"
+    else:
+        assert type(knob.default) is knob.type
     if knob.choices is not None:
         assert knob.type is str and knob.default in knob.choices
-    if knob.lo is not None:
+    if knob.lo is not None and knob.default is not None:
         assert knob.default >= knob.lo
-    if knob.hi is not None:
+    if knob.hi is not None and knob.default is not None:
         assert knob.default <= knob.hi
 
 
-@pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.name)
+@pytest.mark.parametrize("knob", [k for k in KNOBS if not k.overrides], ids=lambda k: k.name)
 def test_knob_parses_its_default(knob):
     assert knob.parse(written(knob.default)) == knob.default
     assert envs.read({knob.name: written(knob.default)})[knob.name] == knob.default
+
+
+def _field(config, dotted: str):
+    obj = config
+    for part in dotted.split("."):
+        names = {f.name for f in dataclasses.fields(obj)}
+        assert part in names, f"{dotted}: {type(obj).__name__} has no field {part}"
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("knob", OVERRIDE_KNOBS, ids=lambda k: k.name)
+def test_every_override_knob_names_a_config_field_and_sets_it(knob):
+    cfg = MoECommunicatorConfig(num_experts=64, hidden_size=64, topk=2, max_tokens_per_rank=8)
+    _field(cfg, knob.overrides)
+    raw = "1" if knob.type is bool else "2.5" if knob.type is float else str(int(min(knob.hi, 12)))
+    value = knob.parse(raw)
+    want = knob.to_field(value) if knob.to_field else value
+    assert _field(envs.apply(cfg, envs.read({knob.name: raw})), knob.overrides) == want
+
+
+def test_tunables_have_no_second_env_table():
+    """Every env override of a tunable lives in envs.KNOBS, next to the field it overrides."""
+    overridden = {k.overrides for k in OVERRIDE_KNOBS}
+    for field in ("ht_tuning.dispatch_senders", "ht_tuning.dispatch_warps", "ht_tuning.dispatch_copy",
+                  "ht_tuning.combine", "ll_tuning.warps", "overlap.dispatch_num_sms", "timeout_s", "shared_gpu"):
+        assert field in overridden, field
 
 
 def test_unset_or_empty_knobs_take_their_defaults():
@@ -54,11 +86,29 @@ def test_unset_or_empty_knobs_take_their_defaults():
     assert envs.read({}).as_dict() == expected
     assert envs.read({k.name: "" for k in KNOBS}).as_dict() == expected
     assert envs.defaults().as_dict() == expected
+    assert envs.read({}).overrides() == {}
 
 
-def test_macro_knobs_are_exactly_the_macro_kind():
-    assert MACRO_KNOBS == tuple(k for k in KNOBS if k.kind == MACRO)
-    assert MACRO_KNOBS, "the kernels read at least one macro knob"
+def test_an_unknown_ep_variable_warns_naming_the_closest_knob():
+    with pytest.warns(RuntimeWarning, match="EP_DISPATCH_WRAPS is not an ep knob.*did you mean EP_DISPATCH_WARPS"):
+        envs.read({"EP_DISPATCH_WRAPS": "8"})
+    with pytest.warns(RuntimeWarning, match="EP_ZZZZ_QQQQ is not an ep knob and is ignored$"):
+        envs.read({"EP_ZZZZ_QQQQ": "1"})
+
+
+def test_the_unknown_variable_warning_comes_once_per_name():
+    envs._warned.discard("EP_DEBUG_CHEKS")
+    with pytest.warns(RuntimeWarning):
+        envs.read({"EP_DEBUG_CHEKS": "1"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        envs.read({"EP_DEBUG_CHEKS": "1"})
+
+
+def test_variables_of_the_test_harness_are_not_reported():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        envs.read({"EP_TEST_SEED": "1"})
 
 
 # ------------------------------------------------------------------------------------------- bools
@@ -112,6 +162,7 @@ def test_int_knobs_reject_non_integers(knob, raw):
 
 def test_int_values_land_in_the_snapshot_as_ints():
     snap = envs.read({"EP_DISPATCH_NSM": "20", "EP_LL_WARPS": "8"})
+    assert snap.overrides() == {"overlap.dispatch_num_sms": 20, "ll_tuning.warps": 8}
     assert snap.dispatch_nsm == 20 and type(snap.dispatch_nsm) is int
     assert snap.ll_warps == 8
 
@@ -175,10 +226,10 @@ def test_read_takes_a_mapping_and_ignores_the_process_environment(monkeypatch):
 
 def test_read_defaults_to_the_process_environment(monkeypatch):
     monkeypatch.setenv("EP_LOG_LEVEL", "DEBUG")
-    monkeypatch.setenv("EP_CMB_TMA", "off")
+    monkeypatch.setenv("EP_COMBINE_PUSH", "off")
     snap = envs.read()
     assert snap.log_level == "DEBUG"
-    assert snap.cmb_tma is False
+    assert snap.combine_push is False
     monkeypatch.setenv("EP_LOG_LEVEL", "INFO")
     assert snap.log_level == "DEBUG", "a snapshot does not follow later changes of the environment"
 
@@ -190,7 +241,8 @@ def test_read_raises_naming_a_bad_knob(monkeypatch):
 
 
 def test_snapshot_ignores_names_that_are_not_knobs():
-    assert envs.read({"EP_NOT_A_KNOB": "x", "PATH": "/bin"}).as_dict() == envs.defaults().as_dict()
+    with pytest.warns(RuntimeWarning):
+        assert envs.read({"EP_NOT_A_KNOB": "x", "PATH": "/bin"}).as_dict() == envs.defaults().as_dict()
 
 
 def test_snapshot_attribute_and_item_access():
@@ -206,23 +258,14 @@ def test_snapshot_as_dict_is_a_copy():
     snap = envs.defaults()
     d = snap.as_dict()
     d["EP_LL_WARPS"] = 99
-    assert snap.ll_warps == 16
-
-
-def test_macros_returns_only_macro_knobs():
-    snap = envs.read({"EP_LL_WARPS": "8", "EP_DEBUG_TRAP": "1", "EP_DISPATCH_NSM": "4", "EP_BACKEND": "cpu"})
-    macros = snap.macros()
-    assert list(macros) == [k.name for k in MACRO_KNOBS]
-    assert all(KNOB_BY_NAME[name].kind == MACRO for name in macros)
-    assert macros["EP_LL_WARPS"] == 8 and macros["EP_DEBUG_TRAP"] is True
-    assert "EP_DISPATCH_NSM" not in macros and "EP_BACKEND" not in macros
+    assert snap.ll_warps is None
 
 
 def test_with_values_replaces_knobs_in_a_copy():
     base = envs.defaults()
     changed = base.with_values(EP_LL_WARPS=8, EP_DEBUG_TRAP=True)
     assert (changed.ll_warps, changed.debug_trap) == (8, True)
-    assert (base.ll_warps, base.debug_trap) == (16, False)
+    assert (base.ll_warps, base.debug_trap) == (None, False)
     with pytest.raises(ConfigError, match="unknown knob EP_NOPE"):
         base.with_values(EP_NOPE=1)
 
@@ -230,13 +273,6 @@ def test_with_values_replaces_knobs_in_a_copy():
 def test_snapshot_can_be_copied():
     snap = envs.read({"EP_LL_WARPS": "8"})
     assert copy.copy(snap).as_dict() == snap.as_dict()
-
-
-@pytest.mark.parametrize("knob, value, text", [
-    ("EP_DEBUG_TRAP", True, "1"), ("EP_DEBUG_TRAP", False, "0"), ("EP_LL_WARPS", 8, "8"),
-    ("EP_CMB_TMA_STAGES", 3, "3")])
-def test_macro_value_is_the_text_after_dash_d(knob, value, text):
-    assert KNOB_BY_NAME[knob].macro_value(value) == text
 
 
 # ------------------------------------------------------------------------ the only environment reader

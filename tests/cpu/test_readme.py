@@ -27,6 +27,8 @@ def _cell(text: str) -> str:
 
 def _default(value) -> str:
     """A knob's default as it would be written in the environment."""
+    if value is None:
+        return "(unset)"
     if isinstance(value, bool):
         return "`1`" if value else "`0`"
     if value == "":
@@ -36,9 +38,10 @@ def _default(value) -> str:
 
 def render_knob_table(knobs=KNOBS) -> str:
     """The markdown table of every knob, one row each, in table order."""
-    lines = ["| knob | kind | type | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| knob | type | default | overrides | meaning |", "| --- | --- | --- | --- | --- |"]
     for knob in knobs:
-        lines.append(f"| `{knob.name}` | {knob.kind} | {knob.type.__name__} | {_default(knob.default)} | "
+        field = f"`{knob.overrides}`" if knob.overrides else "-"
+        lines.append(f"| `{knob.name}` | {knob.type.__name__} | {_default(knob.default)} | {field} | "
                      f"{_cell(knob.doc)} |")
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from ep import MoECommunicatorConfig, jit, sizes, structs
+from ep import HtTuning, MoECommunicatorConfig, constants, jit, sizes, structs, tuning
 
 PRELUDE = """\
 #include "common/params.cuh"
@@ -118,6 +118,39 @@ def test_pack_rejects_an_unknown_field():
         structs.pack(structs.BARRIER_PARAMS, timeout_s=1, **values)
 
 
+# --------------------------------------------------------------------------------- shared constants
+def test_every_shared_constant_and_phase_code_matches_the_c_side():
+    ok, log = nvrtc_compile('#include "common/constants.cuh"\n' + constants.static_asserts() + "\n")
+    assert ok, f"ep/constants.py disagrees with cuda_src/common/constants.cuh:\n{log}"
+
+
+def test_a_drifted_constant_fails_to_compile():
+    text = constants.static_asserts().replace("kRouteChunk == 128", "kRouteChunk == 64")
+    assert not nvrtc_compile('#include "common/constants.cuh"\n' + text + "\n")[0]
+
+
+def test_every_phase_the_kernels_know_is_named_for_python():
+    text = (jit.source_dir() / "common" / "constants.cuh").read_text()
+    c_phases = dict((name, int(code)) for name, code in re.findall(r"(kPhase\w+) = (\d+)", text))
+    assert c_phases == {c_name: code for code, (c_name, _) in constants.PHASES.items()}
+
+
+def test_every_constant_of_the_header_is_in_the_table():
+    text = (jit.source_dir() / "common" / "constants.cuh").read_text()
+    declared = set(re.findall(r"constexpr int (k\w+) =", text)) - {"kWarpSize", "kVecBytes"}
+    assert declared == set(constants.TABLE)
+
+
+@pytest.mark.parametrize("L, W", [(1, 1), (2, 4), (64, 4), (256, 1), (8, 32)])
+def test_info_layout_offsets_match_the_c_struct(L, W):
+    lay = sizes.info_layout(L, W)
+    lines = [f"static_assert(ep::InfoLayout({L}, {W}).{name} == {lay[name]}, \"{name}\");"
+             for name in ("invalid_mask", "total_rows", "capacity", "n_recv_total", "counts", "base", "src_base",
+                          "recv_n", "recv_prefix", "src_T", "peer_row", "size")]
+    ok, log = nvrtc_compile(PRELUDE + "\n".join(lines) + "\n")
+    assert ok, log
+
+
 # ------------------------------------------------------------------------------------ info layout
 @pytest.mark.parametrize("L", [1, 2, 8, 64, 256])
 @pytest.mark.parametrize("W", [1, 2, 4, 8, 32])
@@ -148,24 +181,26 @@ def test_signal_regions_are_aligned_and_disjoint(mode, world):
     cfg = MoECommunicatorConfig(mode=mode, num_experts=8 * world, hidden_size=7168, topk=8, max_tokens_per_rank=1000)
     if mode == "ht":
         lay = sizes.ht_layout(cfg, world, combine_push=True)
-        regions = [(lay.barrier_offset, sizes.BARRIER_SLOTS * 8), (lay.cnt_offset, world * lay.cnt_stride),
+        regions = [(lay.barrier_offset, constants.BARRIER_SLOTS * 8), (lay.cnt_offset, world * lay.cnt_stride),
                    (lay.dflag_offset, world * lay.max_chunks * 8), (lay.drange_offset, world * lay.max_chunks * 8)]
-        assert lay.max_chunks == -(-1000 // sizes.HT_CHUNK_TOKENS)
+        assert lay.max_chunks == -(-1000 // constants.HT_CHUNK_TOKENS)
+        assert lay.cnt_stride >= structs.COUNT_SLOT.itemsize + 4 * cfg.num_experts
         assert lay.cnt_stride % 16 == 0
         assert lay.data_bytes == world * 1000 * 7168 * 2
         assert lay.meta_bytes == world * 1000 * sizes.meta_stride(8)
         assert lay.land_bytes == lay.data_bytes   # one landing region per source, T_max rows each
     else:
         lay = sizes.ll_layout(cfg, world)
-        regions = [(lay.barrier_offset, sizes.BARRIER_SLOTS * 8), (lay.disp_cnt_offset, sizes.BARRIER_SLOTS * 8),
-                   (lay.comb_cnt_offset, sizes.BARRIER_SLOTS * 8), (lay.ntok_offset, 2 * sizes.BARRIER_SLOTS * 4)]
+        B = constants.BARRIER_SLOTS
+        regions = [(lay.barrier_offset, B * 8), (lay.disp_cnt_offset, B * 8), (lay.comb_cnt_offset, B * 8),
+                   (lay.ntok_offset, 2 * B * 4)]
         assert lay.out_bytes == 8 * world * 1000 * 7168 * 2
     for (start, length), (next_start, _) in zip(regions, regions[1:]):
         assert start + length <= next_start
         assert next_start % 8 == 0
     assert regions[-1][0] + regions[-1][1] <= lay.sig_bytes
     assert lay.sig_bytes % 4096 == 0
-    assert sizes.buffer_bytes(cfg, world, combine_push=True) == lay.total
+    assert tuning.resolve(cfg, world).buffer_bytes == lay.total
 
 
 @pytest.mark.parametrize("topk, experts, alignment", [(8, 256, 1), (8, 8, 1), (3, 16, 128), (1, 4, 1)])
@@ -181,27 +216,17 @@ def test_owned_output_holds_the_worst_case_flat_output(topk, experts, alignment)
     assert sizes.owned_output_rows(owned, world) == rows
     assert sizes.ht_layout(plain, world, False).out_bytes == 0
     assert sizes.ht_layout(owned, world, False).out_bytes == rows * hidden * 2
-    assert sizes.buffer_bytes(owned, world) - sizes.buffer_bytes(plain, world) == rows * hidden * 2
+    assert tuning.resolve(owned, world).buffer_bytes - tuning.resolve(plain, world).buffer_bytes == rows * hidden * 2
 
 
-def test_push_combine_adds_one_landing_buffer_of_the_data_buffers_size(monkeypatch):
+def test_push_combine_adds_one_landing_buffer_of_the_data_buffers_size():
     world = 4
     cfg = MoECommunicatorConfig(num_experts=16, hidden_size=64, topk=2, max_tokens_per_rank=100)
+    pull = MoECommunicatorConfig(num_experts=16, hidden_size=64, topk=2, max_tokens_per_rank=100,
+                                 ht_tuning=HtTuning(combine="pull"))
     landing = world * 100 * 64 * 2
-    assert sizes.buffer_bytes(cfg, world, combine_push=True) - sizes.buffer_bytes(cfg, world, False) == landing
+    assert tuning.resolve(cfg, world).buffer_bytes - tuning.resolve(pull, world).buffer_bytes == landing
     assert sizes.ht_layout(cfg, world, False).land_bytes == 0
-    # None reads the knob, as a communicator does (default: push).
-    monkeypatch.delenv("EP_COMBINE_PUSH", raising=False)
-    assert sizes.buffer_bytes(cfg, world) == sizes.buffer_bytes(cfg, world, True)
-    monkeypatch.setenv("EP_COMBINE_PUSH", "0")
-    assert sizes.buffer_bytes(cfg, world) == sizes.buffer_bytes(cfg, world, False)
-
-
-def test_buffer_bytes_checks_the_world_size():
-    from ep import ConfigError
-    cfg = MoECommunicatorConfig(num_experts=6, hidden_size=64, topk=2, max_tokens_per_rank=8)
-    with pytest.raises(ConfigError, match="divisible"):
-        sizes.buffer_bytes(cfg, 4)
 
 
 @pytest.mark.parametrize("name", sorted(structs.C_STRUCTS))

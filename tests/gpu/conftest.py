@@ -1,5 +1,6 @@
 """GPU tests: skipped without a CUDA device. Multi-rank tests (marked ``mpi``) run under
-``mpirun -np W python -m pytest tests/gpu`` (``make test-gpu``); every rank runs the same session.
+``mpirun -np W python -m pytest tests/gpu`` (``make test-gpu``); every rank runs the same session. With
+``EP_SHARED_GPU=1`` there may be more ranks than GPUs: ranks share GPUs round-robin (correctness only).
 
 A failure on one rank must fail every rank instead of leaving the others in a collective: test bodies
 run through :func:`collective`, which shares a failure flag (and the failing rank's message) before the
@@ -35,12 +36,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def shared_gpus() -> bool:
+    from ep import envs
+    return bool(envs.read().shared_gpu)
+
+
 @pytest.fixture(scope="session")
 def world():
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    if comm.size > GPUS:
-        pytest.skip(f"{comm.size} ranks but {GPUS} GPUs")
+    if comm.size > GPUS and not shared_gpus():
+        pytest.skip(f"{comm.size} ranks but {GPUS} GPUs (EP_SHARED_GPU=1 lets ranks share GPUs)")
     import cupy
     cupy.cuda.Device(comm.rank % GPUS).use()
     return comm

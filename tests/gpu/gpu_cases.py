@@ -7,19 +7,25 @@ import pytest
 
 import numpy as np
 
-from ep import DispatchLayout, MoECommunicator, MoECommunicatorConfig
+from ep import DispatchLayout, HtTuning, MoECommunicator, MoECommunicatorConfig
 from ep import testing as T
 from ep.reference import bf16_to_f32, f32_to_bf16
 
 
-def build(world, mode: str, E, H: int, K: int, T_max: int, layout: str, alignment: int = 1, owned: bool = False):
+# The HT tunings every GPU run covers: the defaults and each alternative the config can select.
+HT_TUNINGS = {"default": HtTuning(), "tma_senders": HtTuning(dispatch_copy="tma"),
+              "pull_combine": HtTuning(combine="pull"), "pull_narrow_gather": HtTuning(combine="pull", gather_warps_wide=4)}
+
+
+def build(world, mode: str, E, H: int, K: int, T_max: int, layout: str, alignment: int = 1, owned: bool = False,
+          ht_tuning: HtTuning | None = None, num_sms: int = 16):
     """A GPU communicator and its reference (the CPU backend over the same ranks) for one config.
     E == "W" means one expert per rank; owned: MoECommunicatorConfig.owned_output."""
     E = world.size if E == "W" else E
     lay = DispatchLayout.FLAT if layout == "flat" else DispatchLayout.EXPERT_MAJOR
     cfg = MoECommunicatorConfig(mode=mode, num_experts=E, hidden_size=H, topk=K, max_tokens_per_rank=T_max,
-                                expert_alignment=alignment, output_layout=lay, num_sms=16, timeout_s=20,
-                                owned_output=owned)
+                                expert_alignment=alignment, output_layout=lay, num_sms=num_sms, timeout_s=20,
+                                owned_output=owned, ht_tuning=ht_tuning or HtTuning())
     return cfg, MoECommunicator(cfg, world, backend="gpu"), MoECommunicator(cfg, world, backend="cpu")
 
 

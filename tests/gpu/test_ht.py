@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_cases import build, expert_scale, make_inputs, mlp_numpy, to_device, to_numpy
+import time
+
+from gpu_cases import HT_TUNINGS, build, expert_scale, make_inputs, mlp_numpy, to_device, to_numpy
 from gpu_cases import collective, multi_rank
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
@@ -30,6 +32,9 @@ CASES = [
 # Owned outputs (FLAT only): senders write rows straight into the peers' outputs.
 OWNED = [c for c in CASES if c[0] in ("dsv3_uniform", "skewed_drop_align128_torch", "one_expert_per_rank_k1",
                                       "2048_experts_two_position_tiles")]
+# Every alternative tuning (TMA senders, the pull combine) on the cases that exercise the most paths.
+ALTERNATES = [(t, c) for t in HT_TUNINGS if t != "default" for c in CASES
+              if c[0] in ("dsv3_uniform", "skewed_drop_align128_torch", "expert_major_k8")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -42,14 +47,19 @@ def test_owned_output_dispatch_and_combine_match_the_reference_bit_exactly(world
     run_case(world, session_seed, case, owned=True)
 
 
-def run_case(world, session_seed, case, owned: bool):
+@pytest.mark.parametrize("tuning, case", ALTERNATES, ids=[f"{t}-{c[0]}" for t, c in ALTERNATES])
+def test_every_alternative_tuning_is_bit_exact_too(world, session_seed, tuning, case):
+    run_case(world, session_seed, case, owned=False, tuning=tuning)
+
+
+def run_case(world, session_seed, case, owned: bool, tuning: str = "default"):
     multi_rank(world)
     name, E, H, K, T_max, pattern, kind, drop, weights, alignment, layout, fw, ids_dtype, dups = case
     if fw == "torch":
         pytest.importorskip("torch")
 
     def body():
-        cfg, gpu, ref = build(world, "ht", E, H, K, T_max, layout, alignment, owned)
+        cfg, gpu, ref = build(world, "ht", E, H, K, T_max, layout, alignment, owned, HT_TUNINGS[tuning])
         scale = expert_scale(cfg, world.size)
         try:
             previous = None
@@ -167,6 +177,71 @@ def test_bad_inputs_raise_before_launch_and_the_next_call_works(world, session_s
         finally:
             gpu.close()
             other.close()
+            ref.close()
+
+    collective(world, body)
+
+
+@pytest.mark.parametrize("op", ["dispatch", "cached dispatch", "combine"])
+def test_one_ranks_bad_input_raises_on_every_rank_in_that_call_and_the_next_calls_are_bit_exact(world, session_seed, op):
+    multi_rank(world)
+    from ep import PeerInputError
+
+    def body():
+        cfg, gpu, ref = build(world, "ht", 8 * world.size, 256, 4, 32, "flat")
+        culprit = world.size - 1
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 0, 32 - world.rank, cfg, "uniform", 0.1, True)
+            xd, idsd, wd = to_device("cupy", x, ids, w)
+            out, handle = gpu.dispatch(xd, idsd, wd)
+            want, want_handle = ref.dispatch(x, ids, w)
+            mine = world.rank == culprit
+            start = time.monotonic()
+            with pytest.raises(ValueError) as info:   # PeerInputError is a ValueError: one except for every rank
+                if op == "combine":
+                    gpu.combine(out.tokens[:-1] if mine else out.tokens, handle)
+                else:
+                    gpu.dispatch(xd[:, :128] if mine else xd, idsd, wd,
+                                 previous_handle=handle if op == "cached dispatch" else None)
+            took = time.monotonic() - start
+            assert took < 1.0, f"took {took:.2f} s"   # promptly, not after timeout_s
+            arg = "expert_output" if op == "combine" else "x"
+            if mine:
+                assert not isinstance(info.value, PeerInputError) and f"{arg}: expected shape" in str(info.value)
+            else:
+                assert isinstance(info.value, PeerInputError)
+                assert f"rank(s) [{culprit}] failed the input checks of this {op}" in str(info.value)
+                assert f"ValueError in argument {arg}" in str(info.value)
+            # Nothing moved and the communicator is usable: a cached dispatch and a combine, bit-exact.
+            out2, handle2 = gpu.dispatch(xd, idsd, wd, previous_handle=handle)
+            assert np.array_equal(to_numpy(out2.tokens), want.tokens)
+            got = to_numpy(gpu.combine(out2.tokens, handle2))
+            assert np.array_equal(got, ref.combine(want.tokens, want_handle))
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+def test_a_cached_dispatch_paired_with_an_uncached_one_raises_on_every_rank(world, session_seed):
+    multi_rank(world)
+    from ep import InvalidStateError
+
+    def body():
+        cfg, gpu, ref = build(world, "ht", 8 * world.size, 256, 4, 32, "flat")
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 0, 16, cfg, "uniform", 0.0, True)
+            xd, idsd, wd = to_device("cupy", x, ids, w)
+            out, handle = gpu.dispatch(xd, idsd, wd)
+            with pytest.raises(InvalidStateError, match="the ranks called different ops"):
+                gpu.dispatch(xd, idsd, wd, previous_handle=handle if world.rank == 0 else None)
+            want, want_handle = ref.dispatch(x, ids, w)
+            out2, handle2 = gpu.dispatch(xd, idsd, wd)
+            assert np.array_equal(to_numpy(out2.tokens), want.tokens)
+            assert np.array_equal(to_numpy(gpu.combine(out2.tokens, handle2)), ref.combine(want.tokens, want_handle))
+        finally:
+            gpu.close()
             ref.close()
 
     collective(world, body)

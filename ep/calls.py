@@ -1,0 +1,40 @@
+"""The call records: what one validated dispatch or combine hands its runtime.
+
+The communicator validates a call's arguments and builds one frozen record; every runtime (CPU, HT, LL)
+takes that record and nothing else. A new argument is a new field here, read by the runtimes that use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .arrays import ArrayInfo
+
+
+@dataclass(frozen=True)
+class DispatchCall:
+    x: ArrayInfo                      # [T, H] bf16
+    topk_ids: ArrayInfo               # [T, K] int32 / int64
+    weights: ArrayInfo | None         # [T, K] float32, None = ones
+    previous: Any                     # the runtime state of previous_handle (a cached dispatch), or None
+    output_buffer: ArrayInfo | None   # LL: [L, W*T_max, H] bf16 to write into instead of the owned output
+    stream: Any                       # CuPy stream to launch on (None on the CPU backend)
+    framework: str                    # "torch", "cupy" or "numpy": the framework of the outputs
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def cached(self) -> bool:
+        return self.previous is not None
+
+
+@dataclass(frozen=True)
+class CombineCall:
+    expert_output: ArrayInfo          # the shape and row order of that dispatch's tokens, bf16
+    state: Any                        # the runtime state of the handle
+    out: ArrayInfo | None             # [T, H] bf16 to write into, or None (the runtime allocates)
+    num_tokens: int
+    stream: Any
+    framework: str

@@ -1,0 +1,198 @@
+"""Input checks of dispatch and combine, and the abort codes that tell peers which check failed.
+
+Every check runs before anything is launched and raises ValueError / TypeError (CapacityError,
+InvalidStateError) naming the argument. The communicator then shares the outcome with every peer in the
+op's first rendezvous, the op gate (ep/gate.py), carrying this rank's abort code (0 = passed), and
+:func:`settle` turns everyone's outcome into the same decision on every rank: the failing rank raises its
+own error, the others PeerInputError naming it and :func:`describe_abort` of its code; ranks calling
+different ops raise InvalidStateError. Nothing is launched in either case.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import arrays, reference
+from .calls import CombineCall, DispatchCall
+from .config import DispatchHandle
+from .errors import CapacityError, EPError, InvalidStateError
+
+if TYPE_CHECKING:
+    from .communicator import MoECommunicator
+
+# An abort code names the argument and the kind of error: 1 + 8 * argument + kind.
+ARGUMENTS = ("x", "topk_ids", "weights", "scales", "previous_handle", "output_buffer", "expert_output", "out",
+             "handle", "stream", "(other)")
+KINDS = (ValueError, TypeError, CapacityError, InvalidStateError, NotImplementedError, EPError)
+# What a rank's failed checks raise: the exceptions the communicator shares with its peers.
+INPUT_ERRORS = (ValueError, TypeError, NotImplementedError, EPError)
+# Ops as the gate carries them.
+OP_KINDS = {"dispatch": 1, "cached dispatch": 2, "combine": 3}
+OP_NAMES = {v: k for k, v in OP_KINDS.items()}
+EARLIER = 128   # abort-code flag: the error belongs to an earlier call of the rank (found on the device)
+
+
+def abort_code(exc: BaseException) -> int:
+    arg = getattr(exc, "ep_argument", "(other)")
+    a = ARGUMENTS.index(arg) if arg in ARGUMENTS else len(ARGUMENTS) - 1
+    kind = next((i for i, cls in enumerate(KINDS) if type(exc) is cls), None)
+    if kind is None:
+        kind = next((i for i, cls in enumerate(KINDS) if isinstance(exc, cls)), len(KINDS) - 1)
+    return (1 + 8 * a + kind) | getattr(exc, "ep_code_flags", 0)
+
+
+def describe_abort(code: int) -> str:
+    earlier = " of an earlier call" if code & EARLIER else ""
+    code &= EARLIER - 1
+    if code < 1:
+        return f"unknown reason (code {code})"
+    a, kind = divmod(code - 1, 8)
+    arg = ARGUMENTS[a] if a < len(ARGUMENTS) else "(other)"
+    name = KINDS[kind].__name__ if kind < len(KINDS) else "error"
+    return (f"{name} in argument {arg}" if arg != "(other)" else name) + earlier
+
+
+def settle(rank: int, op: str, failure: BaseException | None, outcomes: list[tuple[str, int]]) -> None:
+    """The same decision on every rank from everyone's (op, abort code) of this call: returns when every
+    rank called ``op`` and passed its checks; else raises (a failing rank's own error is raised by the
+    caller, so this returns for it)."""
+    if failure is not None:
+        return
+    if any(o != op for o, _ in outcomes):
+        calls = ", ".join(f"rank {r}: {o}" for r, (o, _) in enumerate(outcomes))
+        raise InvalidStateError(f"the ranks called different ops ({calls}); every rank must make the same calls "
+                                "in the same order. Nothing was sent")
+    bad = [(r, code) for r, (_, code) in enumerate(outcomes) if code]
+    if bad:
+        from .errors import PeerInputError
+        detail = "; ".join(f"rank {r}: {describe_abort(code)}" for r, code in bad)
+        raise PeerInputError(f"rank(s) {[r for r, _ in bad]} failed the input checks of this {op} ({detail}); "
+                             f"nothing was sent and the communicator stays usable")
+
+
+def _same_framework(arr, name: str, fw: str) -> None:
+    if arrays.framework_of(arr, name) != fw:
+        raise arrays.argument_error(TypeError, name, f"{name} must come from the same framework as x ({fw})")
+
+
+def _stream(comm: "MoECommunicator", stream, fw: str):
+    if comm.backend != "gpu":
+        if stream is not None:
+            raise arrays.argument_error(ValueError, "stream", "stream: the CPU backend takes no stream")
+        return None
+    try:
+        resolved = arrays.resolve_stream(stream, fw)
+    except Exception as exc:
+        raise arrays.argument_error(TypeError, "stream", f"stream: expected a torch or CuPy stream or a raw "
+                                                         f"cudaStream_t, got {type(stream).__name__} ({exc})")
+    if not hasattr(resolved, "ptr"):
+        raise arrays.argument_error(TypeError, "stream", f"stream: expected a torch or CuPy stream or a raw "
+                                                         f"cudaStream_t, got {type(stream).__name__}")
+    return resolved
+
+
+def check_handle(comm: "MoECommunicator", handle, name: str) -> None:
+    if not isinstance(handle, DispatchHandle):
+        raise arrays.argument_error(TypeError, name, f"{name} must be a DispatchHandle, got {type(handle).__name__}")
+    if handle._owner != comm._id:
+        raise arrays.argument_error(InvalidStateError, name, f"{name} comes from another communicator")
+    if handle._mode != comm.config.mode:
+        raise arrays.argument_error(InvalidStateError, name,
+                                    f"{name} is a {handle._mode} handle, this communicator is {comm.config.mode}")
+    try:
+        comm._rt.check_handle(handle._state)
+    except InvalidStateError as exc:
+        exc.ep_argument = name
+        raise
+
+
+def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previous_handle,
+                  output_buffer, stream) -> DispatchCall:
+    cfg = comm.config
+    gpu = comm.backend == "gpu"
+    if scales is not None:
+        raise arrays.argument_error(NotImplementedError, "scales",
+                                    "scales: FP8 dispatch is not implemented yet; pass bf16 tokens")
+    fw = arrays.framework_of(x, "x")
+    if gpu and fw == arrays.NUMPY:
+        raise arrays.argument_error(TypeError, "x", "x: the GPU backend takes torch CUDA tensors or CuPy arrays, "
+                                                    "got a NumPy array")
+    dev = comm.device
+    bf16 = arrays.bf16_dtypes(fw)
+    xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev, fw=fw)
+    T = xi.shape[0]
+    if T > cfg.max_tokens_per_rank:
+        raise arrays.argument_error(CapacityError, "x", f"x: {T} tokens exceed max_tokens_per_rank="
+                                                        f"{cfg.max_tokens_per_rank}; nothing was sent")
+    _same_framework(topk_ids, "topk_ids", fw)
+    ii = arrays.check_array(topk_ids, "topk_ids", shape=(T, cfg.topk), dtypes=("int32", "int64"), device=dev, fw=fw)
+    wi = None
+    if weights is not None:
+        _same_framework(weights, "weights", fw)
+        wi = arrays.check_array(weights, "weights", shape=(T, cfg.topk), dtypes=("float32",), device=dev, fw=fw)
+    previous = None
+    if previous_handle is not None:
+        if cfg.mode != "ht":
+            raise arrays.argument_error(ValueError, "previous_handle", "previous_handle applies to mode='ht' only")
+        check_handle(comm, previous_handle, "previous_handle")
+        previous = previous_handle._state
+        if previous_handle.num_tokens != T:
+            raise arrays.argument_error(ValueError, "previous_handle", f"previous_handle was made for "
+                                        f"{previous_handle.num_tokens} tokens, x has {T}")
+        if comm.tuning.debug_checks and not comm._rt.same_routing(previous, ii):
+            raise arrays.argument_error(ValueError, "topk_ids", "topk_ids differ from the routing previous_handle "
+                                                                "was made for (EP_DEBUG_CHECKS)")
+    elif _checks_ids_on_host(comm):
+        ids = _host(ii.obj) if gpu else arrays.to_numpy(ii.obj)
+        try:
+            reference.check_topk_ids(ids, cfg.num_experts)
+        except ValueError as exc:
+            raise arrays.argument_error(ValueError, "topk_ids", f"{exc}; nothing was sent") from None
+    oi = None
+    if output_buffer is not None:
+        if cfg.mode != "ll":
+            raise arrays.argument_error(ValueError, "output_buffer", "output_buffer applies to mode='ll' only")
+        _same_framework(output_buffer, "output_buffer", fw)
+        cap = comm.world_size * cfg.max_tokens_per_rank
+        oi = arrays.check_array(output_buffer, "output_buffer", shape=(comm.num_local_experts, cap, cfg.hidden_size),
+                                dtypes=bf16, device=dev, fw=fw)
+    return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
+                        stream=_stream(comm, stream, fw), framework=fw)
+
+
+def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream) -> CombineCall:
+    cfg = comm.config
+    check_handle(comm, handle, "handle")
+    fw = arrays.framework_of(expert_output, "expert_output")
+    if comm.backend == "gpu" and fw == arrays.NUMPY:
+        raise arrays.argument_error(TypeError, "expert_output", "expert_output: the GPU backend takes torch CUDA "
+                                                                "tensors or CuPy arrays")
+    bf16 = arrays.bf16_dtypes(fw)
+    yi = arrays.check_array(expert_output, "expert_output", shape=tuple(handle._state.tokens_shape), dtypes=bf16,
+                            device=comm.device, fw=fw)
+    T = handle.num_tokens
+    oi = None
+    if out is not None:
+        if arrays.framework_of(out, "out") != fw:
+            raise arrays.argument_error(TypeError, "out", "out must come from the same framework as expert_output")
+        oi = arrays.check_array(out, "out", shape=(T, cfg.hidden_size), dtypes=bf16, device=comm.device, fw=fw)
+    return CombineCall(expert_output=yi, state=handle._state, out=oi, num_tokens=T,
+                       stream=_stream(comm, stream, fw), framework=fw)
+
+
+def _checks_ids_on_host(comm: "MoECommunicator") -> bool:
+    """Where expert ids are checked before the launch. GPU HT finds invalid ids in the count exchange (every
+    rank raises together); LL treats them as unused and reports them on the next call, on both backends,
+    unless EP_DEBUG_CHECKS asks for a synchronous check; the CPU backend's HT checks them here."""
+    if comm.config.mode == "ll":
+        return comm.tuning.debug_checks
+    return comm.backend != "gpu"
+
+
+def _host(arr) -> np.ndarray:
+    """A NumPy copy of a device array (EP_DEBUG_CHECKS only: it synchronizes)."""
+    if arrays.framework_of(arr) == arrays.TORCH:
+        return arr.detach().cpu().numpy()
+    import cupy
+    return cupy.asnumpy(arr)
