@@ -44,8 +44,16 @@ class Group:
     def alltoall(self, objs: list, what: str = "alltoall") -> list:
         raise NotImplementedError
 
-    def barrier(self, what: str = "barrier") -> None:
-        self.allgather(None, what)
+    def barrier(self, what: str = "barrier", timeout_s: float | None = None) -> None:
+        """``timeout_s``: this barrier's bound when it is not the group's (close waits for peers that may
+        themselves be finishing a bounded wait)."""
+        saved = self.timeout_s
+        if timeout_s is not None:
+            self.timeout_s = timeout_s
+        try:
+            self.allgather(None, what)
+        finally:
+            self.timeout_s = saved
 
     def close(self) -> None:
         """Free the private duplicate (local, not collective)."""
@@ -197,10 +205,10 @@ class TorchGroup(Group):
         everything = self.allgather(objs, what)
         return [everything[src][self.rank] for src in range(self.size)]
 
-    def barrier(self, what: str = "barrier"):
+    def barrier(self, what: str = "barrier", timeout_s: float | None = None):
         import datetime
         self._bounded(what, self._dist.monitored_barrier, group=self.pg,
-                      timeout=datetime.timedelta(seconds=self.timeout_s))
+                      timeout=datetime.timedelta(seconds=timeout_s or self.timeout_s))
 
     def duplicate(self, timeout_s: float) -> "TorchGroup":
         return TorchGroup(self.pg, timeout_s)

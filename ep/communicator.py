@@ -277,15 +277,17 @@ class MoECommunicator:
             log.warning("[rank %d] synchronize before close: %s", self.rank, exc)
         except Exception as exc:
             log.warning("[rank %d] synchronize before close failed: %s", self.rank, exc)
+        # A peer may still be in a bounded wait (the op gate, a device wait) before it reaches close.
+        bound = 2 * self._group.timeout_s + 1.0
         try:
-            self._group.barrier(what="close")
+            self._group.barrier("close", bound)
         except EPError as exc:
             log.error("[rank %d] close: peers did not arrive (%s); leaving the buffers mapped", self.rank, exc)
             self._group.close()
             raise
         self._rt.close()
         try:
-            self._group.barrier(what="close")
+            self._group.barrier("close", bound)
         finally:
             self._group.close()
 

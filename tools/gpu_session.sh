@@ -20,7 +20,7 @@ while [[ $# -gt 0 ]]; do
     tests)
       $PY -m ep.jit --arch sm_90 > "$out/jit.log" 2>&1 && summary+=("jit: $(wc -l < "$out/jit.log") variants compiled") \
         || summary+=("jit compile FAILED (see jit.log)")
-      timeout 900 make test-gpu PYTHON=$PY > "$out/test-gpu.log" 2>&1
+      timeout ${TEST_TIMEOUT:-300} make test-gpu PYTHON=$PY > "$out/test-gpu.log" 2>&1
       rc=$?
       summary+=("make test-gpu rc=$rc:")
       while IFS= read -r line; do summary+=("  $line"); done < <(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed|[0-9]+ failed|error" "$out/test-gpu.log" | grep -E "passed|failed" | tail -8)
@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
       args=$1; shift
       dir=.; [[ $step == base-bench ]] && dir=.base
       log="$out/${step}-$n.log"
-      (cd $dir && PYTHONPATH=$PWD timeout 400 $PY -m ep.bench $args) > "$log" 2>&1
+      (cd $dir && PYTHONPATH=$PWD timeout ${BENCH_TIMEOUT:-90} $PY -m ep.bench $args) > "$log" 2>&1
       summary+=("$step [$args] rc=$?")
       while IFS= read -r line; do summary+=("  $line"); done < <(grep -E "^(HT|LL)  T=|^\s*ep (dispatch|combine|cached|graph|dispatch\+combine)|Error|error" "$log" | head -24)
       ;;

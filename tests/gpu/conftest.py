@@ -8,10 +8,15 @@ test returns. Inputs are fresh random data every run; the session seed is printe
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import secrets
+import sys
 
 import pytest
+
+# A GPU test takes seconds; one stuck this long waits for a peer that left: dump every thread's stack.
+STUCK_AFTER_S = 120
 
 
 def _gpu_count() -> int:
@@ -58,3 +63,12 @@ def session_seed(world):
     return seed
 
 
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    faulthandler.dump_traceback_later(STUCK_AFTER_S, exit=False, file=sys.stderr)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
