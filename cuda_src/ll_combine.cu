@@ -1,65 +1,191 @@
-// LL combine: expert-side reduction pushed to the sources, then source-side sum. No host sync.
+// LL combine: expert-side partials pushed to the sources, then the source-side sum. No host sync.
 //
-// Buffers: comb[par][d][t] row_bytes on the SOURCE rank: the bf16 partial of its token t from expert
-// rank d; sig.comb_cnt[d] u64 arrivals from rank d. par = combine seq & 1 (device counter, graph safe).
-// The dispatch it pairs with is dispatch seq - age (age 0 or 1, from the host), parity dpar.
-// 1. Every (source s, token t) received in that dispatch: acc = 0; for k = 0..K-1 with lexp[k] >= 0:
-//    acc = fl32(acc + fl32(w[k] * y[rows_local[k]])); bf16(acc) is written to comb[par][rank][t] on s.
-// 2. Each block adds 1 to comb_cnt[rank] on every rank, waits for seq * G from every rank, then token t
-//    sums the partials of the ranks in send_mask[dpar][t] in ascending order -> bf16 out[t].
+// Buffers: comb[par][d][t][H] bf16 on the SOURCE rank: the partial of its token t from expert rank d;
+// sig arrivals u64 [d]. par = combine seq & 1 (device counter, graph safe). The dispatch it pairs with is
+// the last received dispatch's seq - age (age 0 or 1, from the host), parity dpar; its MetaRecs and per-source T live in this
+// rank's meta[dpar] and ntok[dpar] (the dispatch's receive phase stored T), its masks in send_mask[dpar].
+// 1 send: every (remote source s, token t, chunk c) with a MetaRec of that dispatch here:
+//   acc = 0; for k = 0..K-1 with rows[k] >= 0: acc = fl32(acc + fl32(w[k] * y[rows[k]])) (no FMA), and
+//   bf16(acc) goes to comb[par][rank][t] on s. With readiness counters (overlap), a row is read only once
+//   its expert's counter reaches ready_target (acquire). Then each block release-adds 1 to the arrivals of
+//   this rank in every rank.
+// 2 receive: wait for send_blocks arrivals per rank of this seq; token t sums, in ascending rank order,
+//   the partials of the ranks in send_mask[dpar][t] in fp32 and rounds once; this rank's own partial is
+//   folded here from the local rows (rounded to bf16 first, as if it had travelled). A token sent nowhere is 0.
 // Rounding matches ep/reference.py exactly. Parity reuse is safe for the reason given in ll_dispatch.cu.
 #include "common/ll_common.cuh"
 #include "common/reduce.cuh"
 
-extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine(const ep::LLParams p) {
-  using namespace ep;
-  __shared__ int s_abort;
-  __shared__ int s_start[kMaxWorld + 1];
-  const int W = p.world, K = p.topk;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int gw = blockIdx.x * kLLWarps + warp, RW = gridDim.x * kLLWarps;
-  const u32 seq = ll_read_seq(p, 1);
-  const int par = seq & 1u;
-  const int dpar = (*reinterpret_cast<volatile u32*>(p.state) - static_cast<u32>(p.age)) & 1u;
+namespace ep {
 
-  if (threadIdx.x == 0) {
+constexpr int kVecsPerLane = kChunkChannels * 2 / kVecBytes / kWarpSize;   // 4: a 2 KB chunk per warp
+
+__device__ __forceinline__ void wait_ready(const LLParams& p, int expert, int lane) {
+  if (lane != 0) return;
+  const u64 start = global_timer_ns();
+  const u32* flag = p.ready + expert;
+  for (u32 iter = 0; ld_acquire_gpu_u32(flag) < p.ready_target; ++iter) {
+    if ((iter & 255u) == 255u && (error_raised(p.err) || global_timer_ns() - start > p.timeout_ns)) {
+      record_error(p.err, kPhaseLLCombineRecv, p.rank, -1 - expert, ld_acquire_gpu_u32(flag), p.ready_target);
+      return;
+    }
+  }
+}
+
+// acc[u][.] += w_j * y[row_j] chunk c, for the rows lanes 0..n-1 hold (ascending slot order).
+__device__ __forceinline__ void fold_chunk(const LLParams& p, float (&acc)[kVecsPerLane][8], int my_row, float my_w,
+                                           int n, int c, int nvec, int lane) {
+  for (int j = 0; j < n; ++j) {
+    const int row = __shfl_sync(0xFFFFFFFFu, my_row, j);
+    const float w = __shfl_sync(0xFFFFFFFFu, my_w, j);
+    if (p.ready) wait_ready(p, row / p.capacity, lane);
+    __syncwarp();
+    const uint4* src = reinterpret_cast<const uint4*>(p.expert_out + static_cast<u64>(row) * 2 * p.hidden +
+                                                      static_cast<u64>(c) * 2 * kChunkChannels);
+    uint4 v[kVecsPerLane];
+#pragma unroll
+    for (int u = 0; u < kVecsPerLane; ++u)
+      if (u * kWarpSize + lane < nvec) v[u] = ld_cg_v4(src + u * kWarpSize + lane);
+#pragma unroll
+    for (int u = 0; u < kVecsPerLane; ++u)
+      if (u * kWarpSize + lane < nvec) add8(acc[u], v[u], w);
+  }
+}
+
+// The rows and weights of a MetaRec's slots owned here, compacted in slot order: returns n.
+__device__ __forceinline__ int rec_slots(const LLParams& p, u8* rec, int lane, int* my_row, float* my_w) {
+  int row = -1;
+  float w = 0.f;
+  if (lane < p.topk) {
+    row = ld_cg_i32(meta_rows(rec) + lane);
+    w = ld_cg_f32(meta_w(rec, p.topk) + lane);
+  }
+  const u32 mask = __ballot_sync(0xFFFFFFFFu, row >= 0);
+  *my_row = static_cast<int>(compact_by_mask(mask, static_cast<u64>(static_cast<u32>(row)), lane));
+  *my_w = __shfl_sync(0xFFFFFFFFu, w, lane < __popc(mask) ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0);
+  return __popc(mask);
+}
+
+__device__ __forceinline__ void zero_acc(float (&acc)[kVecsPerLane][8]) {
+#pragma unroll
+  for (int u = 0; u < kVecsPerLane; ++u)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
+}
+
+__device__ void ll_combine_send_body(const LLParams& p, u32 seq, u32 dseq) {
+  __shared__ int s_start[kMaxWorld + 1];
+  const int W = p.world, C = (p.hidden + kChunkChannels - 1) / kChunkChannels;
+  const int par = seq & 1u, dpar = dseq & 1u;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, nwarps = blockDim.x / kWarpSize;
+  if (threadIdx.x == 0) {   // items of remote source s: [s_start[s], s_start[s + 1])
     int run = 0;
     for (int s = 0; s < W; ++s) {
       s_start[s] = run;
-      run += ld_cg_i32(ll_ntok(p, p.rank, dpar, s));
+      if (s != p.rank) run += p.ntok[dpar * W + s] * C;
     }
     s_start[W] = run;
   }
   __syncthreads();
-  // ---- 1. reduce the slots of every received token, push the partial to its source ---------------
-  const u8* my_meta = reinterpret_cast<const u8*>(p.meta_peers[p.rank]);
-  for (int j = gw; j < s_start[W]; j += RW) {
+  for (int item = blockIdx.x * nwarps + warp; item < s_start[W]; item += gridDim.x * nwarps) {
     int s = 0;
-    while (j >= s_start[s + 1]) ++s;
-    const int t = j - s_start[s];
-    const u64 slot = ll_slot(p, dpar, s, t);
-    const MetaView m{const_cast<u8*>(my_meta + slot * p.meta_stride), K};
-    int row = -1;
-    float w = 0.f;
-    if (lane < K && ld_cg_i32(m.lexp() + lane) >= 0) {
-      row = p.rows_local[slot * K + lane];
-      w = ld_cg_f32(m.w() + lane);
+    while (item >= s_start[s + 1]) ++s;
+    const int t = (item - s_start[s]) / C, c = (item - s_start[s]) % C;
+    u8* rec = ll_meta(p, p.rank, dpar, s, t);
+    const u32 tag = lane == 0 ? ld_cg_u32(&reinterpret_cast<MetaRec*>(rec)->seq) : 0u;
+    if (__shfl_sync(0xFFFFFFFFu, tag, 0) != dseq) continue;   // token t of s was not sent here
+    int my_row;
+    float my_w;
+    const int n = rec_slots(p, rec, lane, &my_row, &my_w);
+    const int nvec = min(kChunkChannels, p.hidden - c * kChunkChannels) / 8;
+    float acc[kVecsPerLane][8];
+    zero_acc(acc);
+    fold_chunk(p, acc, my_row, my_w, n, c, nvec, lane);
+    uint4* dst = reinterpret_cast<uint4*>(reinterpret_cast<u8*>(p.comb_peers[s]) +
+                                          (static_cast<u64>(par * W + p.rank) * p.max_tokens + t) * 2 * p.hidden +
+                                          static_cast<u64>(c) * 2 * kChunkChannels);
+#pragma unroll
+    for (int u = 0; u < kVecsPerLane; ++u)
+      if (u * kWarpSize + lane < nvec) st_v4(dst + u * kWarpSize + lane, pack8(acc[u]));
+  }
+  ll_signal_sent(p, p.comb_cnt_offset);
+  ll_finish_block(p, kCombineSend, seq);
+}
+
+__device__ void ll_combine_recv_body(const LLParams& p, u32 seq, u32 dseq) {
+  __shared__ int s_ok;
+  const int W = p.world, C = (p.hidden + kChunkChannels - 1) / kChunkChannels;
+  const int par = seq & 1u, dpar = dseq & 1u;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, nwarps = blockDim.x / kWarpSize;
+  if (ll_wait_arrivals(p, p.comb_cnt_offset, seq, kPhaseLLCombineRecv, &s_ok)) {
+    const u8* comb = reinterpret_cast<const u8*>(p.comb_peers[p.rank]);
+    for (int item = blockIdx.x * nwarps + warp; item < p.num_tokens * C; item += gridDim.x * nwarps) {
+      const int t = item / C, c = item % C;
+      const int nvec = min(kChunkChannels, p.hidden - c * kChunkChannels) / 8;
+      const u32 mask = p.send_mask[dpar * p.max_tokens + t];
+      float sum[kVecsPerLane][8];
+      zero_acc(sum);
+      for (u32 m = mask; m; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        uint4 v[kVecsPerLane];
+        if (d == p.rank) {   // our own partial, folded from the local rows and rounded as if it had travelled
+          int my_row;
+          float my_w;
+          const int n = rec_slots(p, ll_meta(p, p.rank, dpar, p.rank, t), lane, &my_row, &my_w);
+          float acc[kVecsPerLane][8];
+          zero_acc(acc);
+          fold_chunk(p, acc, my_row, my_w, n, c, nvec, lane);
+#pragma unroll
+          for (int u = 0; u < kVecsPerLane; ++u) v[u] = pack8(acc[u]);
+        } else {
+          const uint4* src = reinterpret_cast<const uint4*>(
+              comb + (static_cast<u64>(par * W + d) * p.max_tokens + t) * 2 * p.hidden + static_cast<u64>(c) * 2 * kChunkChannels);
+#pragma unroll
+          for (int u = 0; u < kVecsPerLane; ++u)
+            if (u * kWarpSize + lane < nvec) v[u] = ld_cg_v4(src + u * kWarpSize + lane);
+        }
+#pragma unroll
+        for (int u = 0; u < kVecsPerLane; ++u)
+          if (u * kWarpSize + lane < nvec) add8(sum[u], v[u]);
+      }
+      uint4* dst = reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * 2 * p.hidden + static_cast<u64>(c) * 2 * kChunkChannels);
+#pragma unroll
+      for (int u = 0; u < kVecsPerLane; ++u)
+        if (u * kWarpSize + lane < nvec) st_v4(dst + u * kWarpSize + lane, pack8(sum[u]));
     }
-    if (!__any_sync(0xFFFFFFFFu, row >= 0)) continue;
-    uint4* dst = reinterpret_cast<uint4*>(p.comb_peers[s] + ll_slot(p, par, p.rank, t) * p.row_bytes);
-    warp_weighted_sum(dst, p.expert_out, p.row_bytes, K, row, w, lane);
   }
-  if (!ll_exchange_arrivals(p, p.comb_cnt_offset, seq, kPhaseLLCombineRecv, &s_abort)) {
-    ll_finish_block(p, 1, seq);
-    return;
-  }
-  // ---- 2. sum the partials of each own token in ascending rank order ------------------------------
-  const u8* my_comb = reinterpret_cast<const u8*>(p.comb_peers[p.rank]);
-  for (int t = gw; t < p.num_tokens; t += RW) {
-    const u32 mask = p.send_mask[dpar * p.max_tokens + t];
-    const u64 src = lane < W && ((mask >> lane) & 1u) ? reinterpret_cast<u64>(my_comb + ll_slot(p, par, lane, t) * p.row_bytes) : 0;
-    warp_sum_rows(reinterpret_cast<uint4*>(p.out + static_cast<u64>(t) * p.row_bytes), compact_by_mask(mask, src, lane),
-                  __popc(mask), p.row_bytes, lane);
-  }
-  ll_finish_block(p, 1, seq);
+  ll_finish_block(p, kCombineRecv, seq);
+}
+
+// The dispatch a combine pairs with: `age` receives before the last one that finished when its send half
+// starts. The send half records it (state[kCombineDseq + parity]) for its receive half: a dispatch may be
+// received in between (two micro-batches interleaved with hooks).
+constexpr int kCombineDseq = 8;
+__device__ __forceinline__ u32 ll_combine_dseq(const LLParams& p) {
+  return *reinterpret_cast<volatile u32*>(p.state + kDispatchRecv) - static_cast<u32>(p.age);
+}
+__device__ __forceinline__ void ll_record_dseq(const LLParams& p, u32 seq, u32 dseq) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) p.state[kCombineDseq + (seq & 1u)] = dseq;
+}
+__device__ __forceinline__ u32 ll_recorded_dseq(const LLParams& p, u32 seq) {
+  return *reinterpret_cast<volatile u32*>(p.state + kCombineDseq + (seq & 1u));
+}
+
+}  // namespace ep
+
+extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine(const ep::LLParams p) {
+  const u32 seq = ep::ll_read_seq(p, ep::kCombineSend), dseq = ep::ll_combine_dseq(p);
+  ep::ll_combine_send_body(p, seq, dseq);
+  ep::ll_combine_recv_body(p, seq, dseq);
+}
+
+extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine_send(const ep::LLParams p) {
+  const u32 seq = ep::ll_read_seq(p, ep::kCombineSend), dseq = ep::ll_combine_dseq(p);
+  ep::ll_record_dseq(p, seq, dseq);
+  ep::ll_combine_send_body(p, seq, dseq);
+}
+
+extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine_recv(const ep::LLParams p) {
+  const u32 seq = ep::ll_read_seq(p, ep::kCombineRecv);
+  ep::ll_combine_recv_body(p, seq, ep::ll_recorded_dseq(p, seq));
 }

@@ -1,11 +1,11 @@
 """ep: Mixture-of-Experts token dispatch and combine between the GPUs of one NVLink node."""
 from .communicator import MoECommunicator
-from .config import (CommOverlapConfig, DispatchHandle, DispatchLayout, DispatchOutput, HtTuning, LLTuning,
+from .config import (CommOverlapConfig, DispatchHandle, DispatchLayout, DispatchOutput, Fp8Cast, HtTuning, LLTuning,
                      MoECommunicatorConfig, QuantScales)
 from .errors import (CapacityError, CompileError, ConfigError, EPError, EPTimeoutError, InvalidStateError,
                      PeerInputError)
 
-__all__ = ["MoECommunicator", "MoECommunicatorConfig", "HtTuning", "LLTuning", "DispatchOutput", "DispatchHandle",
+__all__ = ["MoECommunicator", "MoECommunicatorConfig", "HtTuning", "LLTuning", "Fp8Cast", "DispatchOutput", "DispatchHandle",
            "QuantScales", "DispatchLayout", "CommOverlapConfig", "EPError", "ConfigError", "CompileError",
            "InvalidStateError", "CapacityError", "PeerInputError", "EPTimeoutError"]
 __version__ = "0.2.0"

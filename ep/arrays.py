@@ -110,13 +110,16 @@ def to_numpy(arr: Any) -> np.ndarray:
     return a
 
 
-def from_numpy(arr: np.ndarray, like_framework: str, bf16: bool = False, like: Any = None) -> Any:
-    """Return ``arr`` in the caller's CPU framework (torch bf16 when bf16 and the caller used torch)."""
+def from_numpy(arr: np.ndarray, like_framework: str, bf16: bool = False, like: Any = None, fp8: bool = False) -> Any:
+    """Return ``arr`` in the caller's CPU framework (torch bf16 when bf16, torch float8_e4m3fn when fp8 and the
+    caller used torch; NumPy keeps the bit patterns)."""
     if like_framework == TORCH:
         import torch
         t = torch.from_numpy(np.ascontiguousarray(arr))
         if bf16:
             t = t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+        elif fp8:
+            t = t.view(torch.float8_e4m3fn)
         return t
     if bf16 and like is not None and np.asarray(like).dtype.name == "bfloat16":
         return arr.view(np.asarray(like).dtype)
@@ -124,14 +127,17 @@ def from_numpy(arr: np.ndarray, like_framework: str, bf16: bool = False, like: A
 
 
 # ----------------------------------------------------------------------------------------- GPU side
-def to_framework(cupy_array: Any, framework: str, bf16: bool = False) -> Any:
-    """A CuPy array as the caller's framework, zero-copy; uint16 becomes torch.bfloat16 when bf16."""
+def to_framework(cupy_array: Any, framework: str, bf16: bool = False, fp8: bool = False) -> Any:
+    """A CuPy array as the caller's framework, zero-copy; uint16 becomes torch.bfloat16 when bf16, uint8
+    torch.float8_e4m3fn when fp8 (CuPy keeps the bit patterns)."""
     if framework != TORCH:
         return cupy_array
     import torch
     t = torch.from_dlpack(cupy_array)
     if bf16:
         t = t.view(torch.bfloat16)
+    elif fp8:
+        t = t.view(torch.float8_e4m3fn)
     return t
 
 

@@ -20,6 +20,9 @@ class DispatchCall:
     output_buffer: ArrayInfo | None   # LL: [L, W*T_max, H] bf16 to write into instead of the owned output
     stream: Any                       # CuPy stream to launch on (None on the CPU backend)
     framework: str                    # "torch", "cupy" or "numpy": the framework of the outputs
+    fp8: int = 0                      # LL cast: 0 bf16, 1 e4m3 + f32 scales, 2 power-of-two scales, 3 UE8M0
+    cumulative_counts: ArrayInfo | None = None   # LL: [L] int32/int64 the call's counts are added to
+    recv_hook: bool = False           # LL: launch the send half only; the returned hook launches the receive
 
     @property
     def num_tokens(self) -> int:
@@ -38,3 +41,6 @@ class CombineCall:
     num_tokens: int
     stream: Any
     framework: str
+    recv_hook: bool = False           # LL: as for dispatch
+    ready: ArrayInfo | None = None    # LL overlap: [L] uint32 counters an expert's rows wait for
+    ready_target: int = 0

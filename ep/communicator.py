@@ -221,7 +221,7 @@ class MoECommunicator:
 
     # ---------------------------------------------------------------------------------- dispatch
     def dispatch(self, x, topk_ids, weights=None, scales=None, *, previous_handle: DispatchHandle | None = None,
-                 output_buffer=None, stream=None) -> tuple[DispatchOutput, DispatchHandle]:
+                 output_buffer=None, stream=None, cast=None, cumulative_counts=None, return_recv_hook: bool = False):
         """Send every token to the ranks owning its experts; return the local experts' rows.
 
         x: ``[T, H]`` bf16 (torch.bfloat16, or uint16 bit patterns), C-contiguous, T <= max_tokens_per_rank.
@@ -230,30 +230,41 @@ class MoECommunicator:
           skipping the count exchange; ``EP_DEBUG_CHECKS=1`` checks that topk_ids equal the handle's.
         output_buffer (LL): ``[L, W*T_max, H]`` bf16 to write into instead of the owned buffer.
         stream: torch/CuPy stream or raw pointer; default the caller's current stream.
-        Returns (DispatchOutput, DispatchHandle). Raises ValueError/TypeError on bad input before any
-        launch (every rank raises: the peers PeerInputError, a ValueError; see the README for when), and
-        EPTimeoutError on a time-out.
+        cast (LL): an ep.Fp8Cast to receive e4m3 tokens and their scales (``out.scales``) cast in the kernel.
+        cumulative_counts (LL): ``[L]`` int32/int64 on the device the call's rows per expert are added to.
+        return_recv_hook (LL): launch only the send half; the call also returns a hook that launches the
+          receive half (call it once, before using the outputs; no SM is held in between).
+        Returns (DispatchOutput, DispatchHandle), plus the hook with return_recv_hook. Raises ValueError /
+        TypeError on bad input before any launch (every rank raises in that call: the peers PeerInputError,
+        a ValueError), and EPTimeoutError on a time-out.
         """
         self._check_usable()
         op = "dispatch" if previous_handle is None else "cached dispatch"
         call: DispatchCall = self._validated(op, lambda: validation.dispatch_call(
-            self, x, topk_ids, weights, scales, previous_handle, output_buffer, stream))
-        out, state = self._run(self._rt.dispatch, call)
-        return out, DispatchHandle(self._id, self.config.mode, state, call.num_tokens)
+            self, x, topk_ids, weights, scales, previous_handle, output_buffer, stream, cast, cumulative_counts,
+            return_recv_hook))
+        out, state, hook = self._run(self._rt.dispatch, call)
+        handle = DispatchHandle(self._id, self.config.mode, state, call.num_tokens)
+        return (out, handle, hook) if return_recv_hook else (out, handle)
 
     # ----------------------------------------------------------------------------------- combine
-    def combine(self, expert_output, handle: DispatchHandle, *, out=None, stream=None):
+    def combine(self, expert_output, handle: DispatchHandle, *, out=None, stream=None, return_recv_hook: bool = False,
+                overlap=None):
         """Sum the expert outputs of every token back on its source rank.
 
-        expert_output: bf16, the shape and row order of that dispatch's ``tokens``.
-        out: optional ``[T, H]`` bf16 to write into (returned). Returns ``[T, H]`` bf16 with
+        expert_output: bf16, the shape and row order of that dispatch's ``tokens`` (bf16 also after an FP8
+        dispatch). out: optional ``[T, H]`` bf16 to write into (returned). Returns ``[T, H]`` bf16 with
         ``out[t] = sum_k w[t,k] * expert_output[row(t,k)]`` rounded as documented in ep.reference.
+        return_recv_hook (LL): as for dispatch; returns (out, hook).
+        overlap (LL): an ep.OverlapSignals from create_overlap_config: the combine reads an expert's rows
+          only once its counter says they are written.
         Raises like dispatch.
         """
         self._check_usable()
         call: CombineCall = self._validated("combine", lambda: validation.combine_call(
-            self, expert_output, handle, out, stream))
-        return self._run(self._rt.combine, call)
+            self, expert_output, handle, out, stream, return_recv_hook, overlap))
+        result, hook = self._run(self._rt.combine, call)
+        return (result, hook) if return_recv_hook else result
 
     # ---------------------------------------------------------------------------------- lifetime
     def synchronize(self) -> None:

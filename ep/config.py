@@ -8,7 +8,11 @@ from typing import Any
 from .constants import MAX_LOCAL_EXPERTS, MAX_TOPK, MAX_WORLD_SIZE
 from .errors import ConfigError
 
-__all__ = ["MAX_LOCAL_EXPERTS", "MAX_TOPK", "MAX_WORLD_SIZE", "DispatchLayout", "CommOverlapConfig", "HtTuning",
+HT_DEFAULT_SMS = 24               # HT leaves the rest of the GPU to the compute it overlaps
+LL_DEFAULT_SMS_UNKNOWN_GPU = 132  # LL's default is every SM; without a GPU to ask (CPU backend), an H100/H200's
+LL_MAX_TOKENS = 1 << 14           # LL's routing bitmap lives in shared memory (ep.sizes.ll_route_smem)
+
+__all__ = ["MAX_LOCAL_EXPERTS", "MAX_TOPK", "MAX_WORLD_SIZE", "DispatchLayout", "CommOverlapConfig", "HtTuning", "Fp8Cast",
            "LLTuning", "MoECommunicatorConfig", "QuantScales", "DispatchOutput", "DispatchHandle"]
 
 
@@ -115,7 +119,8 @@ class MoECommunicatorConfig:
       row, which saves the receiver one row copy per (token, rank) (docs/perf.md row 27); a cached dispatch
       then always queues a cross-rank barrier first. Off: fresh exact-size outputs per call.
     num_sms [EP_DISPATCH_NSM / EP_COMBINE_NSM override the dispatch / combine share, as does ``overlap``]:
-      blocks (one per SM) of the data kernels.
+      blocks (one per SM) of the data kernels. None: 24 for "ht" (the rest of the GPU stays free for compute
+      to overlap), every SM for "ll" (decode runs it alone, and its latency falls with more SMs copying).
     timeout_s [EP_TIMEOUT_S]: bound of every device and host wait.
     shared_gpu [EP_SHARED_GPU]: allow several ranks of a node on one GPU (ranks beyond the GPU count share
       GPUs round-robin). For tests only: it proves correctness, never speed.
@@ -127,7 +132,7 @@ class MoECommunicatorConfig:
     hidden_size: int
     topk: int
     max_tokens_per_rank: int
-    num_sms: int = 24
+    num_sms: int | None = None
     expert_alignment: int = 1
     output_layout: DispatchLayout | None = None   # None: FLAT for "ht", EXPERT_MAJOR for "ll"
     dtype: str = "bfloat16"
@@ -145,8 +150,10 @@ class MoECommunicatorConfig:
 
         if self.mode not in ("ht", "ll"):
             raise ConfigError(f"mode must be 'ht' or 'll', got {self.mode!r}")
-        for name in ("num_experts", "hidden_size", "topk", "max_tokens_per_rank", "num_sms", "expert_alignment"):
+        for name in ("num_experts", "hidden_size", "topk", "max_tokens_per_rank", "expert_alignment"):
             positive_int(name, getattr(self, name))
+        if self.num_sms is not None:
+            positive_int("num_sms", self.num_sms)
         if self.hidden_size % 8:
             raise ConfigError(f"hidden_size must be a multiple of 8 (16-byte rows), got {self.hidden_size}")
         if self.topk > self.num_experts:
@@ -179,9 +186,20 @@ class MoECommunicatorConfig:
             raise ConfigError(f"ht_tuning must be an HtTuning, got {self.ht_tuning!r}")
         if not isinstance(self.ll_tuning, LLTuning):
             raise ConfigError(f"ll_tuning must be an LLTuning, got {self.ll_tuning!r}")
-        if self.mode == "ht" and (self.overlap.dispatch_num_sms or self.num_sms) < 2:
+        if self.mode == "ll" and self.max_tokens_per_rank > LL_MAX_TOKENS:
+            raise ConfigError(f"mode='ll' takes max_tokens_per_rank <= {LL_MAX_TOKENS} (decode batches), got "
+                              f"{self.max_tokens_per_rank}")
+        if self.mode == "ht" and (self.overlap.dispatch_num_sms or self.num_sms or HT_DEFAULT_SMS) < 2:
             raise ConfigError("mode='ht' dispatch needs at least 2 SMs (sender blocks and receiver blocks); "
                               "set num_sms or overlap.dispatch_num_sms >= 2")
+
+    def sms_for(self, gpu_sms: int | None) -> int:
+        """Blocks of the data kernels when neither the overlap config nor an env knob says otherwise."""
+        if self.num_sms is not None:
+            return self.num_sms
+        if self.mode == "ht":
+            return HT_DEFAULT_SMS
+        return gpu_sms if gpu_sms is not None else LL_DEFAULT_SMS_UNKNOWN_GPU
 
     @property
     def layout(self) -> DispatchLayout:
@@ -197,6 +215,29 @@ class MoECommunicatorConfig:
             raise ConfigError(f"num_experts ({self.num_experts}) must be divisible by the world size ({world_size})")
         if self.num_experts // world_size > MAX_LOCAL_EXPERTS:
             raise ConfigError(f"at most {MAX_LOCAL_EXPERTS} experts per rank, got {self.num_experts // world_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp8Cast:
+    """LL dispatch of bf16 tokens as e4m3 with per-128-channel scales (ep.reference.fp8_cast has the rounding).
+
+    round_scale: scales rounded up to powers of two. ue8m0 (implies round_scale): only the exponent byte of each
+    scale is kept, four per int32. The outputs are ``tokens [L, cap, H]`` e4m3 (torch.float8_e4m3fn, or uint8
+    bit patterns) and ``scales [L, cap, H/128]`` float32 (ue8m0: ``[L, cap, H/512]`` int32), token-contiguous.
+    """
+
+    round_scale: bool = False
+    ue8m0: bool = False
+
+    def __post_init__(self):
+        for name in ("round_scale", "ue8m0"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Fp8Cast.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def mode(self) -> int:
+        """cuda_src/common/fp8.cuh Fp8Mode."""
+        return 3 if self.ue8m0 else 2 if self.round_scale else 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +265,9 @@ class DispatchOutput:
     expert_offsets: int64 ``[L+1]``, exclusive cumulative sum of the padded segments, indexing
       ``tokens`` viewed as ``[rows, H]`` (EXPERT_MAJOR: ``e * capacity``).
     layout: the layout of ``tokens``.
+    scales: FP8 dispatches only: the scales of ``tokens`` in the same row order (LL: ``[L, capacity, H/128]``
+      float32, or ``[L, capacity, H/512]`` int32 of packed UE8M0 bytes, as views of token-contiguous
+      (MN-major) buffers; HT: see ``MoECommunicatorConfig.scale_layout``); None for bf16.
     """
 
     tokens: Any
@@ -231,6 +275,7 @@ class DispatchOutput:
     num_tokens_per_expert_host: list | None
     expert_offsets: Any
     layout: DispatchLayout
+    scales: Any = None
 
 
 class DispatchHandle:

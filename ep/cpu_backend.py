@@ -5,14 +5,15 @@ its output with :mod:`ep.reference`, and combine sends the bf16 partials back. S
 exactly those of the GPU kernels, and so are the rules a program must follow, so model code can be
 prototyped and unit-tested without GPUs:
 - a cached dispatch (previous_handle) uses the handle's routing with this call's x and weights;
-- LL outputs are communicator-owned and overwritten by the next dispatch (tokens) and combine (output);
+- LL outputs are communicator-owned: a dispatch's tokens are overwritten by the next-but-one dispatch (two
+  alternating buffers), a combine's output by the next combine;
   a handle can be combined while its dispatch is one of the last two;
 - LL treats an invalid expert id as unused and reports it in the next call (EP_DEBUG_CHECKS: this call);
 - every op passes the same op gate as on GPUs, so one rank's bad input raises on every rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class CpuHandle:
     tokens_shape: tuple
     topk_ids: np.ndarray  # the routing (a cached dispatch reuses it)
     seq: int
+    received: list = field(default_factory=lambda: [True])   # LL hooks: [0] the receive hook ran
 
 
 class CpuRuntime(Runtime):
@@ -43,15 +45,33 @@ class CpuRuntime(Runtime):
         self.L = cfg.num_experts // self.W
         self.seq = 0
         self.owned = None       # HT owned_output: the buffer every dispatch's tokens view (first use)
-        self.ll_out = None      # LL: the owned dispatch output [L, W*T_max, H] and combine output [T_max, H]
+        self.ll_out = {}        # LL: the owned dispatch outputs (by payload, half) and combine output [T_max, H]
         self.ll_comb = None
+        self.pending = {"dispatch": 0, "combine": 0}   # sends waiting for their hook, as on GPUs
         self._bad_id: str | None = None
         self.open_gate(tuning.timeout_s)
 
     def check_handle(self, state: CpuHandle) -> None:
+        if not state.received[0]:
+            raise InvalidStateError("this dispatch's receive hook has not been called yet; call hook() before "
+                                    "combining its outputs")
         if self.cfg.mode == "ll" and self.seq - state.seq not in (0, 1):
             raise InvalidStateError(f"LL handle is {self.seq - state.seq} dispatches old; LL keeps the last two "
                                     "dispatches only")
+
+    def check_pending(self, op: str) -> None:
+        if self.pending[op] >= 2:
+            raise InvalidStateError(f"two LL {op}es already wait for their receive hook; call one before the next "
+                                    f"{op}")
+
+    def _hook(self, op: str, done: list):
+        """The CPU backend moves everything in the call: the hook only keeps the GPU's rules."""
+        from .ll import RecvHook
+        self.pending[op] += 1
+
+        def recv():
+            self.pending[op] -= 1
+        return RecvHook(recv, done, op)
 
     def same_routing(self, state: CpuHandle, topk_ids) -> bool:
         ids = arrays.to_numpy(topk_ids.obj).astype(np.int64)
@@ -87,7 +107,10 @@ class CpuRuntime(Runtime):
         if ll:
             ids = self._ll_ids(ids)
         w = None if call.weights is None else arrays.to_numpy(call.weights.obj).astype(np.float32)
-        slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W) for d in range(W)]
+        scales = None
+        if call.fp8:   # LL cast: the e4m3 rows and their scales travel instead of the bf16 rows
+            xn, scales = reference.fp8_cast(xn, round_scale=call.fp8 >= 2, ue8m0=call.fp8 == 3)
+        slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W, scales) for d in range(W)]
         received = self.group.alltoall(slices, "cpu dispatch")
         layout_kind = DispatchLayout.EXPERT_MAJOR if (ll or cfg.layout is DispatchLayout.EXPERT_MAJOR) else DispatchLayout.FLAT
         capacity = W * cfg.max_tokens_per_rank if ll else None
@@ -102,12 +125,16 @@ class CpuRuntime(Runtime):
             target[...] = res.tokens.reshape(target.shape)
             buf = call.output_buffer.obj
             tokens_out = buf if cfg.layout is not DispatchLayout.FLAT else buf.reshape(tokens.shape)
-        elif ll:   # like the GPU: one owned buffer, overwritten by the next dispatch
-            if self.ll_out is None:
-                self.ll_out = np.empty(res.tokens.shape, np.uint16)
-            self.ll_out[...] = res.tokens
-            view = self.ll_out.reshape(tokens.shape)
-            tokens_out = arrays.from_numpy(view, framework, bf16=True, like=like)
+        elif ll:   # like the GPU: two owned buffers, alternating, so a dispatch is overwritten by the next but one
+            key = (res.tokens.dtype.str, (self.seq) & 1)
+            if key not in self.ll_out:
+                self.ll_out[key] = np.empty(res.tokens.shape, res.tokens.dtype)
+            self.ll_out[key][...] = res.tokens
+            view = self.ll_out[key].reshape(tokens.shape)
+            if call.fp8:
+                tokens_out = arrays.from_numpy(view, framework, fp8=True)
+            else:
+                tokens_out = arrays.from_numpy(view, framework, bf16=True, like=like)
         elif cfg.owned_output:   # like the GPU: a view of one buffer, overwritten by the next dispatch
             if self.owned is None:
                 self.owned = np.empty((sizes.owned_output_rows(cfg, W), cfg.hidden_size), np.uint16)
@@ -117,16 +144,28 @@ class CpuRuntime(Runtime):
         else:
             tokens_out = arrays.from_numpy(tokens, framework, bf16=True, like=like)
         self.seq += 1
+        out_scales = None
+        if res.scales is not None:   # token-contiguous, as the GPU writes them: [L, S, cap] viewed as [L, cap, S]
+            mn = np.ascontiguousarray(res.scales.transpose(0, 2, 1))
+            out_scales = arrays.from_numpy(mn, framework)
+            out_scales = out_scales.transpose(1, 2) if framework == arrays.TORCH else out_scales.transpose(0, 2, 1)
+        if call.cumulative_counts is not None:
+            acc = arrays.to_numpy(call.cumulative_counts.obj)
+            acc += res.counts.astype(acc.dtype)
         out = DispatchOutput(
             tokens=tokens_out,
             num_tokens_per_expert=arrays.from_numpy(res.counts.astype(np.int32), framework),
             num_tokens_per_expert_host=None if ll else [int(c) for c in res.counts],
             expert_offsets=arrays.from_numpy(res.offsets.astype(np.int64), framework),
-            layout=cfg.layout)
+            layout=cfg.layout, scales=out_scales)
         sent = [s.token_index for s in slices]
         handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(tokens.shape), ids,
                            self.seq)
-        return out, handle
+        hook = None
+        if call.recv_hook:
+            handle.received = [False]
+            hook = self._hook("dispatch", handle.received)
+        return out, handle, hook
 
     def combine(self, call: CombineCall):
         cfg = self.cfg
@@ -136,13 +175,14 @@ class CpuRuntime(Runtime):
         back = self.group.alltoall(partials, "cpu combine")
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]
         result = reference.combine_partials(handle.num_tokens, cfg.hidden_size, parts)
+        hook = self._hook("combine", [False]) if call.recv_hook else None
         if call.out is not None:
             arrays.to_numpy(call.out.obj)[...] = result
-            return call.out.obj
+            return call.out.obj, hook
         if cfg.mode == "ll":   # like the GPU: a view of one owned buffer, overwritten by the next combine
             if self.ll_comb is None:
                 self.ll_comb = np.empty((cfg.max_tokens_per_rank, cfg.hidden_size), np.uint16)
             view = self.ll_comb[:handle.num_tokens]
             view[...] = result
-            return arrays.from_numpy(view, call.framework, bf16=True, like=call.expert_output.obj)
-        return arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj)
+            return arrays.from_numpy(view, call.framework, bf16=True, like=call.expert_output.obj), hook
+        return arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj), hook

@@ -270,7 +270,7 @@ class HtRuntime(GpuRuntime):
             expert_offsets=offsets,
             layout=cfg.layout)
         # Packed here, after the launch, while the GPU works: a combine only updates two fields.
-        return out, HtHandle(routing, recv_lists, shape, self._combine_params(routing, rows_ptr, w_ptr))
+        return out, HtHandle(routing, recv_lists, shape, self._combine_params(routing, rows_ptr, w_ptr)), None
 
     def _dispatch_params(self, route: int, slot_idx: int, send_pos: int, info: int, T: int):
         """ht_dispatch params of one routing (device pointers of its arrays); the per-call fields (inputs,
@@ -332,7 +332,7 @@ class HtRuntime(GpuRuntime):
             self.barrier(stream)
             self.k["ht_combine_sum"].launch(plan.combine_blocks, plan.reduce_warps * 32, params, stream=stream)
         self.last_op = "combine"
-        return out
+        return out, None
 
     def _reduce(self, params, stream) -> None:
         self.k["ht_combine_reduce"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params,

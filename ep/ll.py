@@ -1,17 +1,21 @@
-"""LL mode on GPUs: one kernel per op, no host synchronization, no allocation after the first call.
+"""LL mode on GPUs: one kernel per op (or two, split at a receive hook), no host synchronization, no
+allocation after the first call.
 
 Built lazily by :meth:`LLRuntime.prepare` (collective), which the communicator calls on the first LL use:
-a process that only uses HT never compiles or allocates any of this. Device sequence numbers (in
-``state``) select the buffer parity, so a CUDA graph of dispatch -> MLP -> combine replays correctly.
+a process that only uses HT never compiles or allocates any of this. Device sequence numbers (in ``state``)
+select the buffer parity, so a CUDA graph of dispatch -> MLP -> combine replays correctly. Peers write
+every row straight into this rank's symmetric output (cuda_src/ll_dispatch.cu).
 
-Lifetime rules that follow from double buffering (documented in the README):
-- the communicator-owned dispatch output and combine output are valid until the next dispatch/combine;
-- a handle can be combined while at most one newer dispatch has run (age 0 or 1).
+Lifetime rules (documented in the README):
+- the communicator-owned dispatch output (double-buffered) stays valid while its dispatch is one of the last
+  two; the combine output until the next combine;
+- a handle can be combined while at most one newer dispatch has been received (age 0 or 1);
+- with ``return_recv_hook=True`` at most two dispatches (or combines) may wait for their hook.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,19 +23,35 @@ from . import arrays, sizes, structs, validation
 from .bootstrap import Group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
-from .errors import InvalidStateError
+from .errors import EPError, InvalidStateError
 from .peer_memory import ErrorRecord, SymmetricBuffer
 from .runtime_base import GpuRuntime, load_kernels, ptr
-from .tuning import Tuning
+from .tuning import LL_PAYLOADS, LL_STATIC_SMEM, Tuning
 
 log = logging.getLogger("ep.ll")
 
 
 @dataclass
 class LLHandle:
-    seq: int             # host-side dispatch count when this dispatch was issued
+    seq: int             # the dispatch's number among this rank's LL dispatches (1, 2, ...)
     num_tokens: int
-    tokens_shape: tuple
+    tokens_shape: tuple  # the expert output combine takes: [L, cap, H] (or [L * cap, H] for FLAT)
+    received: list = field(default_factory=lambda: [True])   # [0]: the receive half has been launched
+
+
+class RecvHook:
+    """Launches the receive half of an LL op once, on the stream of its send half (``hook()``)."""
+
+    __slots__ = ("_launch", "_done", "what")
+
+    def __init__(self, launch, done: list, what: str):
+        self._launch, self._done, self.what = launch, done, what
+
+    def __call__(self) -> None:
+        if self._done[0]:
+            raise InvalidStateError(f"the receive hook of this {self.what} was already called")
+        self._done[0] = True
+        self._launch()
 
 
 class LLRuntime(GpuRuntime):
@@ -42,7 +62,9 @@ class LLRuntime(GpuRuntime):
         self.L = cfg.num_experts // self.W
         self.capacity = self.W * cfg.max_tokens_per_rank
         self.ready = False
-        self.seq = 0
+        self.sent = 0            # dispatch send halves issued
+        self.received = 0        # dispatch receive halves issued
+        self.pending = {"dispatch": 0, "combine": 0}   # sends waiting for their hook
         self.open_gate(tuning.timeout_s)
 
     def prepare(self) -> None:
@@ -50,32 +72,43 @@ class LLRuntime(GpuRuntime):
         if self.ready:
             return
         import cupy
-        cfg, W, L = self.cfg, self.W, self.L
+        cfg, W, L, T, H = self.cfg, self.W, self.L, self.cfg.max_tokens_per_rank, self.cfg.hidden_size
         lay = self.layout = sizes.ll_layout(cfg, W)
-        self.row_bytes = sizes.row_bytes(cfg)
-        self.meta_stride = sizes.meta_stride(cfg.topk)
-        self.timeout_ns = self.tuning.timeout_ns
         self._bufs = []
         try:
-            self.recv = self._sym(lay.recv_bytes, "ll.recv")
+            self.out = self._sym(lay.out_bytes, "ll.out")
+            self.scales = self._sym(lay.scale_bytes, "ll.scales")
             self.meta = self._sym(lay.meta_bytes, "ll.meta")
             self.comb = self._sym(lay.comb_bytes, "ll.comb")
             self.sig = self._sym(lay.sig_bytes, "ll.sig")
             self.err = ErrorRecord()
             self.input_err = ErrorRecord()
-            self.out = cupy.empty((L, self.capacity, cfg.hidden_size), np.uint16)
             self.counts = cupy.zeros(L, np.int32)
             self.offsets = cupy.arange(L + 1, dtype=np.int64) * self.capacity
-            self.comb_out = cupy.empty((cfg.max_tokens_per_rank, cfg.hidden_size), np.uint16)
-            self.state = cupy.zeros(4, np.uint32)
-            self.rows_local = cupy.zeros(2 * W * cfg.max_tokens_per_rank * cfg.topk, np.int32)
-            self.send_mask = cupy.zeros(2 * cfg.max_tokens_per_rank, np.uint32)
+            self.comb_out = cupy.empty((T, H), np.uint16)
+            self.state = cupy.zeros(sizes.LL_STATE_WORDS, np.uint32)
+            self.send_mask = cupy.zeros(2 * T, np.uint32)
+            self.ntok = cupy.zeros(2 * W, np.int32)
             self.k = load_kernels(self.group, self.tuning.kernels)
+            static = max(k.static_smem for k in self.k.values())
+            if static > LL_STATIC_SMEM:
+                raise EPError(f"the LL kernels use {static} bytes of static shared memory, more than ep.tuning "
+                              f"budgets ({LL_STATIC_SMEM})")
         except BaseException:
             for buf in self._bufs:
                 buf.close()
             raise
-        self._torch_views = {}
+        self._views: dict = {}
+        self._params = structs.pack(
+            structs.LL_PARAMS, x=0, topk_ids=0, weights=0, expert_out=0, out=0, copy_out=0, counts_out=ptr(self.counts),
+            cum_counts=0, ready=0, out_peers=ptr(self.out.table), scale_peers=ptr(self.scales.table),
+            meta_peers=ptr(self.meta.table), comb_peers=ptr(self.comb.table), sig_peers=ptr(self.sig.table),
+            state=ptr(self.state), send_mask=ptr(self.send_mask), ntok=ptr(self.ntok), err=self.err.ptr,
+            input_err=self.input_err.ptr, timeout_ns=self.tuning.timeout_ns, cnt_offset=lay.cnt_offset,
+            disp_cnt_offset=lay.disp_cnt_offset, comb_cnt_offset=lay.comb_cnt_offset, rank=self.rank, world=W,
+            num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts, local_experts=L, hidden=H, max_tokens=T,
+            capacity=self.capacity, cnt_stride=lay.cnt_stride, meta_stride=lay.meta_stride, ids_64=0, age=0, fp8=0,
+            send_blocks=0, cols_per_tile=self.plan.cols_per_tile, ready_target=0, cum_64=0)
         cupy.cuda.runtime.deviceSynchronize()
         self.group.barrier("ll prepare")
         self.ready = True
@@ -85,19 +118,46 @@ class LLRuntime(GpuRuntime):
         self._bufs.append(buf)
         return buf
 
-    def owned_views(self, framework: str) -> dict:
-        """The owned outputs as the caller's framework; converted once (never during graph capture)."""
-        if framework not in self._torch_views:
-            flat_shape = (self.L * self.capacity, self.cfg.hidden_size)
-            self._torch_views[framework] = {
-                "out": arrays.to_framework(self.out, framework, bf16=True),
-                "out_flat": arrays.to_framework(self.out.reshape(flat_shape), framework, bf16=True),
-                "counts": arrays.to_framework(self.counts, framework),
-                "offsets": arrays.to_framework(self.offsets, framework),
-                "comb_out": arrays.to_framework(self.comb_out, framework, bf16=True),
-            }
-        return self._torch_views[framework]
+    # -------------------------------------------------------------------------------- views
+    def _device_array(self, buf: SymmetricBuffer, shape: tuple, dtype) -> "object":
+        import cupy
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        mem = cupy.cuda.UnownedMemory(buf.ptr, max(nbytes, 1), buf)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
 
+    def views(self, framework: str, payload: str, half: int = 0) -> dict:
+        """The owned outputs (``half`` of the double-buffered dispatch output) as the caller's framework;
+        converted once per (framework, payload, half)."""
+        key = (framework, payload, half)
+        v = self._views.get(key)
+        if v is not None:
+            return v
+        cfg, L, cap, H = self.cfg, self.L, self.capacity, self.cfg.hidden_size
+        flat = cfg.layout is DispatchLayout.FLAT
+        out_half = self._device_array(self.out, (2, L * cap * 2 * H), np.uint8)[half]
+        if payload == "bf16":
+            tok = out_half.view(np.uint16).reshape(L, cap, H)
+            tokens = arrays.to_framework(tok.reshape(L * cap, H) if flat else tok, framework, bf16=True)
+            scales = None
+        else:
+            tok = out_half[:L * cap * H].reshape(L, cap, H)
+            tokens = arrays.to_framework(tok.reshape(L * cap, H) if flat else tok, framework, fp8=True)
+            sc_half = self._device_array(self.scales, (2, L * (H // 128) * cap * 4), np.uint8)[half]
+            if payload == "fp8_ue8m0":
+                sc = sc_half[:L * (H // 512) * cap * 4].view(np.int32).reshape(L, H // 512, cap)
+            else:
+                sc = sc_half.view(np.float32).reshape(L, H // 128, cap)
+            scales = arrays.to_framework(sc, framework)
+            scales = scales.transpose(1, 2) if framework == arrays.TORCH else scales.transpose(0, 2, 1)
+        v = self._views[key] = {
+            "tokens": tokens, "scales": scales,
+            "counts": arrays.to_framework(self.counts, framework),
+            "offsets": arrays.to_framework(self.offsets, framework),
+            "comb_out": arrays.to_framework(self.comb_out, framework, bf16=True),
+        }
+        return v
+
+    # ------------------------------------------------------------------------------- checks
     def check_errors(self) -> None:
         if self.ready:
             super().check_errors()
@@ -115,66 +175,103 @@ class LLRuntime(GpuRuntime):
         exc.ep_code_flags = validation.EARLIER
         return exc
 
-    def check_handle(self, state: "LLHandle") -> None:
-        age = self.seq - state.seq
+    def check_handle(self, state: LLHandle) -> None:
+        if not state.received[0]:
+            raise InvalidStateError("this dispatch's receive hook has not been called yet; call hook() before "
+                                    "combining its outputs")
+        age = self.received - state.seq
         if age not in (0, 1):
             raise InvalidStateError(f"LL handle is {age} dispatches old; LL keeps the last two dispatches only")
+
+    def check_pending(self, op: str) -> None:
+        """At most two sends of an op may wait for their hook (two buffers)."""
+        if self.pending[op] >= 2:
+            raise InvalidStateError(f"two LL {op}es already wait for their receive hook; call one before the next "
+                                    f"{op}")
 
     def same_routing(self, state, topk_ids) -> bool:
         return True   # LL has no cached dispatch
 
-    def _params(self, **kw) -> np.ndarray:
-        cfg = self.cfg
-        base = dict(x=0, topk_ids=0, weights=0, expert_out=0, out=0, counts_out=ptr(self.counts),
-                    recv_peers=ptr(self.recv.table), meta_peers=ptr(self.meta.table), comb_peers=ptr(self.comb.table),
-                    sig_peers=ptr(self.sig.table), state=ptr(self.state), rows_local=ptr(self.rows_local),
-                    send_mask=ptr(self.send_mask), err=self.err.ptr, input_err=self.input_err.ptr,
-                    timeout_ns=self.timeout_ns, disp_cnt_offset=self.layout.disp_cnt_offset,
-                    comb_cnt_offset=self.layout.comb_cnt_offset, ntok_offset=self.layout.ntok_offset, rank=self.rank,
-                    world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts, local_experts=self.L,
-                    row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, meta_stride=self.meta_stride,
-                    ids_64=0, age=0, capacity=self.capacity)
-        base.update(kw)
-        return structs.pack(structs.LL_PARAMS, **base)
-
+    # ---------------------------------------------------------------------------- dispatch
     def dispatch(self, call: DispatchCall):
         self.prepare()
-        cfg = self.cfg
-        T, framework = call.num_tokens, call.framework
-        x_info, ids_info, w_info, out_info = call.x, call.topk_ids, call.weights, call.output_buffer
-        views = self.owned_views(framework)
-        out_ptr = out_info.ptr if out_info is not None else ptr(self.out)
-        params = self._params(x=x_info.ptr, topk_ids=ids_info.ptr, weights=0 if w_info is None else w_info.ptr,
-                              out=out_ptr, num_tokens=T, ids_64=int(ids_info.dtype == "int64"))
-        self.k["ll_dispatch"].launch(self.plan.dispatch_blocks, self.plan.warps * 32, params, stream=call.stream)
-        self.seq += 1
-        if out_info is not None:
-            tokens = out_info.obj
+        cfg, plan = self.cfg, self.plan
+        T, fw, stream = call.num_tokens, call.framework, call.stream
+        payload = LL_PAYLOADS[call.fp8]
+        half = self.sent & 1   # alternates on every rank alike (module doc of ll_dispatch.cu)
+        views = self.views(fw, payload, half)
+        cum = call.cumulative_counts
+        params = structs.update(
+            self._params, x=call.x.ptr, topk_ids=call.topk_ids.ptr,
+            weights=0 if call.weights is None else call.weights.ptr,
+            copy_out=0 if call.output_buffer is None else call.output_buffer.ptr,
+            cum_counts=0 if cum is None else cum.ptr, cum_64=int(cum is not None and cum.dtype == "int64"),
+            num_tokens=T, ids_64=int(call.topk_ids.dtype == "int64"), fp8=call.fp8, send_blocks=plan.dispatch_blocks,
+            out_par=half)
+        threads = plan.warps * 32
+        handle = LLHandle(self.sent + 1, T, ())
+        if call.recv_hook:
+            self.check_pending("dispatch")
+            self.k[f"ll_dispatch_send_{payload}"].launch(plan.dispatch_blocks, threads, params, smem=plan.dispatch_smem,
+                                                         stream=stream)
+            handle.received = [False]
+            self.pending["dispatch"] += 1
+
+            def recv():
+                self.k[f"ll_dispatch_recv_{payload}"].launch(plan.dispatch_blocks, threads, params, stream=stream)
+                self.received += 1
+                self.pending["dispatch"] -= 1
+            hook = RecvHook(recv, handle.received, "dispatch")
+        else:
+            self.k[f"ll_dispatch_{payload}"].launch(plan.dispatch_blocks, threads, params, smem=plan.dispatch_smem,
+                                                    stream=stream)
+            self.received += 1
+            hook = None
+        self.sent += 1
+        if call.output_buffer is not None:
+            tokens = call.output_buffer.obj
             if cfg.layout is DispatchLayout.FLAT:
                 tokens = tokens.reshape(self.L * self.capacity, cfg.hidden_size)
         else:
-            tokens = views["out_flat"] if cfg.layout is DispatchLayout.FLAT else views["out"]
+            tokens = views["tokens"]
+        handle.tokens_shape = tuple(int(s) for s in tokens.shape)
         out = DispatchOutput(tokens=tokens, num_tokens_per_expert=views["counts"], num_tokens_per_expert_host=None,
-                             expert_offsets=views["offsets"], layout=cfg.layout)
-        return out, LLHandle(self.seq, T, tuple(int(s) for s in tokens.shape))
+                             expert_offsets=views["offsets"], layout=cfg.layout, scales=views["scales"])
+        return out, handle, hook
 
+    # ----------------------------------------------------------------------------- combine
     def combine(self, call: CombineCall):
         handle: LLHandle = call.state
-        age = self.seq - handle.seq
+        plan = self.plan
         T = handle.num_tokens
         if call.out is None:
-            out = self.owned_views(call.framework)["comb_out"][:T]
+            out = self.views(call.framework, "bf16")["comb_out"][:T]
             out_ptr = ptr(self.comb_out)
         else:
             out, out_ptr = call.out.obj, call.out.ptr
-        params = self._params(expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T, age=age)
-        self.k["ll_combine"].launch(self.plan.combine_blocks, self.plan.warps * 32, params, stream=call.stream)
-        return out
+        ready = call.ready
+        params = structs.update(self._params, expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T,
+                                age=self.received - handle.seq, send_blocks=plan.combine_blocks,
+                                ready=0 if ready is None else ready.ptr, ready_target=call.ready_target)
+        threads = plan.warps * 32
+        if call.recv_hook:
+            self.check_pending("combine")
+            self.k["ll_combine_send"].launch(plan.combine_blocks, threads, params, stream=call.stream)
+            self.pending["combine"] += 1
+            done = [False]
+
+            def recv():
+                self.k["ll_combine_recv"].launch(plan.combine_blocks, threads, params, stream=call.stream)
+                self.pending["combine"] -= 1
+            return out, RecvHook(recv, done, "combine")
+        self.k["ll_combine"].launch(plan.combine_blocks, threads, params, stream=call.stream)
+        return out, None
 
     def close(self) -> None:
         super().close()
         if not self.ready:
             return
+        self._views = {}
         for buf in self._bufs:
             buf.close()
         self._bufs = []

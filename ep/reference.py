@@ -49,6 +49,80 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint16)
 
 
+# ---------------------------------------------------------------------------------------------- fp8
+E4M3_MAX = 448.0
+E4M3_NAN = 0x7F
+FP8_GROUP = 128
+AMAX_FLOOR = np.float32(1e-4)
+
+
+def f32_to_e4m3(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint8 e4m3 (fn) bit patterns: round to nearest even, magnitudes >= 448 (and inf) saturate to
+    448, NaN becomes 0x7F, as the GPU's cvt.rn.satfinite.e4m3x2.f32 gives them."""
+    f = np.ascontiguousarray(values, dtype=np.float32)
+    sign = ((f.view(np.uint32) >> np.uint32(31)).astype(np.uint8) << np.uint8(7))
+    a = np.abs(f).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        _, e = np.frexp(np.where(np.isfinite(a), a, 0.0))
+        exp = np.maximum(e.astype(np.int64) - 1, -6)              # a = 1.m * 2^exp, or a subnormal of 2^-6
+        q = np.rint(a / np.exp2(exp - 3))                          # 3 mantissa bits: exact, round half to even
+        carry = q >= 16
+        exp = np.where(carry, exp + 1, exp)
+        q = np.where(carry, 8.0, q)
+        q = np.where(np.isfinite(q), q, 0.0).astype(np.int64)
+    bits = np.where(q >= 8, ((exp + 7) << 3) | (q - 8), q).astype(np.uint8)
+    out = sign | bits
+    out = np.where(a >= E4M3_MAX, sign | np.uint8(0x7E), out)
+    return np.where(np.isnan(f), np.uint8(E4M3_NAN), out).astype(np.uint8)
+
+
+def e4m3_to_f32(bits: np.ndarray) -> np.ndarray:
+    """uint8 e4m3 (fn) bit patterns -> float32 (exact)."""
+    b = np.asarray(bits, dtype=np.uint8).astype(np.int64)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 0x7
+    mag = np.where(exp == 0, man * 2.0 ** -9, (8 + man) * np.exp2(exp - 10))
+    mag = np.where((exp == 15) & (man == 7), np.nan, mag)
+    return (sign * mag).astype(np.float32)
+
+
+def fp8_scales(amax: np.ndarray, round_scale: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, multiplier) of groups with this amax: scale = amax / 448 and multiplier 448 / amax, or with
+    round_scale the power of two 2^e, e = ceil(log2(amax / 448)) (biased exponent clamped to [1, 254]), and
+    2^-e. amax is floored at 1e-4 first. float32 throughout (IEEE division)."""
+    amax = np.fmax(np.asarray(amax, np.float32), AMAX_FLOOR)
+    s = (amax / np.float32(E4M3_MAX)).astype(np.float32)
+    if not round_scale:
+        return s, (np.float32(E4M3_MAX) / amax).astype(np.float32)
+    u = s.view(np.uint32)
+    e = ((u >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int64) + ((u & np.uint32(0x7FFFFF)) != 0)
+    e = np.clip(e, 1, 254).astype(np.uint32)
+    return (e << np.uint32(23)).view(np.float32), ((np.uint32(254) - e) << np.uint32(23)).view(np.float32)
+
+
+def fp8_cast(x: np.ndarray, round_scale: bool = False, ue8m0: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The LL dispatch's in-kernel cast of bf16 rows ``x`` (uint16 [n, H], H % 128 == 0) to e4m3, per 128
+    channels: amax = max |x| (NaN ignored), floored at 1e-4; values x * multiplier (float32 multiply) cast to
+    e4m3 (f32_to_e4m3). Returns (uint8 [n, H], scales): float32 [n, H/128] scales, or with ``ue8m0`` (which
+    implies round_scale) int32 [n, H/512] holding the exponent bytes of four consecutive groups per word
+    (group g in byte g % 4, little endian)."""
+    round_scale = round_scale or ue8m0
+    bits = np.asarray(x, dtype=np.uint16)
+    n, H = bits.shape
+    if H % FP8_GROUP:
+        raise ValueError(f"fp8_cast needs H % {FP8_GROUP} == 0, got {H}")
+    f = bf16_to_f32(bits).reshape(n, H // FP8_GROUP, FP8_GROUP)
+    amax = np.fmax.reduce(np.abs(f), axis=2) if n else np.zeros((0, H // FP8_GROUP), np.float32)
+    scale, mult = fp8_scales(amax, round_scale)
+    q = f32_to_e4m3((f * mult[..., None]).astype(np.float32)).reshape(n, H)
+    if not ue8m0:
+        return q, scale.astype(np.float32)
+    if H % (4 * FP8_GROUP):
+        raise ValueError(f"UE8M0 scales need H % {4 * FP8_GROUP} == 0, got {H}")
+    exps = ((scale.view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF)).astype(np.uint8)
+    return q, np.ascontiguousarray(exps).view(np.int32).reshape(n, H // (4 * FP8_GROUP))
+
+
 # ------------------------------------------------------------------------------------------- routing
 def valid_slots(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     """bool [T, K]: slots that name an expert (ids in [0, E))."""
@@ -81,17 +155,21 @@ class RankSlice:
 
     source: int
     token_index: np.ndarray   # int64 [n]
-    x: np.ndarray             # uint16 [n, H]
+    x: np.ndarray             # [n, row]: the payload rows (bf16 bits uint16, or any byte payload), as sent
     topk_ids: np.ndarray      # int64 [n, K], global expert ids
     weights: np.ndarray       # float32 [n, K]
+    scales: np.ndarray | None = None   # [n, S]: per-row scales that travel with the rows, or None
 
 
 def slice_for_rank(source: int, dest: int, x: np.ndarray, topk_ids: np.ndarray, weights: np.ndarray | None,
-                   num_experts: int, world_size: int) -> RankSlice:
+                   num_experts: int, world_size: int, scales: np.ndarray | None = None) -> RankSlice:
+    """``x``: bf16 bits (uint16) or any payload dtype, kept as it is; ``scales``: rows of per-row scales."""
     ids = np.asarray(topk_ids, dtype=np.int64)
     w = np.ones(ids.shape, np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
     sel = np.nonzero(routed_ranks(ids, num_experts, world_size)[:, dest])[0]
-    return RankSlice(source, sel.astype(np.int64), np.asarray(x, dtype=np.uint16)[sel], ids[sel], w[sel])
+    xa = np.asarray(x)
+    return RankSlice(source, sel.astype(np.int64), xa[sel], ids[sel], w[sel],
+                     None if scales is None else np.asarray(scales)[sel])
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -99,12 +177,13 @@ def slice_for_rank(source: int, dest: int, x: np.ndarray, topk_ids: np.ndarray, 
 class ReceivedLayout:
     """One rank's dispatch result and the row map that its combine needs."""
 
-    tokens: np.ndarray            # uint16 FLAT [rows, H] or EXPERT_MAJOR [L, capacity, H]
+    tokens: np.ndarray            # FLAT [rows, row] or EXPERT_MAJOR [L, capacity, row], the payload's dtype
     counts: np.ndarray            # int64 [L], padding excluded
     offsets: np.ndarray           # int64 [L+1], indexes tokens viewed as [rows, H]
     rows: list                    # per source: int64 [n_s, K], row of each slot owned here, else -1
     capacity: int                 # EXPERT_MAJOR capacity (0 for FLAT)
     layout: DispatchLayout
+    scales: np.ndarray | None = None   # the rows' scales, [rows, S] or [L, capacity, S] (padding rows zero)
 
 
 def padded(count: int, alignment: int) -> int:
@@ -133,7 +212,10 @@ def dispatch_receive(received: list[RankSlice], rank: int, num_experts: int, wor
             raise ValueError(f"an expert receives {int(counts.max())} rows, more than the capacity {cap}")
         offsets = (np.arange(per_rank + 1, dtype=np.int64) * cap)
     total = int(offsets[-1])
-    flat = np.zeros((total, hidden), dtype=np.uint16)
+    like = received[0].x if received else np.zeros((0, hidden), np.uint16)
+    flat = np.zeros((total, like.shape[1]), dtype=like.dtype)
+    sc_like = received[0].scales if received else None
+    flat_sc = None if sc_like is None else np.zeros((total, sc_like.shape[1]), dtype=sc_like.dtype)
     rows = [np.full(sl.topk_ids.shape, -1, dtype=np.int64) for sl in received]
     for e in range(per_rank):
         row = int(offsets[e])
@@ -144,11 +226,16 @@ def dispatch_receive(received: list[RankSlice], rank: int, num_experts: int, wor
                 continue
             targets = np.arange(row, row + n, dtype=np.int64)
             flat[targets] = sl.x[idx]
+            if flat_sc is not None:
+                flat_sc[targets] = sl.scales[idx]
             slot_hit = sl.topk_ids[idx] == first + e                 # [n, K]
             rows[s][idx] = np.where(slot_hit, targets[:, None], rows[s][idx])
             row += n
-    tokens = flat if layout is DispatchLayout.FLAT else flat.reshape(per_rank, cap, hidden)
-    return ReceivedLayout(tokens, counts, offsets, rows, cap, layout)
+    tokens = flat if layout is DispatchLayout.FLAT else flat.reshape(per_rank, cap, flat.shape[1])
+    sc = None
+    if flat_sc is not None:
+        sc = flat_sc if layout is DispatchLayout.FLAT else flat_sc.reshape(per_rank, cap, flat_sc.shape[1])
+    return ReceivedLayout(tokens, counts, offsets, rows, cap, layout, sc)
 
 
 # ------------------------------------------------------------------------------------------- combine
@@ -182,10 +269,12 @@ def combine_partials(num_tokens: int, hidden: int, parts: list[tuple[np.ndarray,
 
 # ------------------------------------------------------------------------- whole-world convenience
 def dispatch_world(xs: list, topk_ids: list, weights: list, num_experts: int, hidden: int, alignment: int = 1,
-                   layout: DispatchLayout = DispatchLayout.FLAT, capacity: int | None = None) -> list[ReceivedLayout]:
+                   layout: DispatchLayout = DispatchLayout.FLAT, capacity: int | None = None,
+                   scales: list | None = None) -> list[ReceivedLayout]:
     """Every rank's dispatch output, given every rank's inputs (index = rank). Used by tests and the bench."""
     world = len(xs)
-    slices = [[slice_for_rank(s, d, xs[s], topk_ids[s], weights[s], num_experts, world) for s in range(world)]
+    sc = scales if scales is not None else [None] * world
+    slices = [[slice_for_rank(s, d, xs[s], topk_ids[s], weights[s], num_experts, world, sc[s]) for s in range(world)]
               for d in range(world)]
     return [dispatch_receive(slices[d], d, num_experts, world, hidden, alignment, layout, capacity)
             for d in range(world)]

@@ -9,8 +9,8 @@ A runtime takes the communicator's validated call records (ep/calls.py) and noth
                                rank when one failed (ep/validation.py settle)
     take_input_error()         an input error found on the device in an earlier call (LL's invalid expert
                                ids), reported in the next call's agree
-    dispatch(call)             -> (DispatchOutput, state kept in the handle)
-    combine(call)              -> [T, H] output
+    dispatch(call)             -> (DispatchOutput, state kept in the handle, receive hook or None)
+    combine(call)              -> ([T, H] output, receive hook or None)
     check_handle(state)        raise InvalidStateError when a handle can no longer be combined
     same_routing(state, ids)   whether topk_ids equal the routing of a handle (EP_DEBUG_CHECKS)
     check_errors()             raise a time-out the device reported (EPTimeoutError: the communicator is
@@ -70,6 +70,9 @@ class Runtime:
 
     def check_handle(self, state) -> None:
         pass
+
+    def check_pending(self, op: str) -> None:
+        """Raise InvalidStateError when another send of ``op`` may not wait for its receive hook."""
 
     def same_routing(self, state, topk_ids) -> bool:
         raise NotImplementedError

@@ -88,33 +88,60 @@ def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtL
 
 @dataclass(frozen=True)
 class LLLayout:
-    recv_bytes: int        # [2][W][T_max][row]
-    meta_bytes: int        # [2][W][T_max][meta_stride]
-    comb_bytes: int        # [2][W][T_max][row]
-    sig_bytes: int
-    barrier_offset: int
+    """Byte layout of the LL buffers of one rank (cuda_src/ll_dispatch.cu, ll_combine.cu)."""
+
+    out_bytes: int         # symmetric: dispatch output [2][L][cap][2H] by parity (FP8 uses [L][cap][H] of a half)
+    scale_bytes: int       # symmetric: FP8 scales [2][L][H/128][cap] f32 (0 when H % 128)
+    meta_bytes: int        # symmetric: [2][W][T_max][meta_stride] MetaRec
+    comb_bytes: int        # symmetric: [2][W][T_max][2H] partials
+    sig_bytes: int         # symmetric: count slots [2][W] of cnt_stride, then arrivals
+    cnt_offset: int
+    cnt_stride: int
     disp_cnt_offset: int
     comb_cnt_offset: int
-    ntok_offset: int
-    out_bytes: int         # communicator-owned output [L, W*T_max, H]
-    rows_local_bytes: int  # [2][W][T_max][K] int32
+    meta_stride: int
+    local_bytes: int       # state, send masks, ntok, counts, offsets, the owned combine output
 
     @property
     def total(self) -> int:
-        return (self.recv_bytes + self.meta_bytes + self.comb_bytes + self.sig_bytes + self.out_bytes
-                + self.rows_local_bytes)
+        return self.out_bytes + self.scale_bytes + self.meta_bytes + self.comb_bytes + self.sig_bytes + self.local_bytes
+
+
+LL_STATE_WORDS = 12        # ll_common.cuh: four seqs, four blocks-done counters; ll_combine.cu: two recorded dseqs
+
+
+def ll_meta_stride(topk: int) -> int:
+    """MetaRec {seq, reserved, rows[K], w[K]} rounded to 16 bytes."""
+    return round_up(8 + 8 * topk, 16)
 
 
 def ll_layout(cfg: MoECommunicatorConfig, world: int) -> LLLayout:
-    T = cfg.max_tokens_per_rank
+    T, H, K = cfg.max_tokens_per_rank, cfg.hidden_size, cfg.topk
     L = cfg.num_experts // world
-    rb = row_bytes(cfg)
-    disp_cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
+    cap = world * T
+    cnt_stride = round_up(16 + 4 * cfg.num_experts, 16)
+    cnt_offset = 0
+    disp_cnt_offset = round_up(cnt_offset + 2 * world * cnt_stride, 128)
     comb_cnt_offset = disp_cnt_offset + BARRIER_SLOTS * 8
-    ntok_offset = comb_cnt_offset + BARRIER_SLOTS * 8
-    sig_bytes = round_up(ntok_offset + 2 * BARRIER_SLOTS * 4, 4096)
-    return LLLayout(2 * world * T * rb, 2 * world * T * meta_stride(cfg.topk), 2 * world * T * rb, sig_bytes, 0,
-                    disp_cnt_offset, comb_cnt_offset, ntok_offset, L * world * T * rb, 2 * world * T * cfg.topk * 4)
+    sig_bytes = round_up(comb_cnt_offset + BARRIER_SLOTS * 8, 4096)
+    meta_stride = ll_meta_stride(K)
+    local = (4 * LL_STATE_WORDS + 4 * 2 * T + 4 * 2 * world + 4 * L + 8 * (L + 1) + T * 2 * H)
+    return LLLayout(out_bytes=2 * L * cap * 2 * H, scale_bytes=2 * L * (H // 128) * cap * 4 if H % 128 == 0 else 0,
+                    meta_bytes=2 * world * T * meta_stride, comb_bytes=2 * world * T * 2 * H, sig_bytes=sig_bytes,
+                    cnt_offset=cnt_offset, cnt_stride=cnt_stride, disp_cnt_offset=disp_cnt_offset,
+                    comb_cnt_offset=comb_cnt_offset, meta_stride=meta_stride, local_bytes=local)
+
+
+def ll_route_smem(cfg: MoECommunicatorConfig, limit: int) -> tuple[int, int]:
+    """(expert columns per tile, dynamic shared memory bytes) of the LL dispatch's routing bitmap: base[E]
+    i32, then per tile words u32 and prefix u16 [ceil(T_max/32)][cols], then idx u16 [T_max][K]. The widest
+    tile that fits in ``limit`` bytes; (0, need) when not even one column does."""
+    E, T, K = cfg.num_experts, cfg.max_tokens_per_rank, cfg.topk
+    nw = -(-T // 32)
+    fixed = 4 * E + 2 * T * K
+    cols = min(E, (limit - fixed) // (6 * nw)) if limit > fixed else 0
+    need = fixed + 6 * nw * max(cols, 1)
+    return (cols if cols >= 1 else 0), round_up(need, 16)
 
 
 def check_row_index_range(cfg: MoECommunicatorConfig, world: int) -> None:

@@ -50,12 +50,17 @@ HT_COMBINE_PARAMS = _struct(
     ("item_hi", _I), ("skip_own", _I))
 
 LL_PARAMS = _struct(
-    ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("counts_out", _P),
-    ("recv_peers", _P), ("meta_peers", _P), ("comb_peers", _P), ("sig_peers", _P), ("state", _P),
-    ("rows_local", _P), ("send_mask", _P), ("err", _P), ("input_err", _P), ("timeout_ns", _U64),
-    ("disp_cnt_offset", _U64), ("comb_cnt_offset", _U64), ("ntok_offset", _U64), ("rank", _I), ("world", _I),
-    ("num_tokens", _I), ("topk", _I), ("num_experts", _I), ("local_experts", _I), ("row_bytes", _I),
-    ("max_tokens", _I), ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("capacity", _I))
+    ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("copy_out", _P),
+    ("counts_out", _P), ("cum_counts", _P), ("ready", _P), ("out_peers", _P), ("scale_peers", _P),
+    ("meta_peers", _P), ("comb_peers", _P), ("sig_peers", _P), ("state", _P), ("send_mask", _P), ("ntok", _P),
+    ("err", _P), ("input_err", _P), ("timeout_ns", _U64), ("cnt_offset", _U64), ("disp_cnt_offset", _U64),
+    ("comb_cnt_offset", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("num_experts", _I),
+    ("local_experts", _I), ("hidden", _I), ("max_tokens", _I), ("capacity", _I), ("cnt_stride", _I),
+    ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("fp8", _I), ("send_blocks", _I), ("cols_per_tile", _I),
+    ("ready_target", np.uint32), ("cum_64", _I), ("out_par", _I), ("reserved", _I))
+
+LL_COUNT_SLOT = _struct(("seq", _U64), ("num_tokens", _I), ("reserved", _I))
+LL_META_REC = _struct(("seq", np.uint32), ("reserved", _I))
 
 # C struct name -> dtype, for the layout test.
 C_STRUCTS = {
@@ -66,6 +71,8 @@ C_STRUCTS = {
     "HtDispatchParams": HT_DISPATCH_PARAMS,
     "HtCombineParams": HT_COMBINE_PARAMS,
     "LLParams": LL_PARAMS,
+    "LLCountSlot": LL_COUNT_SLOT,
+    "MetaRec": LL_META_REC,
 }
 
 

@@ -45,6 +45,8 @@ class LLPlan:
     dispatch_blocks: int
     combine_blocks: int
     warps: int
+    dispatch_smem: int           # the routing bitmap's dynamic shared memory
+    cols_per_tile: int           # expert columns per bitmap tile
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,8 @@ def gather_warps(t: HtTuning, blocks: int) -> int:
 
 def _ht_plan(cfg: MoECommunicatorConfig, sms: int | None) -> tuple[HtPlan, dict]:
     t = cfg.ht_tuning
-    d_blocks = block_count(cfg.overlap.dispatch_num_sms or cfg.num_sms, sms, "dispatch")
-    c_blocks = block_count(cfg.overlap.combine_num_sms or cfg.num_sms, sms, "combine")
+    d_blocks = block_count(cfg.overlap.dispatch_num_sms or cfg.sms_for(sms), sms, "dispatch")
+    c_blocks = block_count(cfg.overlap.combine_num_sms or cfg.sms_for(sms), sms, "combine")
     senders = dispatch_senders(t, d_blocks)
     copy = t.dispatch_copy
     send_warps = t.dispatch_warps
@@ -134,11 +136,18 @@ def _ht_plan(cfg: MoECommunicatorConfig, sms: int | None) -> tuple[HtPlan, dict]
 
 def _ll_plan(cfg: MoECommunicatorConfig, sms: int | None) -> tuple[LLPlan, dict]:
     t = cfg.ll_tuning
-    plan = LLPlan(dispatch_blocks=block_count(cfg.overlap.dispatch_num_sms or cfg.num_sms, sms, "LL dispatch"),
-                  combine_blocks=block_count(cfg.overlap.combine_num_sms or cfg.num_sms, sms, "LL combine"),
-                  warps=t.warps)
+    cols, smem = sizes.ll_route_smem(cfg, constants.SMEM_LIMIT - LL_STATIC_SMEM)
+    if cols < 1:
+        raise ConfigError(f"LL dispatch: the routing of max_tokens_per_rank={cfg.max_tokens_per_rank} x topk={cfg.topk} "
+                          f"over {cfg.num_experts} experts needs {smem} bytes of shared memory, more than "
+                          f"{constants.SMEM_LIMIT - LL_STATIC_SMEM}; lower max_tokens_per_rank")
+    plan = LLPlan(dispatch_blocks=block_count(cfg.overlap.dispatch_num_sms or cfg.sms_for(sms), sms, "LL dispatch"),
+                  combine_blocks=block_count(cfg.overlap.combine_num_sms or cfg.sms_for(sms), sms, "LL combine"),
+                  warps=t.warps, dispatch_smem=smem, cols_per_tile=cols)
     return plan, {"ll_dispatch.cu": {"EP_LL_WARPS": t.warps}, "ll_combine.cu": {"EP_LL_WARPS": t.warps}}
 
+
+LL_STATIC_SMEM = 1024   # bound of the LL kernels' static shared memory (the runtime checks it)
 
 # Entry points each mode loads, per source file.
 HT_ENTRIES = {
@@ -147,9 +156,10 @@ HT_ENTRIES = {
     "ht_dispatch.cu": ("ht_dispatch",),
     "ht_combine.cu": ("ht_combine_reduce", "ht_combine_gather", "ht_combine_sum"),
 }
+LL_PAYLOADS = ("bf16", "fp8", "fp8_pow2", "fp8_ue8m0")   # cuda_src/common/fp8.cuh Fp8Mode, in order
 LL_ENTRIES = {
-    "ll_dispatch.cu": ("ll_dispatch",),
-    "ll_combine.cu": ("ll_combine",),
+    "ll_dispatch.cu": tuple(f"ll_dispatch{half}_{m}" for m in LL_PAYLOADS for half in ("", "_send", "_recv")),
+    "ll_combine.cu": ("ll_combine", "ll_combine_send", "ll_combine_recv"),
 }
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # An abort code names the argument and the kind of error: 1 + 8 * argument + kind.
 ARGUMENTS = ("x", "topk_ids", "weights", "scales", "previous_handle", "output_buffer", "expert_output", "out",
-             "handle", "stream", "(other)")
+             "handle", "stream", "cast", "cumulative_counts", "return_recv_hook", "overlap", "(other)")
 KINDS = (ValueError, TypeError, CapacityError, InvalidStateError, NotImplementedError, EPError)
 # What a rank's failed checks raise: the exceptions the communicator shares with its peers.
 INPUT_ERRORS = (ValueError, TypeError, NotImplementedError, EPError)
@@ -107,8 +107,32 @@ def check_handle(comm: "MoECommunicator", handle, name: str) -> None:
         raise
 
 
+def _ll_only(comm, name: str) -> None:
+    if comm.config.mode != "ll":
+        raise arrays.argument_error(ValueError, name, f"{name} applies to mode='ll' only")
+
+
+def _cast_mode(comm: "MoECommunicator", cast) -> int:
+    from .config import Fp8Cast
+    if cast is None:
+        return 0
+    _ll_only(comm, "cast")
+    if not isinstance(cast, Fp8Cast):
+        raise arrays.argument_error(TypeError, "cast", f"cast must be an ep.Fp8Cast or None, got {type(cast).__name__}")
+    cfg = comm.config
+    block = 512 if cast.ue8m0 else 128
+    if cfg.hidden_size % block:
+        raise arrays.argument_error(ValueError, "cast", f"cast: FP8{' UE8M0' if cast.ue8m0 else ''} needs hidden_size "
+                                                        f"% {block} == 0, got {cfg.hidden_size}")
+    cap = comm.world_size * cfg.max_tokens_per_rank
+    if cap % 4:
+        raise arrays.argument_error(ValueError, "cast", f"cast: the token-contiguous scales need W * max_tokens_per_rank "
+                                                        f"% 4 == 0 (16-byte rows for TMA), got {cap}")
+    return cast.mode
+
+
 def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previous_handle,
-                  output_buffer, stream) -> DispatchCall:
+                  output_buffer, stream, cast=None, cumulative_counts=None, return_recv_hook=False) -> DispatchCall:
     cfg = comm.config
     gpu = comm.backend == "gpu"
     if scales is not None:
@@ -157,11 +181,28 @@ def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previou
         cap = comm.world_size * cfg.max_tokens_per_rank
         oi = arrays.check_array(output_buffer, "output_buffer", shape=(comm.num_local_experts, cap, cfg.hidden_size),
                                 dtypes=bf16, device=dev, fw=fw)
+    fp8 = _cast_mode(comm, cast)
+    if fp8 and oi is not None:
+        raise arrays.argument_error(ValueError, "output_buffer", "output_buffer takes bf16 tokens; with cast= the "
+                                                                 "FP8 tokens and scales are communicator-owned")
+    ci = None
+    if cumulative_counts is not None:
+        _ll_only(comm, "cumulative_counts")
+        _same_framework(cumulative_counts, "cumulative_counts", fw)
+        ci = arrays.check_array(cumulative_counts, "cumulative_counts", shape=(comm.num_local_experts,),
+                                dtypes=("int32", "int64"), device=dev, fw=fw)
+    if not isinstance(return_recv_hook, bool):
+        raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
+    if return_recv_hook:
+        _ll_only(comm, "return_recv_hook")
+        comm._rt.check_pending("dispatch")
     return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
-                        stream=_stream(comm, stream, fw), framework=fw)
+                        stream=_stream(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
+                        recv_hook=return_recv_hook)
 
 
-def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream) -> CombineCall:
+def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, return_recv_hook=False,
+                 overlap=None) -> CombineCall:
     cfg = comm.config
     check_handle(comm, handle, "handle")
     fw = arrays.framework_of(expert_output, "expert_output")
@@ -177,8 +218,17 @@ def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream) ->
         if arrays.framework_of(out, "out") != fw:
             raise arrays.argument_error(TypeError, "out", "out must come from the same framework as expert_output")
         oi = arrays.check_array(out, "out", shape=(T, cfg.hidden_size), dtypes=bf16, device=comm.device, fw=fw)
+    if not isinstance(return_recv_hook, bool):
+        raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
+    if return_recv_hook:
+        _ll_only(comm, "return_recv_hook")
+        comm._rt.check_pending("combine")
+    ready, target = None, 0
+    if overlap is not None:
+        ready, target = overlap.check(comm, fw)
     return CombineCall(expert_output=yi, state=handle._state, out=oi, num_tokens=T,
-                       stream=_stream(comm, stream, fw), framework=fw)
+                       stream=_stream(comm, stream, fw), framework=fw, recv_hook=return_recv_hook, ready=ready,
+                       ready_target=target)
 
 
 def _checks_ids_on_host(comm: "MoECommunicator") -> bool:

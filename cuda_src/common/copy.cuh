@@ -7,6 +7,14 @@ namespace ep {
 
 constexpr int kCopyUnroll = 4;   // 16-byte vectors in flight per lane (4 x 32 lanes = 2 KB per warp)
 
+// Lanes 0..popc(mask)-1 receive, in ascending bit order, the value lane `bit` holds (compaction).
+__device__ __forceinline__ u64 compact_by_mask(u32 mask, u64 value_of_lane, int lane) {
+  const int n = __popc(mask);
+  const int from = lane < n ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0;
+  return __shfl_sync(0xFFFFFFFFu, value_of_lane, from);
+}
+
+
 // Copy one source row to `n` destination rows (each read once, stored n times); lane j holds destination
 // j (n <= 32). The source is read with L2-only loads: it may be a buffer a peer wrote during this kernel.
 template <int U = kCopyUnroll>

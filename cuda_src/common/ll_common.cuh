@@ -1,59 +1,114 @@
-// Shared pieces of the LL kernels: device sequence numbers (graph-replay safe) and buffer addressing.
+// What the LL kernels share: the params, device sequence numbers (graph-replay safe), buffer addressing,
+// the arrival signals and the copies in column chunks.
 //
-// A sequence number lives in device memory (state[0] dispatch, state[1] combine) so that a captured CUDA
-// graph, whose kernel arguments are frozen, still advances it on every replay. Every block reads
-// seq = state[i] + 1 at its start; the last block to finish (counter state[2 + i]) stores seq back.
+// Sequence numbers live in device memory so that a captured CUDA graph, whose kernel arguments are frozen,
+// still advances them on every replay: one per half of each op (dispatch send / receive, combine send /
+// receive), because with receive hooks a second send may run before the first receive. Every block of a
+// half reads seq = state[i] + 1 at its start; the last block to finish it (counter state[4 + i]) stores seq
+// back. Halves run in the same order on every rank, so the i-th receive pairs with the i-th send. Parity
+// par = seq & 1 selects the half of every double-buffered region.
+//
+// Work is split in column chunks of kChunkChannels channels (2 KB of bf16): an item is (token, rank,
+// chunk), so a few tokens still spread over many warps and SMs.
 #pragma once
 #include "common/copy.cuh"
 #include "common/params.cuh"
 
 namespace ep {
 
+constexpr int kDispatchSend = 0, kDispatchRecv = 1, kCombineSend = 2, kCombineRecv = 3;
+constexpr int kChunkChannels = 1024;       // channels per work item (2 KB of bf16, 1 KB of e4m3)
+constexpr int kFp8Group = 128;             // channels per FP8 scale
+constexpr int kMaxLLGroupsPerChunk = kChunkChannels / kFp8Group;
+
 __device__ __forceinline__ u32 ll_read_seq(const LLParams& p, int which) {
   return *reinterpret_cast<volatile u32*>(p.state + which) + 1u;
 }
 
+// The last block to finish a half publishes its sequence number.
 __device__ __forceinline__ void ll_finish_block(const LLParams& p, int which, u32 seq) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    const u32 done = atomicAdd(p.state + 2 + which, 1u);
+    const u32 done = atomicAdd(p.state + 4 + which, 1u);
     if (done == gridDim.x - 1) {
-      p.state[2 + which] = 0u;
+      p.state[4 + which] = 0u;
       *reinterpret_cast<volatile u32*>(p.state + which) = seq;
       __threadfence();
     }
   }
 }
 
-__device__ __forceinline__ u64 ll_slot(const LLParams& p, int parity, int src, int t) {
-  return (static_cast<u64>(parity) * p.world + src) * p.max_tokens + t;
+__device__ __forceinline__ LLCountSlot* ll_count_slot(const LLParams& p, int rank, int par, int src) {
+  return reinterpret_cast<LLCountSlot*>(p.sig_peers[rank] + p.cnt_offset +
+                                        static_cast<u64>(par * p.world + src) * p.cnt_stride);
+}
+__device__ __forceinline__ i32* ll_slot_counts(LLCountSlot* slot) { return reinterpret_cast<i32*>(slot + 1); }
+
+__device__ __forceinline__ u8* ll_meta(const LLParams& p, int rank, int par, int src, int t) {
+  return reinterpret_cast<u8*>(p.meta_peers[rank]) +
+         (static_cast<u64>(par * p.world + src) * p.max_tokens + t) * p.meta_stride;
 }
 
-__device__ __forceinline__ u64* ll_counter(const LLParams& p, int rank, u64 offset, int src) {
+// The dispatch output and scales are double-buffered: two micro-batches may be in flight (receive hooks),
+// and a dispatch's rows stay valid while it is one of the last two. The half is the host's (out_par, the
+// same on every rank: every rank makes the same calls), not the device sequence's parity, so the outputs a
+// captured graph returned always view the half its replays write.
+__device__ __forceinline__ u8* ll_out(const LLParams& p, int rank) {
+  return reinterpret_cast<u8*>(p.out_peers[rank]) + static_cast<u64>(p.out_par) * p.local_experts * p.capacity * 2 * p.hidden;
+}
+__device__ __forceinline__ u8* ll_scales(const LLParams& p, int rank) {
+  return reinterpret_cast<u8*>(p.scale_peers[rank]) +
+         static_cast<u64>(p.out_par) * p.local_experts * (p.hidden / 128) * p.capacity * 4;
+}
+
+__device__ __forceinline__ u64* ll_arrivals(const LLParams& p, int rank, u64 offset, int src) {
   return reinterpret_cast<u64*>(p.sig_peers[rank] + offset) + src;
 }
 
-__device__ __forceinline__ int* ll_ntok(const LLParams& p, int rank, int parity, int src) {
-  return reinterpret_cast<int*>(p.sig_peers[rank] + p.ntok_offset) + parity * p.world + src;
+// A valid expert id of slot (t, k), or -1 (unused; an invalid id is recorded once and treated as unused).
+__device__ __forceinline__ int ll_expert(const LLParams& p, int t, int k, bool report) {
+  const i64 i = static_cast<i64>(t) * p.topk + k;
+  i64 id = p.ids_64 ? static_cast<const long long*>(p.topk_ids)[i] : static_cast<const int*>(p.topk_ids)[i];
+  if (id < -1 || id >= p.num_experts) {
+    if (report) record_first(p.input_err, kPhaseBadExpertId, p.rank, static_cast<int>(i), static_cast<u64>(id),
+                             static_cast<u64>(p.num_experts));
+    return -1;
+  }
+  return static_cast<int>(id);
 }
 
-// Every thread d < W of the block signals rank d, then waits for every rank's signal (seq * G arrivals).
-__device__ __forceinline__ bool ll_exchange_arrivals(const LLParams& p, u64 offset, u32 seq, int phase, int* s_abort) {
+// After this block's sends: one release-add per destination rank. Receivers wait for send_blocks of them per
+// op from every source (the count only grows: seq * send_blocks).
+__device__ __forceinline__ void ll_signal_sent(const LLParams& p, u64 offset) {
   __syncthreads();
-  if (threadIdx.x == 0) *s_abort = 0;
   if (threadIdx.x < p.world) {
     fence_sys();
-    red_add_release_sys(ll_counter(p, threadIdx.x, offset, p.rank), 1ull);
+    red_add_release_sys(ll_arrivals(p, threadIdx.x, offset, p.rank), 1ull);
   }
+}
+
+// Every source's arrivals of this op (lane s of warp 0 waits for source s); false on time-out.
+__device__ __forceinline__ bool ll_wait_arrivals(const LLParams& p, u64 offset, u32 seq, int phase, int* s_ok) {
+  if (threadIdx.x == 0) *s_ok = 1;
   __syncthreads();
   if (threadIdx.x < p.world) {
-    const u64 target = static_cast<u64>(seq) * gridDim.x;
-    if (!wait_geq(ll_counter(p, p.rank, offset, threadIdx.x), target, p.err, p.timeout_ns, phase, p.rank, threadIdx.x))
-      *s_abort = 1;
+    const u64 target = static_cast<u64>(seq) * static_cast<u64>(p.send_blocks);
+    if (!wait_geq<kSpinSleepMaxNs>(ll_arrivals(p, p.rank, offset, threadIdx.x), target, p.err, p.timeout_ns, phase,
+                                   p.rank, threadIdx.x))
+      *s_ok = 0;
   }
   __syncthreads();
-  return *s_abort == 0;
+  return *s_ok != 0;
+}
+
+// Bytes [c * chunk, ...) of a row of `row_bytes`: the chunk's offset and length.
+__device__ __forceinline__ int chunk_bytes(int c, int chunk, int row_bytes) { return min(chunk, row_bytes - c * chunk); }
+
+// Copy `bytes` (multiple of 16) from src to each of the n destinations lanes 0..n-1 hold (16-byte vectors,
+// every load before the stores).
+__device__ __forceinline__ void warp_copy_chunk(u64 my_dst, int n, const u8* src, int bytes, int lane) {
+  warp_copy_multi<4>(my_dst, n, src, bytes, lane);
 }
 
 }  // namespace ep

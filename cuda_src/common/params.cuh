@@ -118,37 +118,68 @@ struct HtCombineParams {
 };
 
 struct LLParams {
-  const u8* x;            // dispatch: [T, H]
-  const void* topk_ids;   // dispatch: [T, K] int32/int64
-  const float* weights;   // dispatch: [T, K] or nullptr
-  const u8* expert_out;   // combine: [L * cap, H]
-  u8* out;                // dispatch: [L * cap, H]; combine: [T, H]
-  i32* counts_out;        // dispatch: [L]
-  const u64* recv_peers;  // [W] base of recv buffers: [2][W][T_max][row_bytes]
-  const u64* meta_peers;  // [W] base of meta buffers: [2][W][T_max][meta_stride]
-  const u64* comb_peers;  // [W] base of combine buffers: [2][W][T_max][row_bytes]
-  const u64* sig_peers;   // [W]
-  u32* state;             // local: {dispatch seq, combine seq, dispatch blocks done, combine blocks done}
-  i32* rows_local;        // local: [2][W][T_max][K] flat output row of each received slot
-  u32* send_mask;         // local: [2][T_max] ranks each own token went to
+  const u8* x;                // dispatch: [T, H] bf16
+  const void* topk_ids;       // dispatch: [T, K] int32 / int64
+  const float* weights;       // dispatch: [T, K] or nullptr (ones)
+  const u8* expert_out;       // combine: [L * cap, H] bf16
+  u8* out;                    // combine: [T, H] bf16
+  u8* copy_out;               // dispatch: a caller's output_buffer [L * cap, row] the valid rows are copied to, or nullptr
+  i32* counts_out;            // dispatch: [L] this call's rows per local expert
+  void* cum_counts;           // dispatch: [L] caller-owned counters the counts are added to (int32 / int64), or nullptr
+  const u32* ready;           // combine: [L] per-expert readiness counters (overlap), or nullptr
+  const u64* out_peers;       // [W] dispatch output of every rank: [L][cap][row_bytes]
+  const u64* scale_peers;     // [W] FP8 scales of every rank: [L][groups][cap] (f32, or u8 exponents in u32 words)
+  const u64* meta_peers;      // [W] [2][W][T_max] MetaRec of meta_stride bytes
+  const u64* comb_peers;      // [W] [2][W][T_max][H] bf16 partials of each source's tokens
+  const u64* sig_peers;       // [W] signal buffers: count slots, arrival counters
+  u32* state;                 // local: seq of {dispatch send, dispatch recv, combine send, combine recv}, then
+                              // each half's blocks done
+  u32* send_mask;             // local: [2][T_max] ranks each own token went to
+  i32* ntok;                  // local: [2][W] tokens of each source this dispatch (by dispatch parity)
   ErrorRecord* err;
-  ErrorRecord* input_err; // invalid expert ids (treated as -1) are reported here, not as a time-out
+  ErrorRecord* input_err;     // invalid expert ids (treated as -1) are reported here, not as a time-out
   u64 timeout_ns;
-  u64 disp_cnt_offset;    // u64 [W] arrival counters in the signal buffer
-  u64 comb_cnt_offset;    // u64 [W]
-  u64 ntok_offset;        // i32 [2][W] token count of each source per buffer parity
+  u64 cnt_offset;             // count slots [2][W] of cnt_stride bytes in the signal buffer
+  u64 disp_cnt_offset;        // u64 [W] dispatch arrivals (blocks done sending) from each source
+  u64 comb_cnt_offset;        // u64 [W] combine arrivals from each expert rank
   i32 rank;
   i32 world;
   i32 num_tokens;
   i32 topk;
   i32 num_experts;
   i32 local_experts;
-  i32 row_bytes;
+  i32 hidden;
   i32 max_tokens;
+  i32 capacity;               // rows per local expert (W * T_max)
+  i32 cnt_stride;
   i32 meta_stride;
   i32 ids_64;
-  i32 age;                // combine: how many dispatches ago its dispatch ran (0 or 1)
-  i32 capacity;           // rows per local expert (W * T_max)
+  i32 age;                    // combine: how many dispatches ago its dispatch ran (0 or 1)
+  i32 fp8;                    // dispatch: 0 bf16, 1 e4m3 + f32 scales, 2 + power-of-two scales, 3 + UE8M0 bytes
+  i32 send_blocks;            // blocks of the send phase (what the receivers count arrivals of)
+  i32 cols_per_tile;          // dispatch: expert columns per shared-memory tile of the routing bitmap
+  u32 ready_target;           // combine: the readiness value that releases an expert's rows
+  i32 cum_64;                 // dispatch: cum_counts holds int64 (else int32)
+  i32 out_par;                // dispatch: which half of the double-buffered output (the host alternates it, so a
+                              // graph replays into the half its outputs view)
+  i32 reserved;
+};
+
+// The metadata of one (token, destination) a source writes into the destination's meta buffer.
+// rows[k] is the destination's output row (expert * cap + index) of slot k when the destination owns that
+// slot's expert, else -1 (a repeated expert gives the same row twice); seq tags the dispatch it belongs to.
+struct MetaRec {
+  u32 seq;
+  i32 reserved;
+};
+__device__ __forceinline__ i32* meta_rows(u8* rec) { return reinterpret_cast<i32*>(rec + 8); }
+__device__ __forceinline__ float* meta_w(u8* rec, int K) { return reinterpret_cast<float*>(rec + 8 + 4 * K); }
+
+// One source's count slot: seq (release-stored last), its T, then its rows per global expert.
+struct LLCountSlot {
+  u64 seq;
+  i32 num_tokens;
+  i32 reserved;
 };
 
 // Per-call HT info (i32 array), written by ht_route_exchange. Mirrored by ep/sizes.py info_layout().

@@ -22,13 +22,6 @@ __device__ __forceinline__ void add8(float* acc, const uint4& v) {
   for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], f[j]);
 }
 
-// Lanes 0..popc(mask)-1 receive, in ascending bit order, the value lane `bit` holds (compaction).
-__device__ __forceinline__ u64 compact_by_mask(u32 mask, u64 value_of_lane, int lane) {
-  const int n = __popc(mask);
-  const int from = lane < n ? static_cast<int>(__fns(mask, 0, lane + 1)) : 0;
-  return __shfl_sync(0xFFFFFFFFu, value_of_lane, from);
-}
-
 constexpr int kRowBatch = 4;
 
 // Fold shapes (rows x vectors in flight per lane). A warp of the narrow shape needs <= 64 registers, so a

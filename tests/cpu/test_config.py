@@ -18,9 +18,15 @@ def make(**overrides) -> MoECommunicatorConfig:
 def test_a_valid_config_keeps_its_values_and_defaults():
     cfg = make()
     assert (cfg.mode, cfg.num_experts, cfg.hidden_size, cfg.topk, cfg.max_tokens_per_rank) == ("ht", 16, 64, 4, 32)
-    assert (cfg.num_sms, cfg.expert_alignment, cfg.dtype, cfg.timeout_s) == (24, 1, "bfloat16", 60.0)
+    assert (cfg.num_sms, cfg.expert_alignment, cfg.dtype, cfg.timeout_s) == (None, 1, "bfloat16", 60.0)
     assert cfg.output_layout is None
     assert cfg.overlap == CommOverlapConfig()
+
+
+def test_the_default_sm_count_is_24_for_ht_and_every_sm_for_ll():
+    assert make(mode="ht").sms_for(132) == 24
+    assert make(mode="ll").sms_for(132) == 132 and make(mode="ll").sms_for(78) == 78
+    assert make(mode="ll", num_sms=16).sms_for(132) == 16 and make(mode="ht", num_sms=16).sms_for(132) == 16
 
 
 # ------------------------------------------------------------------------------------- world size
@@ -82,12 +88,15 @@ def test_max_tokens_per_rank_is_bounded():
         make(max_tokens_per_rank=(1 << 24) + 1)
 
 
-INT_FIELDS = ["num_experts", "hidden_size", "topk", "max_tokens_per_rank", "num_sms", "expert_alignment"]
+INT_FIELDS = ["num_experts", "hidden_size", "topk", "max_tokens_per_rank", "num_sms", "expert_alignment"]  # num_sms: or None
 
 
 @pytest.mark.parametrize("name", INT_FIELDS)
 @pytest.mark.parametrize("value", [0, -8, 8.0, "8", None])
 def test_int_fields_must_be_positive_ints(name, value):
+    if name == "num_sms" and value is None:
+        assert make(num_sms=None).num_sms is None   # None: the mode's default
+        return
     with pytest.raises(ConfigError, match=rf"^{name} must be a positive int, got {value!r}$"):
         make(**{name: value})
 

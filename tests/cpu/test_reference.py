@@ -392,3 +392,83 @@ def test_combine_of_an_expert_major_layout_uses_the_slab_rows(seed_rng):
     b = combine_world(identity(major), major, topk, w, E, H)
     for p, q in zip(a, b):
         assert np.array_equal(p, q)
+
+
+# ------------------------------------------------------------------------------------------------ fp8
+def test_every_e4m3_code_survives_a_round_trip_through_f32():
+    codes = np.arange(256, dtype=np.uint8)
+    f = reference.e4m3_to_f32(codes)
+    assert np.array_equal(reference.f32_to_e4m3(f)[~np.isnan(f)], codes[~np.isnan(f)])
+    assert np.isnan(f[[0x7F, 0xFF]]).all() and np.isnan(f).sum() == 2
+
+
+@pytest.mark.parametrize("value, code", [
+    (448.0, 0x7E), (-448.0, 0xFE), (460.0, 0x7E), (1e30, 0x7E), (np.inf, 0x7E), (-np.inf, 0xFE), (np.nan, 0x7F),
+    (0.0, 0x00), (-0.0, 0x80), (2.0 ** -9, 0x01), (2.0 ** -10, 0x00), (3 * 2.0 ** -10, 0x02), (2.0 ** -6, 0x08),
+    (1.0, 0x38), (1.0625, 0x38), (1.1875, 0x3A), (1.125, 0x39), (240.0, 0x77), (416.0, 0x7D), (447.0, 0x7E)])
+def test_f32_to_e4m3_rounds_to_nearest_even_and_saturates(value, code):
+    assert int(reference.f32_to_e4m3(np.array([value], np.float32))[0]) == code
+
+
+def test_f32_to_e4m3_matches_ml_dtypes_where_both_are_defined():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(3)
+    f = rng.integers(0, 2 ** 32, size=1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    f = f[np.isfinite(f) & (np.abs(f) < 448)]   # ml_dtypes overflows to NaN where the GPU saturates
+    assert np.array_equal(f.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), reference.f32_to_e4m3(f))
+
+
+def test_fp8_cast_scales_each_group_of_128_by_its_amax():
+    x = np.zeros((2, 256), np.float32)
+    x[0, :128] = np.linspace(-3.5, 7.0, 128)        # amax 7
+    x[0, 128:] = 1e-6                               # amax below the floor: 1e-4
+    x[1, :] = -2.0
+    x[1, 200] = np.nan                              # NaN is ignored by the amax, and casts to NaN
+    q, s = reference.fp8_cast(f32_to_bf16(x))
+    assert q.shape == (2, 256) and q.dtype == np.uint8 and s.shape == (2, 2) and s.dtype == np.float32
+    assert s[0, 0] == np.float32(7.0) / np.float32(448) and s[0, 1] == np.float32(1e-4) / np.float32(448)
+    assert s[1, 0] == s[1, 1] == np.float32(2.0) / np.float32(448)
+    assert q[0, 127] == 0x7E and q[1, 0] == 0xFE and q[1, 200] == 0x7F     # amax maps to +-448
+    back = reference.e4m3_to_f32(q[0, :128]) * s[0, 0]
+    assert np.allclose(back, bf16_to_f32(f32_to_bf16(x[0, :128])), rtol=0.07, atol=1e-6)
+
+
+def test_round_scale_gives_the_next_power_of_two_and_ue8m0_keeps_its_exponent_byte():
+    x = np.full((1, 512), 3.0, np.float32)
+    x[0, 128:256] = 448.0 * 2.0 ** -3     # amax / 448 exactly 2^-3: stays
+    x[0, 256:384] = 1e-20                 # floored at 1e-4
+    x[0, 384:] = 1000.0
+    bits = f32_to_bf16(x)
+    _, s = reference.fp8_cast(bits, round_scale=True)
+    # 3/448 -> 2^-7; 56/448 = 2^-3 exactly; 1e-4/448 -> 2^-22; 1000/448 -> 4
+    assert list(s[0]) == [2.0 ** -7, 2.0 ** -3, 2.0 ** -22, 4.0]
+    q_round, _ = reference.fp8_cast(bits, round_scale=True)
+    q_ue, packed = reference.fp8_cast(bits, ue8m0=True)
+    assert np.array_equal(q_round, q_ue) and packed.shape == (1, 1) and packed.dtype == np.int32
+    exps = packed.view(np.uint8)[0]
+    assert list(exps) == [127 - 7, 127 - 3, 127 - 22, 127 + 2]   # group g in byte g % 4
+
+
+def test_fp8_cast_refuses_rows_that_are_not_whole_groups():
+    with pytest.raises(ValueError, match="H % 128"):
+        reference.fp8_cast(np.zeros((1, 96), np.uint16))
+    with pytest.raises(ValueError, match="H % 512"):
+        reference.fp8_cast(np.zeros((1, 256), np.uint16), ue8m0=True)
+
+
+def test_byte_payloads_and_their_scales_travel_with_their_rows():
+    W, E, K = 2, 4, 2
+    ids = [np.array([[0, 3], [1, -1]]), np.array([[2, 2], [0, 1]])]
+    xs = [np.arange(2 * 8, dtype=np.uint8).reshape(2, 8) + 16 * s for s in range(W)]
+    scs = [np.arange(2 * 3, dtype=np.float32).reshape(2, 3) + 100 * s for s in range(W)]
+    out = dispatch_world(xs, ids, [None, None], E, 8, scales=scs)
+    for d in range(W):
+        assert out[d].tokens.dtype == np.uint8 and out[d].scales.dtype == np.float32
+        for s in range(W):
+            for t in range(2):
+                for k in range(K):
+                    row = out[d].rows[s][np.nonzero(reference.routed_ranks(ids[s], E, W)[:, d])[0].tolist().index(t), k] \
+                        if reference.routed_ranks(ids[s], E, W)[t, d] else -1
+                    if row >= 0:
+                        assert np.array_equal(out[d].tokens[row], xs[s][t])
+                        assert np.array_equal(out[d].scales[row], scs[s][t])

@@ -192,9 +192,12 @@ def test_signal_regions_are_aligned_and_disjoint(mode, world):
     else:
         lay = sizes.ll_layout(cfg, world)
         B = constants.BARRIER_SLOTS
-        regions = [(lay.barrier_offset, B * 8), (lay.disp_cnt_offset, B * 8), (lay.comb_cnt_offset, B * 8),
-                   (lay.ntok_offset, 2 * B * 4)]
-        assert lay.out_bytes == 8 * world * 1000 * 7168 * 2
+        regions = [(lay.cnt_offset, 2 * world * lay.cnt_stride), (lay.disp_cnt_offset, B * 8),
+                   (lay.comb_cnt_offset, B * 8)]
+        assert lay.cnt_stride % 16 == 0 and lay.cnt_stride >= structs.LL_COUNT_SLOT.itemsize + 4 * cfg.num_experts
+        assert lay.out_bytes == 2 * 8 * world * 1000 * 7168 * 2     # double-buffered by dispatch parity
+        assert lay.scale_bytes == 2 * 8 * (7168 // 128) * world * 1000 * 4
+        assert lay.meta_stride % 16 == 0 and lay.meta_stride >= structs.LL_META_REC.itemsize + 8 * 8
     for (start, length), (next_start, _) in zip(regions, regions[1:]):
         assert start + length <= next_start
         assert next_start % 8 == 0

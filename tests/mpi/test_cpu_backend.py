@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("mpi4py")
 
-from ep import (CapacityError, CommOverlapConfig, ConfigError, DispatchHandle, DispatchLayout,  # noqa: E402
+from ep import (CapacityError, CommOverlapConfig, ConfigError, DispatchHandle, DispatchLayout, Fp8Cast,  # noqa: E402
                 InvalidStateError, MoECommunicator, MoECommunicatorConfig, PeerInputError, QuantScales, reference,
                 testing)
 from ep.reference import bf16_to_f32, f32_to_bf16  # noqa: E402
@@ -845,3 +845,108 @@ def test_mixing_torch_and_numpy_raises_type_error(mpi, communicators):
     mpi.raises(TypeError, comm.dispatch, torch.from_numpy(inp.x.view(np.int16)), torch.from_numpy(inp.ids),
                match="x: expected dtype bfloat16")
     good_call(mpi, comm)
+
+
+# ================================================================================ LL FP8, counters, hooks
+def _mn(scales) -> np.ndarray:
+    """The [L, cap, S] scales view of an FP8 dispatch as a plain array."""
+    return np.asarray(scales)
+
+
+@pytest.mark.parametrize("cast", [Fp8Cast(), Fp8Cast(round_scale=True), Fp8Cast(ue8m0=True)],
+                         ids=["fp32_scales", "pow2_scales", "ue8m0"])
+def test_ll_fp8_dispatch_moves_the_cast_rows_and_their_token_contiguous_scales(mpi, communicators, cast):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=512, topk=3, t_max=8)
+    comm = communicators(cfg)
+    T = token_counts(W, 8, 1)[r]
+    inp = draw_inputs(mpi, cfg, T, drop=0.2)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w, cast=cast)
+    with mpi.checking("the FP8 dispatch"):
+        q, sc = zip(*[reference.fp8_cast(x, round_scale=cast.round_scale, ue8m0=cast.ue8m0) for x in inp.xs])
+        ref = reference.dispatch_world(list(q), inp.idss, inp.ws, cfg.num_experts, cfg.hidden_size,
+                                       layout=EXPERT_MAJOR, capacity=W * 8, scales=list(sc))[r]
+        tokens, scales = np.asarray(out.tokens), _mn(out.scales)
+        assert tokens.dtype == np.uint8 and tokens.shape == (comm.num_local_experts, W * 8, 512)
+        S = 1 if cast.ue8m0 else 4
+        assert scales.shape == (comm.num_local_experts, W * 8, S)
+        assert scales.dtype == (np.int32 if cast.ue8m0 else np.float32)
+        assert scales.strides[1] == scales.itemsize, "token-contiguous (MN-major)"
+        for e, c in enumerate(ref.counts):
+            assert np.array_equal(tokens[e, :c], ref.tokens[e, :c])
+            assert np.array_equal(scales[e, :c], ref.scales[e, :c])
+    # combine takes bf16 expert outputs after an FP8 dispatch
+    y = f32_to_bf16(np.ones((comm.num_local_experts, W * 8, 512), np.float32))
+    got = comm.combine(y, handle)
+    with mpi.checking("combine after FP8"):
+        bf = reference.dispatch_world(inp.xs, inp.idss, inp.ws, cfg.num_experts, 512, layout=EXPERT_MAJOR, capacity=W * 8)
+        ys = [y] * W
+        want = reference.combine_world(ys, bf, inp.idss, inp.ws, cfg.num_experts, 512)[r]
+        check_combine(got, want, T, 512)
+
+
+def test_ll_fp8_cast_needs_whole_groups_and_no_output_buffer(mpi, communicators):
+    W = mpi.size
+    comm = communicators(make_config("ll", world=W, hidden=256, topk=2, t_max=8))
+    inp = draw_inputs(mpi, comm.config, 4)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, cast=Fp8Cast(ue8m0=True), match="hidden_size % 512")
+    buf = np.zeros((comm.num_local_experts, W * 8, 256), np.uint16)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, cast=Fp8Cast(), output_buffer=buf, match="output_buffer")
+    ht = communicators(small("ht", W))
+    hinp = draw_inputs(mpi, ht.config, 4)
+    mpi.raises(ValueError, ht.dispatch, hinp.x, hinp.ids, cast=Fp8Cast(), match="cast applies to mode='ll' only")
+    good_call(mpi, comm)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_ll_cumulative_counts_add_up_every_dispatch(mpi, communicators, dtype):
+    W, r = mpi.size, mpi.rank
+    comm = communicators(small("ll", W))
+    acc = np.full(comm.num_local_experts, 5, dtype)
+    want = acc.copy()
+    for call in range(3):
+        inp = draw_inputs(mpi, comm.config, token_counts(W, 8, call)[r], call=call)
+        out, _ = comm.dispatch(inp.x, inp.ids, inp.w, cumulative_counts=acc)
+        want += np.asarray(out.num_tokens_per_expert).astype(dtype)
+    with mpi.checking("counters"):
+        assert np.array_equal(acc, want)
+    bad = np.zeros(comm.num_local_experts + 1, np.int32)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, cumulative_counts=bad, match="cumulative_counts: expected shape")
+
+
+def test_ll_receive_hooks_give_the_plain_results_in_two_interleaved_micro_batches(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=32, topk=3, t_max=8)
+    comm = communicators(cfg)
+    a = draw_inputs(mpi, cfg, token_counts(W, 8, 1)[r], call=0)
+    b = draw_inputs(mpi, cfg, token_counts(W, 8, 2)[r], call=1, routing="skewed")
+    out_a, ha, hook_a = comm.dispatch(a.x, a.ids, a.w, return_recv_hook=True)
+    out_b, hb, hook_b = comm.dispatch(b.x, b.ids, b.w, return_recv_hook=True)
+    mpi.raises(InvalidStateError, comm.dispatch, a.x, a.ids, a.w, return_recv_hook=True, match="two LL dispatches")
+    mpi.raises(InvalidStateError, comm.combine, np.asarray(out_a.tokens), ha, match="receive hook has not been called")
+    hook_a()
+    mpi.raises(InvalidStateError, hook_a, match="already called")
+    refs_a = expected_dispatch(cfg, W, a)
+    with mpi.checking("micro-batch a"):
+        check_dispatch(out_a, refs_a[r], cfg, W)
+        ya = mlp(np.asarray(out_a.tokens), out_a.expert_offsets, r, comm.num_local_experts)
+    got_a, chook_a = comm.combine(ya, ha, return_recv_hook=True)
+    hook_b()
+    refs_b = expected_dispatch(cfg, W, b)
+    with mpi.checking("micro-batch b"):
+        check_dispatch(out_b, refs_b[r], cfg, W)
+        yb = mlp(np.asarray(out_b.tokens), out_b.expert_offsets, r, comm.num_local_experts)
+    chook_a()
+    with mpi.checking("combine a"):
+        check_combine(got_a, expected_combine(cfg, W, r, refs_a, a), a.x.shape[0], 32)
+        got_a = np.array(got_a)
+    got_b, chook_b = comm.combine(yb, hb, return_recv_hook=True)
+    chook_b()
+    with mpi.checking("combine b"):
+        check_combine(got_b, expected_combine(cfg, W, r, refs_b, b), b.x.shape[0], 32)
+
+
+def test_receive_hooks_are_ll_only(mpi, communicators):
+    comm = communicators(small("ht", mpi.size))
+    inp = draw_inputs(mpi, comm.config, 4)
+    mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, return_recv_hook=True, match="mode='ll' only")
