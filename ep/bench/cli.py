@@ -21,7 +21,8 @@ from .. import __version__, bootstrap, envs
 from ..errors import ConfigError
 from . import ep_runs, procenv, report, timing, validate, workload
 
-SWEEPABLE = {"num-sms": "num_sms", "tokens": "tokens", "dispatch-nsm": "dispatch_nsm", "combine-nsm": "combine_nsm"}
+SWEEPABLE = {"num-sms": "num_sms", "tokens": "tokens", "experts": "experts", "dispatch-nsm": "dispatch_nsm",
+             "combine-nsm": "combine_nsm"}
 
 
 def parse_args(argv):
@@ -34,7 +35,10 @@ def parse_args(argv):
     p.add_argument("--hidden", type=int, help="hidden size H (default 7168)")
     p.add_argument("--experts", type=int, help="experts E (default 256)")
     p.add_argument("--topk", type=int, help="top-k K (default 8)")
-    p.add_argument("--num-sms", type=int, default=24, help="MoECommunicatorConfig.num_sms (default 24)")
+    p.add_argument("--num-sms", type=int, default=None,
+                   help="MoECommunicatorConfig.num_sms (default: the config's, 24 for HT and every SM for LL)")
+    p.add_argument("--cast", choices=("bf16", "fp8", "fp8_pow2", "fp8_ue8m0"), default="bf16",
+                   help="LL: dispatch bf16, or cast to e4m3 in the kernel (fp32 / power-of-two / UE8M0 scales)")
     p.add_argument("--dispatch-nsm", type=int, help="CommOverlapConfig.dispatch_num_sms")
     p.add_argument("--combine-nsm", type=int, help="CommOverlapConfig.combine_num_sms")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
@@ -132,8 +136,8 @@ def _shape(mode: str, args, sweep_name: str | None, value: int | None) -> worklo
     for key in base:
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
-    if sweep_name == "tokens":
-        base["tokens"] = value
+    if sweep_name in ("tokens", "experts"):
+        base[sweep_name] = value
     return workload.Shape(mode=mode, **base)
 
 
@@ -200,7 +204,9 @@ def _run_case(ctx: Context, shape: workload.Shape, sweep, baseline_cache: dict) 
         "ratios": report.ratios(rows, base), "skipped": skipped, "validation": {"checked": False, "problems": []},
     }
     if args.validate:
-        ref, ref_combine = validate.reference_outputs(group, shape, inputs)
+        from .ep_runs import _cast
+        ref, ref_combine = validate.reference_outputs(group, shape, inputs,
+                                                      _cast(args.cast) if shape.mode == "ll" else None)
         problems = validate.check_ep(snaps, ref, ref_combine, shape.mode) + validate.check_nccl(snaps, ref)
         everyone = group.allgather(problems)
         case["validation"] = {"checked": True,

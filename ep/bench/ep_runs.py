@@ -56,6 +56,7 @@ def _host(arr) -> np.ndarray:
 
 def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     """Time ep on one shape. Returns {"config", "rows", "snapshots", "skipped"}. Collective."""
+    cast = _cast(ctx.args.cast) if shape.mode == "ll" else None
     cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm, ctx.args.owned_output,
                       ctx.shared_gpu)
     x, ids, w = dev_inputs
@@ -70,16 +71,16 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     try:
         def sec_dispatch_combine():
             m0 = clock.mark()
-            out, handle = comm.dispatch(x, ids, w, stream=stream)
+            out, handle = comm.dispatch(x, ids, w, stream=stream, cast=cast)
             m1 = clock.mark()
-            y = comm.combine(out.tokens, handle, stream=stream)
+            y = comm.combine(_bf16_like(comm, out.tokens), handle, stream=stream)
             m2 = clock.mark()
             state.update(out=out, handle=handle, y_pipeline=y)
             return {"dispatch": (m0, m1), "dispatch+combine": (m0, m2)}
 
         def sec_combine():
             m0 = clock.mark()
-            y = comm.combine(state["out"].tokens, state["handle"], stream=stream)
+            y = comm.combine(_bf16_like(comm, state["out"].tokens), state["handle"], stream=stream)
             m1 = clock.mark()
             state["y"] = y
             return {"combine": (m0, m1)}
@@ -105,10 +106,13 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
         samples = timing.run_sections(clock, group, sections, ctx.args.warmup, ctx.args.iters, after_last=snapshot)
         if gpu:
             graph_runs = _ll_graphs if shape.mode == "ll" else _ht_graphs
-            samples.update(graph_runs(ctx, comm, dev_inputs, state, snaps))
+            samples.update(graph_runs(ctx, comm, dev_inputs, state, snaps, cast))
         else:
             skipped.append(f"{shape.mode} graph replay: GPU only (CUDA graphs); not run on the CPU backend")
         stats = timing.gather_stats(group, samples)
+        host = _host_calls(comm, dev_inputs, state, stream, cast)
+        host_stats = timing.gather_stats(group, timing.host_times(clock, group, host, ctx.args.warmup,
+                                                                  ctx.args.iters))
     except BaseException:
         state.clear()      # no close(): it is collective, and the other ranks may be stuck (cli._fail)
         raise
@@ -119,11 +123,15 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     both = f"{sms['dispatch']}/{sms['combine']}"
     rows = []
     order = [("dispatch", 1, sms["dispatch"]), ("cached dispatch", 1, sms["dispatch"]), ("combine", 1, sms["combine"]),
-             ("dispatch+combine", 2, both), ("graph dispatch+combine", 2, both),
-             ("graph cached dispatch", 1, sms["dispatch"]), ("graph cached dispatch+combine", 2, both)]
+             ("dispatch+combine", 2, both), ("graph dispatch", 1, sms["dispatch"]), ("graph combine", 1, sms["combine"]),
+             ("graph dispatch+combine", 2, both), ("graph cached dispatch", 1, sms["dispatch"]),
+             ("graph cached dispatch+combine", 2, both)]
     for op, factor, sm in order:
         if op in stats:
             rows.append(report.op_row(f"ep {op}", "ep", stats[op], logical, physical, sm, factor))
+    for op in host_stats:
+        rows.append(report.op_row(f"host {op}", "ep", host_stats[op], None, None, "-",
+                                  note="host us: perf_counter around the call, GPU idle"))
     return {"config": config, "sms": sms, "rows": rows, "snapshots": snaps, "skipped": skipped}
 
 
@@ -143,11 +151,56 @@ def _capture(stream, body):
     return graph, result
 
 
-def _dispatch_then_combine(comm, dev_inputs, stream, previous_handle=None):
+def _cast(name: str | None):
+    from ..config import Fp8Cast
+    return {None: None, "bf16": None, "fp8": Fp8Cast(), "fp8_pow2": Fp8Cast(round_scale=True),
+            "fp8_ue8m0": Fp8Cast(ue8m0=True)}[name]
+
+
+def _host_calls(comm, dev_inputs, state, stream, cast) -> dict:
+    """The calls whose host time is measured: an eager dispatch, a combine of section A's handle (identity MLP,
+    bf16), and (HT) a cached dispatch."""
+    x, ids, w = dev_inputs
+    calls = {"dispatch": lambda: comm.dispatch(x, ids, w, stream=stream, cast=cast)}
+    if comm.config.mode == "ht":
+        calls["cached dispatch"] = lambda: comm.dispatch(x, ids, w, previous_handle=state["handle"], stream=stream)
+        calls["combine"] = lambda: comm.combine(state["out"].tokens, state["handle"], stream=stream)
+    else:
+        def dispatch_then_time_combine():
+            out, handle = comm.dispatch(x, ids, w, stream=stream, cast=cast)
+            state["host_ll"] = (out, handle)
+        calls = {"dispatch": dispatch_then_time_combine,
+                 "combine": lambda: comm.combine(_bf16_like(comm, state["host_ll"][0].tokens), state["host_ll"][1],
+                                                 stream=stream)}
+    return calls
+
+
+_BF16_Y: dict = {}
+
+
+def _bf16_like(comm, tokens):
+    """The expert output combine takes: the tokens themselves (bf16), or zeros of their shape after an FP8 cast."""
+    if str(tokens.dtype) in ("uint16", "bfloat16", "torch.bfloat16"):
+        return tokens
+    key = (id(comm), tuple(tokens.shape), type(tokens).__module__)
+    if key not in _BF16_Y:
+        module = type(tokens).__module__
+        if module.startswith("torch"):
+            import torch
+            _BF16_Y[key] = torch.zeros(tuple(tokens.shape), dtype=torch.bfloat16, device=tokens.device)
+        elif module.startswith("cupy"):
+            import cupy
+            _BF16_Y[key] = cupy.zeros(tokens.shape, np.uint16)
+        else:
+            _BF16_Y[key] = np.zeros(tokens.shape, np.uint16)
+    return _BF16_Y[key]
+
+
+def _dispatch_then_combine(comm, dev_inputs, stream, previous_handle=None, cast=None):
     """A graph body: dispatch (cached with ``previous_handle``), the identity MLP, combine. Returns (out, y)."""
     x, ids, w = dev_inputs
-    out, handle = comm.dispatch(x, ids, w, previous_handle=previous_handle, stream=stream)
-    return out, comm.combine(out.tokens, handle, stream=stream)
+    out, handle = comm.dispatch(x, ids, w, previous_handle=previous_handle, stream=stream, cast=cast)
+    return out, comm.combine(_bf16_like(comm, out.tokens), handle, stream=stream)
 
 
 def _time_graphs(ctx, graphs: dict, snapshot) -> dict[str, list[float]]:
@@ -166,15 +219,20 @@ def _time_graphs(ctx, graphs: dict, snapshot) -> dict[str, list[float]]:
     return timing.run_sections(clock, ctx.group, sections, ctx.args.warmup, ctx.args.iters, after_last=snapshot)
 
 
-def _ll_graphs(ctx, comm, dev_inputs, state, snaps) -> dict[str, list[float]]:
-    """Capture dispatch -> combine once into a CUDA graph and time its replays."""
+def _ll_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list[float]]:
+    """Capture dispatch -> combine once into a CUDA graph and time its replays; a graph of the dispatch alone
+    and of the combine alone (of the graph's own dispatch) too."""
     stream = ctx.stream
     comm.prepare()
-    _dispatch_then_combine(comm, dev_inputs, stream)    # eager once: owned views exist before capture
+    for _ in range(2):   # eager twice: the owned views of both output halves exist before capture
+        _dispatch_then_combine(comm, dev_inputs, stream, cast=cast)
     stream.synchronize()
     ctx.group.barrier()
 
-    graph, (out_g, y_g) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream))
+    graph, (out_g, y_g) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, cast=cast))
+    x, ids, w = dev_inputs
+    g_disp, (out_d, handle_d) = _capture(stream, lambda: comm.dispatch(x, ids, w, stream=stream, cast=cast))
+    g_comb, _ = _capture(stream, lambda: comm.combine(_bf16_like(comm, out_d.tokens), handle_d, stream=stream))
 
     def snapshot():
         if ctx.args.validate:
@@ -182,10 +240,11 @@ def _ll_graphs(ctx, comm, dev_inputs, state, snaps) -> dict[str, list[float]]:
             snaps["graph counts"] = _host(out_g.num_tokens_per_expert)
             snaps["graph combine"] = _host(y_g)
 
-    return _time_graphs(ctx, {"graph dispatch+combine": graph}, snapshot)
+    return _time_graphs(ctx, {"graph dispatch+combine": graph, "graph dispatch": g_disp, "graph combine": g_comb},
+                        snapshot)
 
 
-def _ht_graphs(ctx, comm, dev_inputs, state, snaps) -> dict[str, list[float]]:
+def _ht_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list[float]]:
     """Capture a cached dispatch (section A's handle) and a cached dispatch -> combine; time their replays."""
     x, ids, w = dev_inputs
     stream, handle = ctx.stream, state["handle"]

@@ -96,7 +96,7 @@ def format_case(case: dict, world: int) -> str:
     s = case["shape"]
     vol = case["bytes"]
     head = (f"{s['mode'].upper()}  T={s['tokens']} H={s['hidden']} E={s['experts']} K={s['topk']}  W={world}"
-            f"  num_sms={case['config']['num_sms']}  routing={case['routing']} drop={case['drop']} seed={case['seed']}")
+            f"  SMs={case['sms']['dispatch']}/{case['sms']['combine']}  routing={case['routing']} drop={case['drop']} seed={case['seed']}")
     if case["config"].get("owned_output"):
         head += "  owned_output"
     if case.get("sweep"):

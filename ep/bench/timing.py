@@ -153,3 +153,27 @@ def gather_stats(group, samples: dict[str, list[float]]) -> dict[str, dict]:
         out[op] = {"median": max(r["median"] for r in ranks), "median_min_rank": min(r["median"] for r in ranks),
                    "min": min(r["min"] for r in ranks), "max": max(r["max"] for r in ranks), "ranks": ranks}
     return out
+
+
+def host_times(clock, group, calls: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
+    """Host time of each call as a user sees it: the GPU idle (synchronized), the ranks aligned (barrier),
+    then perf_counter around the call alone. Returns ``{name: [us, ...]}``."""
+    samples: dict[str, list[float]] = {}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for it in range(warmup + iters):
+            for name, call in calls.items():
+                clock.synchronize()
+                group.barrier()
+                t0 = time.perf_counter()
+                call()
+                t1 = time.perf_counter()
+                if it >= warmup:
+                    samples.setdefault(name, []).append((t1 - t0) * 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    clock.synchronize()
+    return samples

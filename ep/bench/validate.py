@@ -13,9 +13,10 @@ from ..config import DispatchLayout
 from .workload import Inputs, Shape
 
 
-def reference_outputs(group, shape: Shape, inputs: Inputs):
-    """(this rank's ReceivedLayout, this rank's combine output uint16 [T, H]). Collective."""
-    everyone = group.allgather((inputs.x, inputs.topk_ids, inputs.weights))
+def reference_outputs(group, shape: Shape, inputs: Inputs, cast=None):
+    """(this rank's ReceivedLayout, this rank's combine output uint16 [T, H]). Collective. With an LL ``cast``
+    (ep.Fp8Cast) the tokens are the cast rows and the combine's expert output is zeros (ep_runs._bf16_like)."""
+    everyone = group.allgather((inputs.x, inputs.topk_ids, inputs.weights), "bench reference")
     xs = [e[0] for e in everyone]
     ids = [e[1] for e in everyone]
     ws = [e[2] for e in everyone]
@@ -23,6 +24,10 @@ def reference_outputs(group, shape: Shape, inputs: Inputs):
     ll = shape.mode == "ll"
     layout = DispatchLayout.EXPERT_MAJOR if ll else DispatchLayout.FLAT
     capacity = W * shape.tokens if ll else None
+    if cast is not None:
+        q = [reference.fp8_cast(x, round_scale=cast.round_scale, ue8m0=cast.ue8m0)[0] for x in xs]
+        layouts = reference.dispatch_world(q, ids, ws, shape.experts, shape.hidden, 1, layout, capacity)
+        return layouts[group.rank], np.zeros((shape.tokens, shape.hidden), np.uint16)
     layouts = reference.dispatch_world(xs, ids, ws, shape.experts, shape.hidden, 1, layout, capacity)
     combined = reference.combine_world([lay.tokens for lay in layouts], layouts, ids, ws, shape.experts, shape.hidden)
     return layouts[group.rank], combined[group.rank]

@@ -40,9 +40,10 @@ def _check_doc(doc: dict, world: int) -> None:
         assert case["config"]["num_experts"] == 4 and case["config"]["mode"] == case["mode"]
         assert case["validation"] == {"checked": True, "problems": []}
         ops = [row["op"] for row in case["rows"]]
-        expected = ["ep dispatch", "ep combine", "ep dispatch+combine"]
+        expected = ["ep dispatch", "ep combine", "ep dispatch+combine", "host dispatch", "host combine"]
         if case["mode"] == "ht":
-            expected.insert(1, "ep cached dispatch")
+            expected = ["ep dispatch", "ep cached dispatch", "ep combine", "ep dispatch+combine", "host dispatch",
+                        "host cached dispatch", "host combine"]
             assert case["baselines"]["ceiling"]["skipped"] and case["baselines"]["nccl"]["skipped"]
         else:
             assert any("graph" in s for s in case["skipped"])
@@ -52,6 +53,9 @@ def _check_doc(doc: dict, world: int) -> None:
             assert set(row["us"]) == {"median", "median_min_rank", "min", "max"}
             assert len(row["per_rank"]) == world
             assert row["us"]["min"] <= row["us"]["median"] <= row["us"]["max"]
+            if row["op"].startswith("host "):   # host time of the call, no bytes
+                assert row["logical_gbps"] is None and row["us"]["median"] > 0
+                continue
             assert row["logical_gbps"] > 0 and row["physical_gbps"] >= 0
         vol = case["bytes"]
         assert len(vol["logical_bytes_per_rank"]) == world
@@ -72,8 +76,8 @@ def test_bench_cpu_backend_writes_every_figure(tmp_path, monkeypatch):
 def test_bench_validate_fails_loudly_on_a_mismatch(tmp_path, monkeypatch, capsys):
     real = validate.reference_outputs
 
-    def corrupted(group, shape, inputs):
-        ref, combined = real(group, shape, inputs)
+    def corrupted(group, shape, inputs, cast=None):
+        ref, combined = real(group, shape, inputs, cast)
         combined = combined.copy()
         combined[0, 0] ^= 1
         return ref, combined
@@ -166,3 +170,18 @@ def test_bench_copy_params_pack_fills_every_destination():
         copy_params.pack([0], [0], [10], rank=0, world=1)
     assert copy_params.BENCH_COPY_PARAMS.itemsize == 3 * 32 * 8 + 16
     assert np.dtype(copy_params.BENCH_COPY_PARAMS).isalignedstruct
+
+
+def test_bench_ll_fp8_cast_validates_on_the_cpu_backend(tmp_path):
+    rc = cli.main(["--mode", "ll", "--backend", "cpu", "--tokens", "8", "--hidden", "512", "--experts", "4", "--topk",
+                   "2", "--iters", "2", "--warmup", "1", "--cast", "fp8_ue8m0", "--validate", "--json",
+                   str(tmp_path / "fp8.json")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "fp8.json").read_text())
+    assert doc["validation"]["passed"] is True and doc["args"]["cast"] == "fp8_ue8m0"
+
+
+def test_bench_refuses_ranks_that_share_a_gpu_unless_told_to():
+    from ep.bench.cli import SHARED_GPU_REFUSAL
+    text = SHARED_GPU_REFUSAL.format(ranks=4, gpus=1)
+    assert "4 ranks share 1 GPU" in text and "--allow-shared-gpu" in text and "not ep" in text

@@ -33,3 +33,31 @@ def test_the_gpu_pack_rounds_like_the_reference_for_random_and_special_values(se
     expected = f32_to_bf16(values)
     bad = np.flatnonzero(got != expected)
     assert bad.size == 0, [(hex(int(bits[i])), hex(int(got[i])), hex(int(expected[i]))) for i in bad[:5]]
+
+
+_E4M3 = r'''
+#include "common/fp8.cuh"
+extern "C" __global__ void cast_pairs(const float* f, unsigned short* out, long long n_pairs) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_pairs; i += (long long)gridDim.x * blockDim.x)
+    out[i] = ep::f32x2_to_e4m3x2(f[2 * i], f[2 * i + 1]);
+}
+'''
+
+
+def test_the_gpu_e4m3_cast_rounds_like_the_reference_for_random_and_special_values(session_seed):
+    import cupy
+    from ep.reference import f32_to_e4m3
+    rng = np.random.default_rng(session_seed)
+    special = np.array([0.0, -0.0, 448.0, -448.0, 464.0, 1e30, np.inf, -np.inf, np.nan, -np.nan, 2.0 ** -9, 2.0 ** -10,
+                        3 * 2.0 ** -10, 2.0 ** -6, 1.0625, 1.1875, 447.99, 1e-40], np.float32)
+    grid = np.concatenate([np.linspace(-500, 500, 200_001, dtype=np.float32), (2.0 ** np.arange(-12, 10, 0.01)).astype(np.float32)])
+    bits = rng.integers(0, 1 << 32, size=1 << 21, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = np.concatenate([special, grid, -grid, bits])
+    values = np.concatenate([values, values[: len(values) % 2]])
+    mod = cupy.RawModule(code=_E4M3, options=("-std=c++17", f"-I{jit.source_dir()}"))
+    out = cupy.empty(len(values) // 2, np.uint16)
+    mod.get_function("cast_pairs")((256,), (256,), (cupy.asarray(values), out, np.int64(len(values) // 2)))
+    got = out.get().view(np.uint8)   # little endian: element 2i in the low byte
+    expected = f32_to_e4m3(values)
+    bad = np.flatnonzero(got != expected)
+    assert bad.size == 0, [(float(values[i]), hex(int(got[i])), hex(int(expected[i]))) for i in bad[:8]]

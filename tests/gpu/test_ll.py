@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import time
+
 from gpu_cases import build, expert_scale, make_inputs, to_device, to_numpy, valid_rows_equal
 from gpu_cases import collective, multi_rank
 
@@ -19,7 +21,14 @@ CASES = [
     # W * T_max slots exceed one pass of the block's warps: row order must still follow (source, token).
     ("more_slots_than_threads", 64, 1024, 8, 200, (200, 150, 0, 199), "skewed", 0.1, True, "expert_major", "cupy",
      np.int64, False),
+    # T up to 1024 on every rank independently, E whose routing bitmap needs several column tiles.
+    ("t1024_independent", 64, 512, 8, 1024, (1024, 0, 333, 1), "uniform", 0.05, True, "expert_major", "cupy",
+     np.int64, True),
+    ("e1024_tiled_bitmap", 1024, 256, 8, 512, (512, 77, 0, 512), "skewed", 0.1, True, "expert_major", "cupy",
+     np.int32, False),
 ]
+# The hidden sizes decode serving uses (a partial last 2 KB chunk at 2560, 5120, 6144).
+HIDDEN = [2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192]
 
 
 def _scaled(tokens, scale, cap, H):
@@ -162,3 +171,229 @@ def test_a_captured_graph_replays_correctly_with_new_input_values(world, session
     if framework == "torch":
         pytest.importorskip("torch")
     collective(world, _graph_case, world, session_seed, framework)
+
+
+@pytest.mark.parametrize("H", HIDDEN)
+def test_every_served_hidden_size_is_bit_exact(world, session_seed, H):
+    multi_rank(world)
+    case = (f"h{H}", 32, H, 8, 16, (16, 3, 0, 9), "uniform", 0.1, True, "expert_major", "cupy", np.int64, False)
+    _run_case(world, session_seed, case)
+
+
+def _run_case(world, session_seed, case):
+    name, E, H, K, T_max, pattern, kind, drop, weights, layout, fw, ids_dtype, dups = case
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", E, H, K, T_max, layout)
+        scale = expert_scale(cfg, world.size)
+        cap = world.size * T_max
+        try:
+            for call in range(3):
+                T = pattern[(world.rank + call) % len(pattern)]
+                x, ids, w = make_inputs(session_seed, world.rank, call, T, cfg, kind, drop, weights, dups)
+                xd, idsd, wd = to_device(fw, x, ids, w, ids_dtype)
+                out, handle = gpu.dispatch(xd, idsd, wd)
+                want, want_handle = ref.dispatch(x, ids, w)
+                msg = f"seed={session_seed} rank={world.rank} H={H} call={call} T={T}"
+                _check(world, cfg, out, want, msg)
+                y = _scaled(out.tokens, scale, cap, H)
+                assert np.array_equal(to_numpy(gpu.combine(y, handle)), ref.combine(to_numpy(y), want_handle)), msg
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+@pytest.mark.parametrize("cast", ["fp8", "fp8_pow2", "fp8_ue8m0"])
+@pytest.mark.parametrize("fw", ["cupy", "torch"])
+def test_the_fp8_cast_is_bit_exact_tokens_and_token_contiguous_scales(world, session_seed, cast, fw):
+    multi_rank(world)
+    if fw == "torch":
+        torch = pytest.importorskip("torch")
+    from ep import Fp8Cast
+    c = {"fp8": Fp8Cast(), "fp8_pow2": Fp8Cast(round_scale=True), "fp8_ue8m0": Fp8Cast(ue8m0=True)}[cast]
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 64, 7168, 8, 32, "expert_major")
+        cap = world.size * 32
+        try:
+            for call in range(3):
+                T = (32, 5, 0, 17)[(world.rank + call) % 4]
+                x, ids, w = make_inputs(session_seed, world.rank, call, T, cfg, "uniform", 0.1, True)
+                if call == 1 and T:   # special values: zeros, a tiny group (amax floor), huge values
+                    x[0, :128] = 0
+                    x[0, 128:256] = 0x0001
+                    x[0, 256:384] = 0x7F00
+                xd, idsd, wd = to_device(fw, x, ids, w)
+                out, handle = gpu.dispatch(xd, idsd, wd, cast=c)
+                want, _ = ref.dispatch(x, ids, w, cast=c)
+                msg = f"seed={session_seed} rank={world.rank} call={call} T={T} {cast}"
+                counts = to_numpy(out.num_tokens_per_expert)
+                assert np.array_equal(counts, want.num_tokens_per_expert), msg
+                got_t = to_numpy(out.tokens.view(torch.uint8) if fw == "torch" else out.tokens)
+                want_t = np.asarray(want.tokens.view(np.uint8) if hasattr(want.tokens, "view") else want.tokens)
+                got_s = to_numpy(out.scales.contiguous() if fw == "torch" else out.scales)
+                want_s = np.asarray(want.scales)
+                assert out.scales.shape == want_s.shape, msg
+                for e, n in enumerate(counts):
+                    assert np.array_equal(got_t[e, :n], want_t[e, :n]), msg + f" tokens of expert {e}"
+                    assert np.array_equal(got_s[e, :n], want_s[e, :n]), msg + f" scales of expert {e}"
+                y = out.tokens.new_zeros(out.tokens.shape, dtype=torch.bfloat16) if fw == "torch" else None
+                if y is None:
+                    import cupy
+                    y = cupy.zeros(out.tokens.shape, np.uint16)
+                gpu.combine(y, handle)   # bf16 expert outputs after an FP8 dispatch
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+def test_cumulative_counts_add_every_dispatch_on_the_device(world, session_seed):
+    multi_rank(world)
+    import cupy
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 32, 1024, 4, 16, "expert_major")
+        try:
+            acc = cupy.full(cfg.num_experts // world.size, 7, np.int64)
+            want = np.full(cfg.num_experts // world.size, 7, np.int64)
+            for call in range(4):
+                x, ids, w = make_inputs(session_seed, world.rank, call, 16 - call, cfg, "skewed", 0.0, True)
+                out, _ = gpu.dispatch(*to_device("cupy", x, ids, w), cumulative_counts=acc)
+                want += to_numpy(out.num_tokens_per_expert)
+            assert np.array_equal(acc.get(), want)
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_receive_hooks_of_two_interleaved_micro_batches_give_the_plain_results(world, session_seed, graph):
+    multi_rank(world)
+    import cupy
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 64, 2048, 8, 32, "expert_major")
+        try:
+            inputs = [make_inputs(session_seed, world.rank, 10 + m, 32 - 5 * m - world.rank, cfg, "uniform", 0.1, True)
+                      for m in range(2)]
+            dev = [to_device("cupy", *inp) for inp in inputs]
+            stream = cupy.cuda.Stream(non_blocking=True)
+
+            def step():
+                a_out, a_h, a_hook = gpu.dispatch(*dev[0], return_recv_hook=True, stream=stream)
+                b_out, b_h, b_hook = gpu.dispatch(*dev[1], return_recv_hook=True, stream=stream)
+                a_hook()
+                a_y, a_c = gpu.combine(a_out.tokens, a_h, return_recv_hook=True, stream=stream)
+                b_hook()
+                a_c()
+                b_y, b_c = gpu.combine(b_out.tokens, b_h, return_recv_hook=True, stream=stream)
+                b_c()
+                return (a_out, a_y), (b_out, b_y)
+
+            with stream:
+                if graph:
+                    step()
+                    stream.synchronize()
+                    stream.begin_capture()
+                    results = step()
+                    g = stream.end_capture()
+                    for _ in range(2):
+                        g.launch(stream)
+                else:
+                    results = step()
+                stream.synchronize()
+            for m, (out, y) in enumerate(results):
+                want, wh = ref.dispatch(*inputs[m])
+                _check(world, cfg, out, want, f"micro-batch {m}")
+                assert np.array_equal(to_numpy(y), ref.combine(want.tokens, wh)), f"micro-batch {m} combine"
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+def test_hook_misuse_raises_before_anything_is_launched(world, session_seed):
+    multi_rank(world)
+    from ep import InvalidStateError
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 32, 1024, 4, 16, "expert_major")
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 0, 16, cfg, "uniform", 0.0, True)
+            d = to_device("cupy", x, ids, w)
+            out, h, hook = gpu.dispatch(*d, return_recv_hook=True)
+            with pytest.raises(InvalidStateError, match="receive hook has not been called"):
+                gpu.combine(out.tokens, h)
+            hook()
+            with pytest.raises(InvalidStateError, match="already called"):
+                hook()
+            want, wh = ref.dispatch(x, ids, w)
+            assert np.array_equal(to_numpy(gpu.combine(out.tokens, h)), ref.combine(want.tokens, wh))
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+def test_one_ranks_bad_input_raises_on_every_rank_and_the_next_call_is_bit_exact(world, session_seed):
+    multi_rank(world)
+    from ep import PeerInputError
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 32, 1024, 4, 16, "expert_major")
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 0, 16, cfg, "uniform", 0.0, True)
+            xd, idsd, wd = to_device("cupy", x, ids, w)
+            mine = world.rank == 0
+            start = time.monotonic()
+            with pytest.raises(ValueError) as info:
+                gpu.dispatch(xd, idsd, wd[:, :2] if mine else wd)
+            assert time.monotonic() - start < 1.0
+            assert isinstance(info.value, PeerInputError) != mine
+            out, h = gpu.dispatch(xd, idsd, wd)
+            want, wh = ref.dispatch(x, ids, w)
+            _check(world, cfg, out, want, "after the refusal")
+            assert np.array_equal(to_numpy(gpu.combine(out.tokens, h)), ref.combine(want.tokens, wh))
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
+
+
+def test_an_invalid_expert_id_is_an_unused_slot_reported_on_every_rank_in_the_next_call(world, session_seed):
+    multi_rank(world)
+    from ep import PeerInputError
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 32, 1024, 4, 16, "expert_major")
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 0, 16, cfg, "uniform", 0.0, True)
+            bad = ids.copy()
+            if world.rank == 0:
+                bad[3, 1] = cfg.num_experts + 5
+            out, h = gpu.dispatch(*to_device("cupy", x, bad, w))
+            gpu.synchronize()
+            dropped = bad.copy()
+            dropped[dropped >= cfg.num_experts] = -1
+            want, wh = ref.dispatch(x, dropped, w)
+            _check(world, cfg, out, want, "the invalid slot dropped")
+            with pytest.raises(ValueError) as info:
+                gpu.dispatch(*to_device("cupy", x, ids, w))
+            assert isinstance(info.value, PeerInputError) == (world.rank != 0)
+            out, h = gpu.dispatch(*to_device("cupy", x, ids, w))
+            want, wh = ref.dispatch(x, ids, w)
+            _check(world, cfg, out, want, "the next call")
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
