@@ -7,9 +7,9 @@
 // 1 send: every (remote source s, token t, chunk c) with a MetaRec of that dispatch here:
 //   acc = 0; for k = 0..K-1 with rows[k] >= 0: acc = fl32(acc + fl32(w[k] * y[rows[k]])) (no FMA), and
 //   bf16(acc) goes to comb[par][rank][t] on s. With readiness counters (overlap), a row is read only once
-//   its expert's counter reaches ready_target (acquire). Then each block release-adds 1 to the arrivals of
-//   this rank in every rank.
-// 2 receive: wait for send_blocks arrivals per rank of this seq; token t sums, in ascending rank order,
+//   its expert's counter reaches ready_target (acquire). Then the last block to finish release-adds 1 to the
+//   arrivals of this rank in every rank.
+// 2 receive: wait for every rank's arrival of this seq; token t sums, in ascending rank order,
 //   the partials of the ranks in send_mask[dpar][t] in fp32 and rounds once; this rank's own partial is
 //   folded here from the local rows (rounded to bf16 first, as if it had travelled). A token sent nowhere is 0.
 // Rounding matches ep/reference.py exactly. Parity reuse is safe for the reason given in ll_dispatch.cu.
@@ -108,8 +108,7 @@ __device__ void ll_combine_send_body(const LLParams& p, u32 seq, u32 dseq) {
     for (int u = 0; u < kVecsPerLane; ++u)
       if (u * kWarpSize + lane < nvec) st_v4(dst + u * kWarpSize + lane, pack8(acc[u]));
   }
-  ll_signal_sent(p, p.comb_cnt_offset);
-  ll_finish_block(p, kCombineSend, seq);
+  ll_finish_send(p, kCombineSend, seq, p.comb_cnt_offset);
 }
 
 __device__ void ll_combine_recv_body(const LLParams& p, u32 seq, u32 dseq) {

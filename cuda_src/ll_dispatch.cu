@@ -18,10 +18,12 @@
 //   2 every block waits for every source's slot of this seq, and sums the bases of this rank from it
 //   3 send: items (token, destination rank, column chunk), one per warp: a local destination gets the row in
 //     every row of its experts, a remote one only in its first expert's row, with the MetaRec (chunk 0)
-//   4 each block release-adds 1 to the arrivals of this rank in every destination
-//   5 receive: wait for send_blocks arrivals per source of this seq; then items (remote source, token,
-//     chunk) copy the first row to the token's other rows here (with a caller's output_buffer, every row of
-//     every source goes there instead)
+//   4 the last block to finish sending release-adds 1 to the arrivals of this rank in every destination
+//   5 receive: wait for every source's arrival of this seq; then items (remote source, token, chunk) copy
+//     the first row to the token's other rows here (with a caller's output_buffer, every row of every source
+//     goes there instead)
+// The grid is sized by the host from this rank's work (a few tokens need few blocks); nothing counts blocks
+// across ranks.
 // Parity reuse is safe: a rank starts dispatch seq + 2 only after dispatch seq + 1 finished, which waited for
 // every peer's seq + 1 count slot, written after that peer's dispatch seq finished reading slots of seq.
 #include "common/fp8.cuh"
@@ -292,8 +294,7 @@ __device__ __forceinline__ void ll_dispatch_send_body(const LLParams& p, u32 seq
   const int nwarps = blockDim.x / kWarpSize;
   ll_route(p, seq, s);
   if (ll_bases(p, seq, s, &s_ok)) ll_send<kMode>(p, seq, s, blockIdx.x * nwarps + warp, gridDim.x * nwarps, lane);
-  ll_signal_sent(p, p.disp_cnt_offset);
-  ll_finish_block(p, kDispatchSend, seq);
+  ll_finish_send(p, kDispatchSend, seq, p.disp_cnt_offset);
 }
 
 template <int kMode>

@@ -11,7 +11,7 @@ import weakref
 from . import envs, sizes, tuning, validation
 from .bootstrap import Group, bind_device, make_group
 from .calls import CombineCall, DispatchCall
-from .config import DispatchHandle, DispatchOutput, MoECommunicatorConfig
+from .config import DispatchHandle, MoECommunicatorConfig
 from .errors import ConfigError, EPError, EPTimeoutError, InvalidStateError, PeerInputError
 
 log = logging.getLogger("ep")

@@ -5,8 +5,8 @@ its output with :mod:`ep.reference`, and combine sends the bf16 partials back. S
 exactly those of the GPU kernels, and so are the rules a program must follow, so model code can be
 prototyped and unit-tested without GPUs:
 - a cached dispatch (previous_handle) uses the handle's routing with this call's x and weights;
-- LL outputs are communicator-owned: a dispatch's tokens are overwritten by the next-but-one dispatch (two
-  alternating buffers), a combine's output by the next combine;
+- LL outputs are communicator-owned: a dispatch's tokens and a combine's output are overwritten by the
+  next-but-one dispatch / combine (two alternating buffers each);
   a handle can be combined while its dispatch is one of the last two;
 - LL treats an invalid expert id as unused and reports it in the next call (EP_DEBUG_CHECKS: this call);
 - every op passes the same op gate as on GPUs, so one rank's bad input raises on every rank.
@@ -46,7 +46,8 @@ class CpuRuntime(Runtime):
         self.seq = 0
         self.owned = None       # HT owned_output: the buffer every dispatch's tokens view (first use)
         self.ll_out = {}        # LL: the owned dispatch outputs (by payload, half) and combine output [T_max, H]
-        self.ll_comb = None
+        self.ll_comb = None     # [2, T_max, H]: alternating, like the GPU's
+        self.combines = 0
         self.pending = {"dispatch": 0, "combine": 0}   # sends waiting for their hook, as on GPUs
         self._bad_id: str | None = None
         self.open_gate(tuning.timeout_s)
@@ -59,10 +60,9 @@ class CpuRuntime(Runtime):
             raise InvalidStateError(f"LL handle is {self.seq - state.seq} dispatches old; LL keeps the last two "
                                     "dispatches only")
 
-    def check_pending(self, op: str) -> None:
-        if self.pending[op] >= 2:
-            raise InvalidStateError(f"two LL {op}es already wait for their receive hook; call one before the next "
-                                    f"{op}")
+    def check_pending(self, op: str, hook: bool) -> None:
+        from .ll import check_pending
+        check_pending(self.pending, op, hook)
 
     def _hook(self, op: str, done: list):
         """The CPU backend moves everything in the call: the hook only keeps the GPU's rules."""
@@ -179,10 +179,11 @@ class CpuRuntime(Runtime):
         if call.out is not None:
             arrays.to_numpy(call.out.obj)[...] = result
             return call.out.obj, hook
-        if cfg.mode == "ll":   # like the GPU: a view of one owned buffer, overwritten by the next combine
+        if cfg.mode == "ll":   # like the GPU: two owned buffers, alternating
             if self.ll_comb is None:
-                self.ll_comb = np.empty((cfg.max_tokens_per_rank, cfg.hidden_size), np.uint16)
-            view = self.ll_comb[:handle.num_tokens]
+                self.ll_comb = np.empty((2, cfg.max_tokens_per_rank, cfg.hidden_size), np.uint16)
+            self.combines += 1
+            view = self.ll_comb[self.combines & 1][:handle.num_tokens]
             view[...] = result
             return arrays.from_numpy(view, call.framework, bf16=True, like=call.expert_output.obj), hook
         return arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj), hook

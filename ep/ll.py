@@ -7,8 +7,8 @@ select the buffer parity, so a CUDA graph of dispatch -> MLP -> combine replays 
 every row straight into this rank's symmetric output (cuda_src/ll_dispatch.cu).
 
 Lifetime rules (documented in the README):
-- the communicator-owned dispatch output (double-buffered) stays valid while its dispatch is one of the last
-  two; the combine output until the next combine;
+- the communicator-owned dispatch output and combine output (each double-buffered) stay valid while their op
+  is one of the last two;
 - a handle can be combined while at most one newer dispatch has been received (age 0 or 1);
 - with ``return_recv_hook=True`` at most two dispatches (or combines) may wait for their hook.
 """
@@ -26,6 +26,7 @@ from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
 from .errors import EPError, InvalidStateError
 from .peer_memory import ErrorRecord, SymmetricBuffer
 from .runtime_base import GpuRuntime, load_kernels, ptr
+from .constants import LL_CHUNK_CHANNELS
 from .tuning import LL_PAYLOADS, LL_STATIC_SMEM, Tuning
 
 log = logging.getLogger("ep.ll")
@@ -54,6 +55,15 @@ class RecvHook:
         self._launch()
 
 
+def check_pending(pending: dict, op: str, hook: bool) -> None:
+    """The hook rules of an LL op, shared by the GPU and CPU backends."""
+    if hook and pending[op] >= 2:
+        raise InvalidStateError(f"two LL {op}es already wait for their receive hook; call one before the next {op}")
+    if not hook and pending[op]:
+        raise InvalidStateError(f"an LL {op} waits for its receive hook; call it before a {op} without one (the "
+                                "receive halves run in the order of their sends)")
+
+
 class LLRuntime(GpuRuntime):
     def __init__(self, cfg: MoECommunicatorConfig, group: Group, tuning: Tuning):
         self.cfg, self.group, self.tuning = cfg, group, tuning
@@ -65,6 +75,7 @@ class LLRuntime(GpuRuntime):
         self.sent = 0            # dispatch send halves issued
         self.received = 0        # dispatch receive halves issued
         self.pending = {"dispatch": 0, "combine": 0}   # sends waiting for their hook
+        self.combines = 0        # combines issued (the owned combine output alternates too)
         self.open_gate(tuning.timeout_s)
 
     def prepare(self) -> None:
@@ -83,9 +94,9 @@ class LLRuntime(GpuRuntime):
             self.sig = self._sym(lay.sig_bytes, "ll.sig")
             self.err = ErrorRecord()
             self.input_err = ErrorRecord()
-            self.counts = cupy.zeros(L, np.int32)
+            self.counts = cupy.zeros((2, L), np.int32)   # by output half, like the tokens
             self.offsets = cupy.arange(L + 1, dtype=np.int64) * self.capacity
-            self.comb_out = cupy.empty((T, H), np.uint16)
+            self.comb_out = cupy.empty((2, T, H), np.uint16)   # alternating, like the dispatch output
             self.state = cupy.zeros(sizes.LL_STATE_WORDS, np.uint32)
             self.send_mask = cupy.zeros(2 * T, np.uint32)
             self.ntok = cupy.zeros(2 * W, np.int32)
@@ -108,7 +119,7 @@ class LLRuntime(GpuRuntime):
             disp_cnt_offset=lay.disp_cnt_offset, comb_cnt_offset=lay.comb_cnt_offset, rank=self.rank, world=W,
             num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts, local_experts=L, hidden=H, max_tokens=T,
             capacity=self.capacity, cnt_stride=lay.cnt_stride, meta_stride=lay.meta_stride, ids_64=0, age=0, fp8=0,
-            send_blocks=0, cols_per_tile=self.plan.cols_per_tile, ready_target=0, cum_64=0)
+            cols_per_tile=self.plan.cols_per_tile, ready_target=0, cum_64=0, out_par=0)
         cupy.cuda.runtime.deviceSynchronize()
         self.group.barrier("ll prepare")
         self.ready = True
@@ -126,12 +137,23 @@ class LLRuntime(GpuRuntime):
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
 
     def views(self, framework: str, payload: str, half: int = 0) -> dict:
-        """The owned outputs (``half`` of the double-buffered dispatch output) as the caller's framework;
-        converted once per (framework, payload, half)."""
+        """The owned outputs (``half`` of the double-buffered dispatch output) as the caller's framework. The
+        first call of a framework converts every payload and half at once: a later one may run inside a CUDA
+        graph capture, where a DLPack conversion (a stream wait) is not allowed."""
         key = (framework, payload, half)
         v = self._views.get(key)
-        if v is not None:
-            return v
+        if v is None:
+            for p in self._payloads():
+                for h in (0, 1):
+                    self._views[(framework, p, h)] = self._make_views(framework, p, h)
+            v = self._views[key]
+        return v
+
+    def _payloads(self) -> list[str]:
+        H = self.cfg.hidden_size
+        return [p for p in LL_PAYLOADS if p == "bf16" or H % (512 if p == "fp8_ue8m0" else 128) == 0]
+
+    def _make_views(self, framework: str, payload: str, half: int) -> dict:
         cfg, L, cap, H = self.cfg, self.L, self.capacity, self.cfg.hidden_size
         flat = cfg.layout is DispatchLayout.FLAT
         out_half = self._device_array(self.out, (2, L * cap * 2 * H), np.uint8)[half]
@@ -149,13 +171,12 @@ class LLRuntime(GpuRuntime):
                 sc = sc_half.view(np.float32).reshape(L, H // 128, cap)
             scales = arrays.to_framework(sc, framework)
             scales = scales.transpose(1, 2) if framework == arrays.TORCH else scales.transpose(0, 2, 1)
-        v = self._views[key] = {
+        return {
             "tokens": tokens, "scales": scales,
-            "counts": arrays.to_framework(self.counts, framework),
+            "counts": arrays.to_framework(self.counts[half], framework),
             "offsets": arrays.to_framework(self.offsets, framework),
-            "comb_out": arrays.to_framework(self.comb_out, framework, bf16=True),
+            "comb_out": arrays.to_framework(self.comb_out[half], framework, bf16=True),
         }
-        return v
 
     # ------------------------------------------------------------------------------- checks
     def check_errors(self) -> None:
@@ -183,11 +204,10 @@ class LLRuntime(GpuRuntime):
         if age not in (0, 1):
             raise InvalidStateError(f"LL handle is {age} dispatches old; LL keeps the last two dispatches only")
 
-    def check_pending(self, op: str) -> None:
-        """At most two sends of an op may wait for their hook (two buffers)."""
-        if self.pending[op] >= 2:
-            raise InvalidStateError(f"two LL {op}es already wait for their receive hook; call one before the next "
-                                    f"{op}")
+    def check_pending(self, op: str, hook: bool) -> None:
+        """At most two sends of an op may wait for their hook (two buffers), and an op without a hook waits for
+        none (the receive halves run in the order of their sends)."""
+        check_pending(self.pending, op, hook)
 
     def same_routing(self, state, topk_ids) -> bool:
         return True   # LL has no cached dispatch
@@ -206,25 +226,24 @@ class LLRuntime(GpuRuntime):
             weights=0 if call.weights is None else call.weights.ptr,
             copy_out=0 if call.output_buffer is None else call.output_buffer.ptr,
             cum_counts=0 if cum is None else cum.ptr, cum_64=int(cum is not None and cum.dtype == "int64"),
-            num_tokens=T, ids_64=int(call.topk_ids.dtype == "int64"), fp8=call.fp8, send_blocks=plan.dispatch_blocks,
-            out_par=half)
+            num_tokens=T, ids_64=int(call.topk_ids.dtype == "int64"), fp8=call.fp8, out_par=half,
+            counts_out=ptr(self.counts) + half * 4 * self.L)
         threads = plan.warps * 32
+        blocks = self._grid(T, plan.dispatch_blocks)
         handle = LLHandle(self.sent + 1, T, ())
         if call.recv_hook:
-            self.check_pending("dispatch")
-            self.k[f"ll_dispatch_send_{payload}"].launch(plan.dispatch_blocks, threads, params, smem=plan.dispatch_smem,
+            self.k[f"ll_dispatch_send_{payload}"].launch(blocks, threads, params, smem=plan.dispatch_smem,
                                                          stream=stream)
             handle.received = [False]
             self.pending["dispatch"] += 1
 
             def recv():
-                self.k[f"ll_dispatch_recv_{payload}"].launch(plan.dispatch_blocks, threads, params, stream=stream)
+                self.k[f"ll_dispatch_recv_{payload}"].launch(blocks, threads, params, stream=stream)
                 self.received += 1
                 self.pending["dispatch"] -= 1
             hook = RecvHook(recv, handle.received, "dispatch")
         else:
-            self.k[f"ll_dispatch_{payload}"].launch(plan.dispatch_blocks, threads, params, smem=plan.dispatch_smem,
-                                                    stream=stream)
+            self.k[f"ll_dispatch_{payload}"].launch(blocks, threads, params, smem=plan.dispatch_smem, stream=stream)
             self.received += 1
             hook = None
         self.sent += 1
@@ -245,27 +264,36 @@ class LLRuntime(GpuRuntime):
         plan = self.plan
         T = handle.num_tokens
         if call.out is None:
-            out = self.views(call.framework, "bf16")["comb_out"][:T]
-            out_ptr = ptr(self.comb_out)
+            half = self.combines & 1
+            out = self.views(call.framework, "bf16", half)["comb_out"][:T]
+            out_ptr = ptr(self.comb_out) + half * self.comb_out[0].nbytes
         else:
             out, out_ptr = call.out.obj, call.out.ptr
         ready = call.ready
         params = structs.update(self._params, expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T,
-                                age=self.received - handle.seq, send_blocks=plan.combine_blocks,
-                                ready=0 if ready is None else ready.ptr, ready_target=call.ready_target)
+                                age=self.received - handle.seq, ready=0 if ready is None else ready.ptr,
+                                ready_target=call.ready_target)
         threads = plan.warps * 32
+        blocks = self._grid(T, plan.combine_blocks)
+        self.combines += 1
         if call.recv_hook:
-            self.check_pending("combine")
-            self.k["ll_combine_send"].launch(plan.combine_blocks, threads, params, stream=call.stream)
+            self.k["ll_combine_send"].launch(blocks, threads, params, stream=call.stream)
             self.pending["combine"] += 1
             done = [False]
 
             def recv():
-                self.k["ll_combine_recv"].launch(plan.combine_blocks, threads, params, stream=call.stream)
+                self.k["ll_combine_recv"].launch(blocks, threads, params, stream=call.stream)
                 self.pending["combine"] -= 1
             return out, RecvHook(recv, done, "combine")
-        self.k["ll_combine"].launch(plan.combine_blocks, threads, params, stream=call.stream)
+        self.k["ll_combine"].launch(blocks, threads, params, stream=call.stream)
         return out, None
+
+    def _grid(self, T: int, most: int) -> int:
+        """Blocks for an op of T tokens: about one work item (token, rank, 2 KB chunk) per warp, at most the
+        configured count: a few tokens need few blocks, and every block costs a fence and a signal."""
+        chunks = -(-self.cfg.hidden_size // LL_CHUNK_CHANNELS)
+        items = max(T, 1) * min(self.W, self.cfg.topk) * chunks
+        return max(1, min(most, -(-items // self.plan.warps)))
 
     def close(self) -> None:
         super().close()

@@ -71,8 +71,8 @@ class Runtime:
     def check_handle(self, state) -> None:
         pass
 
-    def check_pending(self, op: str) -> None:
-        """Raise InvalidStateError when another send of ``op`` may not wait for its receive hook."""
+    def check_pending(self, op: str, hook: bool) -> None:
+        """Raise InvalidStateError when this ``op`` (with or without a receive hook) may not start now."""
 
     def same_routing(self, state, topk_ids) -> bool:
         raise NotImplementedError

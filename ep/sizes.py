@@ -70,7 +70,6 @@ def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
 
 
 def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtLayout:
-    L = cfg.num_experts // world
     T = cfg.max_tokens_per_rank
     max_chunks = -(-T // HT_CHUNK_TOKENS)
     cnt_stride = round_up(COUNT_SLOT.itemsize + 4 * cfg.num_experts, 16)   # CountSlot, then counts[E]
@@ -125,7 +124,7 @@ def ll_layout(cfg: MoECommunicatorConfig, world: int) -> LLLayout:
     comb_cnt_offset = disp_cnt_offset + BARRIER_SLOTS * 8
     sig_bytes = round_up(comb_cnt_offset + BARRIER_SLOTS * 8, 4096)
     meta_stride = ll_meta_stride(K)
-    local = (4 * LL_STATE_WORDS + 4 * 2 * T + 4 * 2 * world + 4 * L + 8 * (L + 1) + T * 2 * H)
+    local = (4 * LL_STATE_WORDS + 4 * 2 * T + 4 * 2 * world + 2 * 4 * L + 8 * (L + 1) + 2 * T * 2 * H)
     return LLLayout(out_bytes=2 * L * cap * 2 * H, scale_bytes=2 * L * (H // 128) * cap * 4 if H % 128 == 0 else 0,
                     meta_bytes=2 * world * T * meta_stride, comb_bytes=2 * world * T * 2 * H, sig_bytes=sig_bytes,
                     cnt_offset=cnt_offset, cnt_stride=cnt_stride, disp_cnt_offset=disp_cnt_offset,

@@ -56,8 +56,8 @@ LL_PARAMS = _struct(
     ("err", _P), ("input_err", _P), ("timeout_ns", _U64), ("cnt_offset", _U64), ("disp_cnt_offset", _U64),
     ("comb_cnt_offset", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("num_experts", _I),
     ("local_experts", _I), ("hidden", _I), ("max_tokens", _I), ("capacity", _I), ("cnt_stride", _I),
-    ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("fp8", _I), ("send_blocks", _I), ("cols_per_tile", _I),
-    ("ready_target", np.uint32), ("cum_64", _I), ("out_par", _I), ("reserved", _I))
+    ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("fp8", _I), ("cols_per_tile", _I),
+    ("ready_target", np.uint32), ("cum_64", _I), ("out_par", _I))
 
 LL_COUNT_SLOT = _struct(("seq", _U64), ("num_tokens", _I), ("reserved", _I))
 LL_META_REC = _struct(("seq", np.uint32), ("reserved", _I))

@@ -195,7 +195,12 @@ def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previou
         raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
     if return_recv_hook:
         _ll_only(comm, "return_recv_hook")
-        comm._rt.check_pending("dispatch")
+    if cfg.mode == "ll":
+        try:
+            comm._rt.check_pending("dispatch", return_recv_hook)
+        except InvalidStateError as exc:
+            exc.ep_argument = "return_recv_hook"
+            raise
     return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
                         stream=_stream(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
                         recv_hook=return_recv_hook)
@@ -222,7 +227,12 @@ def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, re
         raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
     if return_recv_hook:
         _ll_only(comm, "return_recv_hook")
-        comm._rt.check_pending("combine")
+    if cfg.mode == "ll":
+        try:
+            comm._rt.check_pending("combine", return_recv_hook)
+        except InvalidStateError as exc:
+            exc.ep_argument = "return_recv_hook"
+            raise
     ready, target = None, 0
     if overlap is not None:
         ready, target = overlap.check(comm, fw)

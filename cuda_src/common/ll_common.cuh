@@ -17,7 +17,7 @@
 namespace ep {
 
 constexpr int kDispatchSend = 0, kDispatchRecv = 1, kCombineSend = 2, kCombineRecv = 3;
-constexpr int kChunkChannels = 1024;       // channels per work item (2 KB of bf16, 1 KB of e4m3)
+constexpr int kChunkChannels = kLLChunkChannels;   // channels per work item (2 KB of bf16, 1 KB of e4m3)
 constexpr int kFp8Group = 128;             // channels per FP8 scale
 constexpr int kMaxLLGroupsPerChunk = kChunkChannels / kFp8Group;
 
@@ -78,26 +78,34 @@ __device__ __forceinline__ int ll_expert(const LLParams& p, int t, int k, bool r
   return static_cast<int>(id);
 }
 
-// After this block's sends: one release-add per destination rank. Receivers wait for send_blocks of them per
-// op from every source (the count only grows: seq * send_blocks).
-__device__ __forceinline__ void ll_signal_sent(const LLParams& p, u64 offset) {
+// The end of a send half: each block fences its writes (system scope: peers read them over NVLink) and counts
+// itself done; the last block publishes the half's seq and release-adds 1 to the arrivals of this rank in
+// every destination. So a receiver waits for one arrival per source and op, whatever the sender's grid.
+__device__ __forceinline__ void ll_finish_send(const LLParams& p, int which, u32 seq, u64 offset) {
+  __shared__ int s_last;
   __syncthreads();
-  if (threadIdx.x < p.world) {
+  if (threadIdx.x == 0) {
     fence_sys();
-    red_add_release_sys(ll_arrivals(p, threadIdx.x, offset, p.rank), 1ull);
+    const u32 done = atomicAdd(p.state + 4 + which, 1u);
+    s_last = done == gridDim.x - 1;
+    if (s_last) {
+      p.state[4 + which] = 0u;
+      *reinterpret_cast<volatile u32*>(p.state + which) = seq;
+      fence_sys();
+    }
   }
+  __syncthreads();
+  if (s_last && threadIdx.x < p.world) red_add_release_sys(ll_arrivals(p, threadIdx.x, offset, p.rank), 1ull);
 }
 
-// Every source's arrivals of this op (lane s of warp 0 waits for source s); false on time-out.
+// Every source's arrival of this op (lane s of warp 0 waits for source s); false on time-out.
 __device__ __forceinline__ bool ll_wait_arrivals(const LLParams& p, u64 offset, u32 seq, int phase, int* s_ok) {
   if (threadIdx.x == 0) *s_ok = 1;
   __syncthreads();
-  if (threadIdx.x < p.world) {
-    const u64 target = static_cast<u64>(seq) * static_cast<u64>(p.send_blocks);
-    if (!wait_geq<kSpinSleepMaxNs>(ll_arrivals(p, p.rank, offset, threadIdx.x), target, p.err, p.timeout_ns, phase,
-                                   p.rank, threadIdx.x))
-      *s_ok = 0;
-  }
+  if (threadIdx.x < p.world &&
+      !wait_geq<kSpinSleepMaxNs>(ll_arrivals(p, p.rank, offset, threadIdx.x), static_cast<u64>(seq), p.err,
+                                 p.timeout_ns, phase, p.rank, threadIdx.x))
+    *s_ok = 0;
   __syncthreads();
   return *s_ok != 0;
 }

@@ -156,13 +156,11 @@ struct LLParams {
   i32 ids_64;
   i32 age;                    // combine: how many dispatches ago its dispatch ran (0 or 1)
   i32 fp8;                    // dispatch: 0 bf16, 1 e4m3 + f32 scales, 2 + power-of-two scales, 3 + UE8M0 bytes
-  i32 send_blocks;            // blocks of the send phase (what the receivers count arrivals of)
   i32 cols_per_tile;          // dispatch: expert columns per shared-memory tile of the routing bitmap
   u32 ready_target;           // combine: the readiness value that releases an expert's rows
   i32 cum_64;                 // dispatch: cum_counts holds int64 (else int32)
   i32 out_par;                // dispatch: which half of the double-buffered output (the host alternates it, so a
-                              // graph replays into the half its outputs view)
-  i32 reserved;
+                              // graph replays into the half its outputs view); combine: which half of the output
 };
 
 // The metadata of one (token, destination) a source writes into the destination's meta buffer.

@@ -6,8 +6,6 @@ import stat
 
 import pytest
 
-from ep.errors import ConfigError
-
 from ep import envs, jit
 from ep.errors import CompileError, EPError
 from ep.jit import COMMON_MACROS, SOURCES, KernelVariant
