@@ -16,9 +16,12 @@
 //   local expert rows into out[t] first, with the same rounding, and read back as the own rank's row (each
 //   lane reads back only what it wrote): 1/W of the reduction runs while the NVLink loads are in flight.
 // Both find peer d's partial of token t at partial_peers[d] + send_pos[t][d] * row_bytes.
+// TOKEN_MAJOR: the caller's rows are the partials already (weighted and summed over its local experts): no
+// reduce; the host copies each peer's block of rows (and of weights, when given) to its landing buffer, our
+// own are read from the caller's array (own_partial), and ht_combine_sum adds them.
 // Rounding matches ep/reference.py exactly (fl32 adds in a fixed order, round-to-nearest-even to bf16).
-// The narrow fold needs <= 64 registers, so every kernel here runs kCombineReduceWarps warps per block at
-// most (launch bounds); the host launches the gather with fewer (HtTuning.gather_warps_*).
+// The narrow fold needs <= 64 registers, so the reduce and the sum run kCombineReduceWarps warps per block;
+// the gather, which also folds our own partial, gets 128 registers at kGatherMaxWarps warps at most.
 #include "common/params.cuh"
 #include "common/reduce.cuh"
 
@@ -68,7 +71,23 @@ namespace ep {
 
 __device__ __forceinline__ const u8* partial_src(const HtCombineParams& p, int t, int d) {
   const int pos = p.send_pos[static_cast<i64>(t) * p.world + d];
-  return reinterpret_cast<const u8*>(p.partial_peers[d]) + static_cast<u64>(pos) * p.row_bytes;
+  const u8* base = d == p.rank && p.own_partial ? p.own_partial : reinterpret_cast<const u8*>(p.partial_peers[d]);
+  return base + static_cast<u64>(pos) * p.row_bytes;
+}
+
+// TOKEN_MAJOR with weights: lane k < K of token t sums, in ascending rank order, slot k's weight of every
+// rank's row of t (fp32); our own rows' weights are the caller's, the peers' were copied next to our landing
+// buffer.
+__device__ __forceinline__ void sum_weights(const HtCombineParams& p, int t, u32 mask, int lane) {
+  if (lane >= p.topk) return;
+  float acc = 0.f;
+  for (u32 m = mask; m; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    const i64 pos = p.send_pos[static_cast<i64>(t) * p.world + d];
+    const float* w = d == p.rank ? p.own_w : reinterpret_cast<const float*>(p.w_peers[d]);
+    acc = __fadd_rn(acc, ld_cg_f32(w + pos * p.topk + lane));
+  }
+  p.out_w[static_cast<i64>(t) * p.topk + lane] = acc;
 }
 
 // Own token t's slots on this rank, as warp_weighted_sum takes them: lane k < K holds (row, weight) of slot k.
@@ -99,12 +118,13 @@ __device__ __forceinline__ void gather_direct(const HtCombineParams& p, int gw, 
                                                    : reinterpret_cast<u64>(partial_src(p, t, lane));
     warp_sum_rows<kFoldRowsNarrow, kFoldVecsNarrow>(dst, compact_by_mask(mask, src, lane), __popc(mask), p.row_bytes,
                                                     lane);
+    if (!kFoldOwn && p.out_w) sum_weights(p, t, mask, lane);
   }
 }
 
 }  // namespace ep
 
-extern "C" __global__ void __launch_bounds__(ep::kCombineReduceWarps * 32, 1) ht_combine_gather(const ep::HtCombineParams p) {
+extern "C" __global__ void __launch_bounds__(ep::kGatherMaxWarps * 32, 1) ht_combine_gather(const ep::HtCombineParams p) {
   const int nwarps = blockDim.x / ep::kWarpSize;
   ep::gather_direct<true>(p, blockIdx.x * nwarps + threadIdx.x / ep::kWarpSize, gridDim.x * nwarps,
                           threadIdx.x % ep::kWarpSize);

@@ -115,7 +115,25 @@ __device__ __forceinline__ int local_code(int code, int L, int d) {
 __device__ __forceinline__ u64 send_dst(const HtDispatchParams& p, const SendToken& tok, int orow_d, int lane) {
   if (tok.pos < 0) return 0;
   if (p.out_peers) return p.out_peers[lane] + static_cast<u64>(orow_d) * p.row_bytes;
-  return p.data_peers[lane] + (static_cast<u64>(p.rank) * p.max_tokens + tok.pos) * p.row_bytes;
+  return p.data_peers[lane] + (static_cast<u64>(p.rank) * p.max_tokens + tok.pos) * p.slot_bytes;
+}
+
+// Scales that travel with a row (FP8 and other block-scaled payloads): a row's scales are read where they lie
+// (any strides) and written after the payload of its data slot, then from there (or, for our own tokens,
+// straight from the caller's array) to the output's scales in its layout. Lane j moves scales j, j + 32, ...
+__device__ __forceinline__ void copy_scales(const HtDispatchParams& p, const u8* src, u64 src_stride, u8* dst,
+                                            u64 dst_stride, int lane) {
+  for (int j = lane; j < p.scale_count; j += kWarpSize) {
+    if (p.scale_elem == 4)
+      *reinterpret_cast<u32*>(dst + j * dst_stride) = *reinterpret_cast<const volatile u32*>(src + j * src_stride);
+    else
+      dst[j * dst_stride] = *reinterpret_cast<const volatile u8*>(src + j * src_stride);
+  }
+}
+
+__device__ __forceinline__ u8* out_scale_row(const HtDispatchParams& p, int row) {
+  return p.out_scales + static_cast<u64>(row / p.out_scale_block) * p.out_scale_block_stride +
+         static_cast<u64>(row % p.out_scale_block) * p.out_scale_row_stride;
 }
 
 // Sender block b owns chunks b, b + S, b + 2S, ... and its warps take the next one from a shared counter
@@ -178,6 +196,13 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, Se
       // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's address.
       const u64 my_dst = compact_by_mask(rmask, send_dst(p, tok, orow_d, lane), lane);
       copy.send(my_dst, __popc(rmask), src, p.row_bytes, lane);
+      if (p.scales) {
+        const u8* sc = p.scales + static_cast<u64>(t) * p.scale_stride_t;
+        for (int j = 0; j < __popc(rmask); ++j) {
+          u8* slot = reinterpret_cast<u8*>(__shfl_sync(0xFFFFFFFFu, my_dst, j));
+          copy_scales(p, sc, p.scale_stride_c, slot + p.scale_slot_off, p.scale_elem, lane);
+        }
+      }
     }
     copy.chunk_done(lane);
     __syncwarp();
@@ -213,17 +238,35 @@ __device__ __forceinline__ RecvToken load_recv_token(const HtDispatchParams& p, 
 // Expand received token i (of source s; row `src`) into one output row per local expert it names, and
 // record its rows and weights for combine. in_place (owned outputs, remote tokens): the sender wrote the row
 // into the token's first expert row already; it is the source of the copies to the others, `src` unused.
+// The row's scales come from `sc` (stride sc_stride between scales) when the payload has any.
+// TOKEN_MAJOR: the token is one row, the item's own (row i), and the receive lists hold its local experts.
 __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i64 i, const RecvToken& tok,
-                                             const u8* src, bool in_place, int lane) {
+                                             const u8* src, bool in_place, const u8* sc, u64 sc_stride, int lane) {
   const int K = p.topk;
   const InfoLayout lay(p.local_experts, p.world);
   int row = -1;
+  if (p.token_major) {
+    if (lane < K) {
+      p.recv_rows[i * K + lane] = tok.lexp >= 0 ? (tok.lexp & ~kDupBit) : -1;
+      p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
+    }
+    warp_copy_multi<kCopyVecs>(reinterpret_cast<u64>(p.out) + static_cast<u64>(i) * p.row_bytes, 1, src, p.row_bytes,
+                               lane);
+    if (p.scales) copy_scales(p, sc, sc_stride, out_scale_row(p, static_cast<int>(i)), p.out_scale_col_stride, lane);
+    return;
+  }
   if (lane < K) {
     if (tok.lexp >= 0) row = p.info[lay.src_base + s * p.local_experts + (tok.lexp & ~kDupBit)] + tok.idx;
     p.recv_rows[i * K + lane] = row;
     p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
   }
   u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
+  if (p.scales) {   // every expert row of the token gets its scales
+    for (u32 m = copy_mask; m; m &= m - 1) {
+      const int r = __shfl_sync(0xFFFFFFFFu, row, __ffs(m) - 1);
+      copy_scales(p, sc, sc_stride, out_scale_row(p, r), p.out_scale_col_stride, lane);
+    }
+  }
   if (in_place && copy_mask) {
     src = p.out + static_cast<u64>(__shfl_sync(0xFFFFFFFFu, row, __ffs(copy_mask) - 1)) * p.row_bytes;
     copy_mask &= copy_mask - 1;
@@ -249,7 +292,8 @@ __device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int 
     if (pos < 0) continue;
     const RecvToken rt{local_code(tok.code, p.local_experts, p.rank), tok.sidx, tok.w};
     expand_token(p, p.rank, static_cast<i64>(p.info[lay.recv_prefix + p.rank]) + pos, rt,
-                 p.x + static_cast<i64>(t) * p.row_bytes, false, lane);
+                 p.x + static_cast<i64>(t) * p.row_bytes, false, p.scales + static_cast<u64>(t) * p.scale_stride_t,
+                 p.scale_stride_c, lane);
   }
 }
 
@@ -275,13 +319,22 @@ __device__ __forceinline__ void dispatch_done(u64* ctr, u32 participants) {
   }
 }
 
-// Alignment / capacity padding rows are zero (receiver warps gw of RW, before they expand).
+// Alignment / capacity padding rows are zero, with their scales (receiver warps gw of RW, before they expand).
+// TOKEN_MAJOR rows are received items, never padding.
 __device__ __forceinline__ void zero_padding(const HtDispatchParams& p, int gw, int RW, int lane) {
+  if (p.token_major) return;
   const InfoLayout lay(p.local_experts, p.world);
   for (int e = gw; e < p.local_experts; e += RW) {
     const i64 first = static_cast<i64>(p.info[lay.base + e]) + p.info[lay.counts + e];
     const i64 last = p.info[lay.base + e + 1];
-    for (i64 r = first; r < last; ++r) warp_zero(p.out + r * p.row_bytes, p.row_bytes, lane);
+    for (i64 r = first; r < last; ++r) {
+      warp_zero(p.out + r * p.row_bytes, p.row_bytes, lane);
+      if (p.scales) {
+        u8* sc = out_scale_row(p, static_cast<int>(r));
+        for (int j = lane; j < p.scale_count * p.scale_elem; j += kWarpSize)
+          sc[(j / p.scale_elem) * p.out_scale_col_stride + j % p.scale_elem] = 0;
+      }
+    }
   }
 }
 
@@ -331,8 +384,9 @@ __device__ __forceinline__ void ht_expand(const HtDispatchParams& p, u64 epoch, 
     for (int pos = start; pos < end; ++pos) {
       const RecvToken tok = cur;
       if (pos + 1 < end) cur = load_recv_token(p, my_meta + (slot0 + pos + 1) * p.meta_stride, lane);
-      expand_token(p, s, static_cast<i64>(info[lay.recv_prefix + s]) + pos, tok,
-                   in_place ? nullptr : my_data + (slot0 + pos) * p.row_bytes, in_place, lane);
+      const u8* slot = my_data + (slot0 + pos) * p.slot_bytes;
+      expand_token(p, s, static_cast<i64>(info[lay.recv_prefix + s]) + pos, tok, in_place ? nullptr : slot, in_place,
+                   slot + p.scale_slot_off, static_cast<u64>(p.scale_elem), lane);
     }
   }
 }

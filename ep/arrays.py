@@ -48,6 +48,12 @@ def is_bf16(arr: Any) -> bool:
     return _dtype_name(arr) in ("bfloat16", "uint16")
 
 
+# One-byte payloads a block-scaled dispatch carries as they are (FP8 e4m3/e5m2, packed FP4 as uint8), and the
+# dtypes its scales may have (float32, packed UE8M0 int32, E8M0 / E4M3 bytes).
+BYTE_PAYLOADS = ("uint8", "int8", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+SCALE_DTYPES = ("float32", "int32", "uint32") + BYTE_PAYLOADS
+
+
 @dataclass(frozen=True)
 class ArrayInfo:
     framework: str
@@ -56,6 +62,14 @@ class ArrayInfo:
     ptr: int          # device pointer (0 for NumPy)
     device: int       # CUDA device id, -1 on the CPU
     obj: Any = field(default=None, compare=False, repr=False)   # the array itself
+    itemsize: int = 0
+
+    def strides(self) -> tuple:
+        """Strides in bytes (computed when asked: hot paths never need them)."""
+        arr = self.obj
+        if self.framework == TORCH:
+            return tuple(int(st) * self.itemsize for st in arr.stride())
+        return tuple(int(st) for st in arr.strides)
 
 
 def describe(arr: Any, name: str, fw: str | None = None) -> ArrayInfo:
@@ -66,16 +80,16 @@ def describe(arr: Any, name: str, fw: str | None = None) -> ArrayInfo:
         if arr.device.type == "cuda" and dev is None:
             dev = 0
         ptr = arr.data_ptr() if arr.device.type == "cuda" else 0
-        return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev, arr)
+        return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev, arr, arr.element_size())
     if fw == CUPY:
-        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data.ptr, arr.device.id, arr)
-    return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1, arr)
+        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data.ptr, arr.device.id, arr, arr.itemsize)
+    return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1, arr, arr.itemsize)
 
 
 def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], device: int,
-                fw: str | None = None) -> ArrayInfo:
+                fw: str | None = None, contiguous: bool = True) -> ArrayInfo:
     """Validate one argument; ``shape`` entries of None accept any size; ``fw``: its framework when the caller
-    knows it already. Raises ValueError/TypeError."""
+    knows it already; ``contiguous=False`` accepts any strides. Raises ValueError/TypeError."""
     info = describe(arr, name, fw)
     if len(info.shape) != len(shape) or any(want is not None and got != want for got, want in zip(info.shape, shape)):
         pretty = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
@@ -86,7 +100,7 @@ def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], d
         where = "the CPU" if device < 0 else f"cuda:{device}"
         got = "the CPU" if info.device < 0 else f"cuda:{info.device}"
         raise argument_error(ValueError, name, f"{name}: expected an array on {where}, got one on {got}")
-    if not (arr.is_contiguous() if info.framework == TORCH else arr.flags.c_contiguous):
+    if contiguous and not (arr.is_contiguous() if info.framework == TORCH else arr.flags.c_contiguous):
         raise argument_error(ValueError, name, f"{name}: must be C-contiguous")
     return info
 
@@ -98,11 +112,13 @@ def bf16_dtypes(framework: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------- NumPy / CPU
 def to_numpy(arr: Any) -> np.ndarray:
-    """A NumPy view/copy of a CPU array; bf16 becomes uint16 bit patterns."""
+    """A NumPy view/copy of a CPU array; bf16 becomes uint16 bit patterns, torch FP8 uint8 bit patterns."""
     if framework_of(arr) == TORCH:
         import torch
         if arr.dtype == torch.bfloat16:
             return arr.view(torch.int16).numpy().view(np.uint16)
+        if arr.element_size() == 1 and arr.dtype not in (torch.uint8, torch.int8, torch.bool):
+            return arr.view(torch.uint8).numpy()
         return arr.numpy()
     a = np.asarray(arr)
     if a.dtype.name == "bfloat16":
@@ -120,6 +136,9 @@ def from_numpy(arr: np.ndarray, like_framework: str, bf16: bool = False, like: A
             t = t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
         elif fp8:
             t = t.view(torch.float8_e4m3fn)
+        elif like is not None and getattr(like, "dtype", None) is not None and like.dtype != t.dtype \
+                and like.element_size() == t.element_size():
+            t = t.view(like.dtype)   # a byte payload (FP8) comes back in the caller's dtype
         return t
     if bf16 and like is not None and np.asarray(like).dtype.name == "bfloat16":
         return arr.view(np.asarray(like).dtype)
@@ -194,7 +213,7 @@ def resolve_stream(stream: Any, framework: str):
     return cupy.cuda.get_current_stream()
 
 
-_NUMPY_KINDS = {"bf16": np.uint16, "int32": np.int32, "int64": np.int64, "float32": np.float32}
+_NUMPY_KINDS = {"bf16": np.uint16, "int32": np.int32, "int64": np.int64, "float32": np.float32, "uint8": np.uint8}
 _TORCH_KINDS: dict = {}   # filled on first torch use (torch is optional)
 
 
@@ -209,14 +228,15 @@ def empty_many(framework: str, specs: list, stream) -> list[tuple[Any, int]]:
     if framework == TORCH:
         import torch
         if not _TORCH_KINDS:
-            _TORCH_KINDS.update(bf16=torch.bfloat16, int32=torch.int32, int64=torch.int64, float32=torch.float32)
+            _TORCH_KINDS.update(bf16=torch.bfloat16, int32=torch.int32, int64=torch.int64, float32=torch.float32,
+                                uint8=torch.uint8)
         device = torch.device("cuda", torch.cuda.current_device())
         out = []
-        for shape, kind in specs:
-            t = torch.empty(shape, dtype=_TORCH_KINDS[kind], device=device)
+        for shape, kind in specs:   # kind: a name above, or a dtype of the framework (a payload's own)
+            t = torch.empty(shape, dtype=_TORCH_KINDS[kind] if isinstance(kind, str) else kind, device=device)
             out.append((t, t.data_ptr()))
         return out
     import cupy
     with stream:
-        arrays = [cupy.empty(shape, dtype=_NUMPY_KINDS[kind]) for shape, kind in specs]
+        arrays = [cupy.empty(shape, dtype=_NUMPY_KINDS[kind] if isinstance(kind, str) else kind) for shape, kind in specs]
     return [(a, a.data.ptr) for a in arrays]

@@ -13,7 +13,7 @@ from .arrays import ArrayInfo
 
 @dataclass(frozen=True)
 class DispatchCall:
-    x: ArrayInfo                      # [T, H] bf16
+    x: ArrayInfo                      # [T, H] bf16, or (HT, with scales) [T, row] of a one-byte payload
     topk_ids: ArrayInfo               # [T, K] int32 / int64
     weights: ArrayInfo | None         # [T, K] float32, None = ones
     previous: Any                     # the runtime state of previous_handle (a cached dispatch), or None
@@ -23,6 +23,7 @@ class DispatchCall:
     fp8: int = 0                      # LL cast: 0 bf16, 1 e4m3 + f32 scales, 2 power-of-two scales, 3 UE8M0
     cumulative_counts: ArrayInfo | None = None   # LL: [L] int32/int64 the call's counts are added to
     recv_hook: bool = False           # LL: launch the send half only; the returned hook launches the receive
+    scales: ArrayInfo | None = None   # HT: [T, S] scales of x's rows (any strides), travelling with them
 
     @property
     def num_tokens(self) -> int:
@@ -44,3 +45,4 @@ class CombineCall:
     recv_hook: bool = False           # LL: as for dispatch
     ready: ArrayInfo | None = None    # LL overlap: [L] uint32 counters an expert's rows wait for
     ready_target: int = 0
+    topk_weights: ArrayInfo | None = None   # TOKEN_MAJOR: [N, K] float32 rows summed like the tokens

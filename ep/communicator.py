@@ -224,7 +224,10 @@ class MoECommunicator:
                  output_buffer=None, stream=None, cast=None, cumulative_counts=None, return_recv_hook: bool = False):
         """Send every token to the ranks owning its experts; return the local experts' rows.
 
-        x: ``[T, H]`` bf16 (torch.bfloat16, or uint16 bit patterns), C-contiguous, T <= max_tokens_per_rank.
+        x: ``[T, H]`` bf16 (torch.bfloat16, or uint16 bit patterns), C-contiguous, T <= max_tokens_per_rank;
+          with scales (HT) ``[T, row]`` of a one-byte payload (FP8 e4m3/e5m2, packed FP4 uint8).
+        scales (HT): the payload's block scales ``[T, S]`` (float32, packed UE8M0 int32, E8M0 / E4M3 bytes; any
+          strides), or an ep.QuantScales: they travel with the rows into ``out.scales``.
         topk_ids: ``[T, K]`` int32/int64, -1 = unused slot. weights: ``[T, K]`` float32 or None (ones).
         previous_handle (HT): reuse that dispatch's routing and layout (its topk_ids; this call's x and weights),
           skipping the count exchange; ``EP_DEBUG_CHECKS=1`` checks that topk_ids equal the handle's.
@@ -249,7 +252,7 @@ class MoECommunicator:
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, expert_output, handle: DispatchHandle, *, out=None, stream=None, return_recv_hook: bool = False,
-                overlap=None):
+                overlap=None, topk_weights=None):
         """Sum the expert outputs of every token back on its source rank.
 
         expert_output: bf16, the shape and row order of that dispatch's ``tokens`` (bf16 also after an FP8
@@ -258,12 +261,17 @@ class MoECommunicator:
         return_recv_hook (LL): as for dispatch; returns (out, hook).
         overlap (LL): an ep.OverlapSignals from create_overlap_config: the combine reads an expert's rows
           only once its counter says they are written.
+        TOKEN_MAJOR: expert_output ``[N, H]`` holds each row already weighted and summed over this rank's
+          experts; the result is, per source token, the sum of its rows in ascending rank order (fp32, rounded
+          once). topk_weights: optional ``[N, K]`` float32 summed the same way; then returns (out, weights).
         Raises like dispatch.
         """
         self._check_usable()
         call: CombineCall = self._validated("combine", lambda: validation.combine_call(
-            self, expert_output, handle, out, stream, return_recv_hook, overlap))
+            self, expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights))
         result, hook = self._run(self._rt.combine, call)
+        if topk_weights is not None:
+            result = tuple(result)
         return (result, hook) if return_recv_hook else result
 
     # ---------------------------------------------------------------------------------- lifetime

@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import MAX_LOCAL_EXPERTS, MAX_TOPK, MAX_WORLD_SIZE
+from .constants import GATHER_MAX_WARPS, MAX_LOCAL_EXPERTS, MAX_TOPK, MAX_WORLD_SIZE
 from .errors import ConfigError
 
 HT_DEFAULT_SMS = 24               # HT leaves the rest of the GPU to the compute it overlaps
@@ -22,10 +22,15 @@ class DispatchLayout(enum.Enum):
     FLAT: ``tokens [N, H]``, rows grouped by local expert ascending, then source rank, then source
     token index; ``expert_offsets [L+1]`` indexes the groups.
     EXPERT_MAJOR: ``tokens [L, capacity, H]``; rows ``[0, count_e)`` of expert ``e`` are valid, same order.
+    TOKEN_MAJOR (HT): ``tokens [N, H]``, one row per (source token, this rank), ordered by source rank then
+    source token index, with ``topk_ids [N, K]`` (the slot's local expert, or -1 where another rank owns it)
+    and ``topk_weights [N, K]`` (0 at -1); the caller applies its experts and weights and combine sums the
+    rows. This moves exactly DeepEP's bytes.
     """
 
     FLAT = "flat"
     EXPERT_MAJOR = "expert_major"
+    TOKEN_MAJOR = "token_major"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +92,8 @@ class HtTuning:
             raise ConfigError(f"HtTuning.dispatch_copy must be 'warp' or 'tma', got {self.dispatch_copy!r}")
         if self.combine not in ("push", "pull"):
             raise ConfigError(f"HtTuning.combine must be 'push' or 'pull', got {self.combine!r}")
-        _check_int("HtTuning", "gather_warps_wide", self.gather_warps_wide, 1, 32)
-        _check_int("HtTuning", "gather_warps_narrow", self.gather_warps_narrow, 1, 32)
+        _check_int("HtTuning", "gather_warps_wide", self.gather_warps_wide, 1, GATHER_MAX_WARPS)
+        _check_int("HtTuning", "gather_warps_narrow", self.gather_warps_narrow, 1, GATHER_MAX_WARPS)
         _check_int("HtTuning", "gather_wide_max_blocks", self.gather_wide_max_blocks, 1, 1024)
 
 
@@ -124,6 +129,9 @@ class MoECommunicatorConfig:
     timeout_s [EP_TIMEOUT_S]: bound of every device and host wait.
     shared_gpu [EP_SHARED_GPU]: allow several ranks of a node on one GPU (ranks beyond the GPU count share
       GPUs round-robin). For tests only: it proves correctness, never speed.
+    scale_layout ("ht", FP8 and other block-scaled payloads): how ``DispatchOutput.scales`` is laid out:
+      "row_major" ``[rows, S]`` contiguous, or "mn_major": token-contiguous with the token stride padded to a
+      multiple of 4 (16-byte aligned for TMA: what DeepGEMM's grouped GEMMs read without a transpose).
     ht_tuning, ll_tuning: kernel tuning of each mode (HtTuning, LLTuning).
     """
 
@@ -140,6 +148,7 @@ class MoECommunicatorConfig:
     owned_output: bool = False
     overlap: CommOverlapConfig = field(default_factory=CommOverlapConfig)
     shared_gpu: bool = False
+    scale_layout: str = "row_major"
     ht_tuning: HtTuning = field(default_factory=HtTuning)
     ll_tuning: LLTuning = field(default_factory=LLTuning)
 
@@ -180,6 +189,10 @@ class MoECommunicatorConfig:
                               "L x W*T_max rows (its worst-case capacity)")
         if not isinstance(self.overlap, CommOverlapConfig):
             raise ConfigError(f"overlap must be a CommOverlapConfig, got {self.overlap!r}")
+        if self.scale_layout not in ("row_major", "mn_major"):
+            raise ConfigError(f"scale_layout must be 'row_major' or 'mn_major', got {self.scale_layout!r}")
+        if self.layout is DispatchLayout.TOKEN_MAJOR and self.mode != "ht":
+            raise ConfigError("output_layout=TOKEN_MAJOR applies to mode='ht' (LL is expert-major by design)")
         if not isinstance(self.shared_gpu, bool):
             raise ConfigError(f"shared_gpu must be a bool, got {self.shared_gpu!r}")
         if not isinstance(self.ht_tuning, HtTuning):
@@ -242,9 +255,9 @@ class Fp8Cast:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantScales:
-    """Per-block FP8 scales that travel with quantized tokens: ``scales [T, H // block]`` float32.
-
-    FP8 dispatch is not implemented yet; passing ``scales=`` raises NotImplementedError.
+    """Per-block scales that travel with quantized tokens (HT): ``scales [T, S]`` of any dtype and strides
+    (float32 ``[T, H/128]``, packed UE8M0 int32 ``[T, H/512]``, E8M0 uint8 ``[T, H/32]``, E4M3 ``[T, H/16]``).
+    ``dispatch(..., scales=)`` takes this or the array itself; block_size documents the format.
     """
 
     scales: Any
@@ -259,7 +272,8 @@ class QuantScales:
 class DispatchOutput:
     """What the local expert MLP consumes.
 
-    tokens: FLAT ``[N, H]`` or EXPERT_MAJOR ``[L, capacity, H]``, bf16, in the caller's framework.
+    tokens: FLAT / TOKEN_MAJOR ``[N, H]`` or EXPERT_MAJOR ``[L, capacity, H]``, in the caller's framework and
+      the dtype of x (bf16, or the payload of an FP8 / byte dispatch).
     num_tokens_per_expert: device int32 ``[L]`` (rows of each local expert, padding excluded).
     num_tokens_per_expert_host: the same as a Python list (HT only; None in LL, which never syncs).
     expert_offsets: int64 ``[L+1]``, exclusive cumulative sum of the padded segments, indexing
@@ -268,6 +282,7 @@ class DispatchOutput:
     scales: FP8 dispatches only: the scales of ``tokens`` in the same row order (LL: ``[L, capacity, H/128]``
       float32, or ``[L, capacity, H/512]`` int32 of packed UE8M0 bytes, as views of token-contiguous
       (MN-major) buffers; HT: see ``MoECommunicatorConfig.scale_layout``); None for bf16.
+    topk_ids, topk_weights: TOKEN_MAJOR only: int32 / float32 ``[N, K]`` (see DispatchLayout); else None.
     """
 
     tokens: Any
@@ -276,6 +291,8 @@ class DispatchOutput:
     expert_offsets: Any
     layout: DispatchLayout
     scales: Any = None
+    topk_ids: Any = None
+    topk_weights: Any = None
 
 
 class DispatchHandle:

@@ -20,6 +20,7 @@ TABLE: dict[str, tuple[int, str]] = {
     "kSmemLimit": (227 * 1024, "Hopper: the most dynamic shared memory a block can opt in to"),
     "kMetaBytesMax": ((8 + 12 * 32 + 15) // 16 * 16, "one token's metadata record at kMaxTopk slots"),
     "kLLChunkChannels": (1024, "channels of one LL work item: 2 KB of bf16, one warp's 4 vectors per lane"),
+    "kGatherMaxWarps": (16, "warps per block of the pull gather at most: its launch bounds give it 128 registers"),
 }
 
 MAX_WORLD_SIZE = TABLE["kMaxWorld"][0]
@@ -34,6 +35,7 @@ COMBINE_REDUCE_WARPS = TABLE["kCombineReduceWarps"][0]
 SMEM_LIMIT = TABLE["kSmemLimit"][0]
 META_BYTES_MAX = TABLE["kMetaBytesMax"][0]
 LL_CHUNK_CHANNELS = TABLE["kLLChunkChannels"][0]
+GATHER_MAX_WARPS = TABLE["kGatherMaxWarps"][0]
 
 # Phases of the error record (cuda_src/common/constants.cuh enum Phase): code -> (C name, what Python prints).
 PHASES: dict[int, tuple[str, str]] = {

@@ -98,7 +98,9 @@ class CpuRuntime(Runtime):
     def dispatch(self, call: DispatchCall):
         cfg, W = self.cfg, self.W
         framework = call.framework
-        xn = arrays.to_numpy(call.x.obj).astype(np.uint16, copy=False)
+        xn = arrays.to_numpy(call.x.obj)
+        if call.scales is None:
+            xn = xn.astype(np.uint16, copy=False)
         if call.previous is not None:
             ids = call.previous.topk_ids
         else:
@@ -110,12 +112,19 @@ class CpuRuntime(Runtime):
         scales = None
         if call.fp8:   # LL cast: the e4m3 rows and their scales travel instead of the bf16 rows
             xn, scales = reference.fp8_cast(xn, round_scale=call.fp8 >= 2, ue8m0=call.fp8 == 3)
+        elif call.scales is not None:   # HT: a byte payload and its scales travel as they are
+            scales = arrays.to_numpy(call.scales.obj)
         slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W, scales) for d in range(W)]
         received = self.group.alltoall(slices, "cpu dispatch")
-        layout_kind = DispatchLayout.EXPERT_MAJOR if (ll or cfg.layout is DispatchLayout.EXPERT_MAJOR) else DispatchLayout.FLAT
-        capacity = W * cfg.max_tokens_per_rank if ll else None
-        res = reference.dispatch_receive(received, self.rank, cfg.num_experts, W, cfg.hidden_size,
-                                         cfg.expert_alignment, layout_kind, capacity)
+        token_major = cfg.layout is DispatchLayout.TOKEN_MAJOR
+        if token_major:
+            res = reference.dispatch_receive_token_major(received, self.rank, cfg.num_experts, W, cfg.expert_alignment)
+        else:
+            layout_kind = DispatchLayout.EXPERT_MAJOR if (ll or cfg.layout is DispatchLayout.EXPERT_MAJOR) \
+                else DispatchLayout.FLAT
+            capacity = W * cfg.max_tokens_per_rank if ll else None
+            res = reference.dispatch_receive(received, self.rank, cfg.num_experts, W, cfg.hidden_size,
+                                             cfg.expert_alignment, layout_kind, capacity)
         tokens = res.tokens
         if ll and cfg.layout is DispatchLayout.FLAT:
             tokens = tokens.reshape(-1, cfg.hidden_size)
@@ -142,25 +151,28 @@ class CpuRuntime(Runtime):
             view[...] = tokens
             tokens_out = arrays.from_numpy(view, framework, bf16=True, like=like)
         else:
-            tokens_out = arrays.from_numpy(tokens, framework, bf16=True, like=like)
+            tokens_out = arrays.from_numpy(tokens, framework, bf16=call.scales is None, like=like)
         self.seq += 1
         out_scales = None
-        if res.scales is not None:   # token-contiguous, as the GPU writes them: [L, S, cap] viewed as [L, cap, S]
-            mn = np.ascontiguousarray(res.scales.transpose(0, 2, 1))
-            out_scales = arrays.from_numpy(mn, framework)
-            out_scales = out_scales.transpose(1, 2) if framework == arrays.TORCH else out_scales.transpose(0, 2, 1)
+        if res.scales is not None:
+            mn = ll or cfg.scale_layout == "mn_major"
+            out_scales = scale_output(res.scales, mn, framework, like=None if call.scales is None else call.scales.obj)
         if call.cumulative_counts is not None:
             acc = arrays.to_numpy(call.cumulative_counts.obj)
             acc += res.counts.astype(acc.dtype)
+        tm_ids = tm_w = None
+        if token_major:
+            tm_ids = arrays.from_numpy(res.topk_ids, framework)
+            tm_w = arrays.from_numpy(res.topk_weights, framework)
         out = DispatchOutput(
             tokens=tokens_out,
             num_tokens_per_expert=arrays.from_numpy(res.counts.astype(np.int32), framework),
             num_tokens_per_expert_host=None if ll else [int(c) for c in res.counts],
             expert_offsets=arrays.from_numpy(res.offsets.astype(np.int64), framework),
-            layout=cfg.layout, scales=out_scales)
+            layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w)
         sent = [s.token_index for s in slices]
-        handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(tokens.shape), ids,
-                           self.seq)
+        shape = tokens.shape[:-1] + (cfg.hidden_size,)   # what combine takes: bf16 rows
+        handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(shape), ids, self.seq)
         hook = None
         if call.recv_hook:
             handle.received = [False]
@@ -171,6 +183,8 @@ class CpuRuntime(Runtime):
         cfg = self.cfg
         handle: CpuHandle = call.state
         y = arrays.to_numpy(call.expert_output.obj).reshape(-1, cfg.hidden_size)
+        if cfg.layout is DispatchLayout.TOKEN_MAJOR:
+            return self._combine_token_major(call, handle, y)
         partials = [reference.expert_partials(y, handle.rows[s], handle.recv_weights[s]) for s in range(self.W)]
         back = self.group.alltoall(partials, "cpu combine")
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]
@@ -187,3 +201,37 @@ class CpuRuntime(Runtime):
             view[...] = result
             return arrays.from_numpy(view, call.framework, bf16=True, like=call.expert_output.obj), hook
         return arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj), hook
+
+    def _combine_token_major(self, call: CombineCall, handle: CpuHandle, y: np.ndarray):
+        """The caller's rows are the partials: each goes back to its source, which sums them in rank order."""
+        cfg = self.cfg
+        w = None if call.topk_weights is None else arrays.to_numpy(call.topk_weights.obj)
+        back = self.group.alltoall([(y[handle.rows[s]], None if w is None else w[handle.rows[s]]) for s in range(self.W)],
+                                   "cpu combine")
+        parts = [(handle.sent_index[d], back[d][0]) for d in range(self.W)]
+        wparts = None if w is None else [back[d][1] for d in range(self.W)]
+        result, wsum = reference.combine_token_major(handle.num_tokens, cfg.hidden_size, parts, wparts, cfg.topk)
+        if call.out is not None:
+            arrays.to_numpy(call.out.obj)[...] = result
+            out = call.out.obj
+        else:
+            out = arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj)
+        if wsum is not None:
+            return (out, arrays.from_numpy(wsum, call.framework)), None
+        return out, None
+
+
+def scale_output(scales: np.ndarray, mn_major: bool, framework: str, like=None):
+    """Received scales ``[rows, S]`` (or ``[L, cap, S]``) as the GPU lays them out: row-major, or MN-major:
+    token-contiguous with the token stride padded to a multiple of 4 (a view of ``[S, rows4]``, or of
+    ``[L, S, cap4]``). ``like``: the caller's scale array, whose dtype the result takes (torch FP8)."""
+    if not mn_major:
+        return arrays.from_numpy(np.ascontiguousarray(scales), framework, like=like)
+    rows = scales.shape[-2]
+    rows4 = -(-rows // 4) * 4
+    buf = np.zeros(scales.shape[:-2] + (scales.shape[-1], rows4), scales.dtype)
+    buf[..., :rows] = np.swapaxes(scales, -1, -2)
+    t = arrays.from_numpy(buf, framework, like=like)
+    if framework == arrays.TORCH:
+        return t[..., :rows].transpose(-1, -2)
+    return np.swapaxes(t[..., :rows], -1, -2)

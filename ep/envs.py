@@ -96,11 +96,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("EP_COMBINE_PUSH", bool, None, "HT combine: 1 = push (copy engines carry each peer's partials to the source, which sums locally; one more symmetric buffer of `W * max_tokens_per_rank` rows), 0 = pull (the source reads the partials from the peers).",
          overrides="ht_tuning.combine", to_field=lambda v: "push" if v else "pull"),
     Knob("EP_CMB_TMA_WARPS_WIDE", int, None, "Warps per block of the pull combine's gather while the grid has at most EP_CMB_TMA_WARPS_MAXCH blocks.",
-         overrides="ht_tuning.gather_warps_wide", lo=1, hi=32),
+         overrides="ht_tuning.gather_warps_wide", lo=1, hi=16),
     Knob("EP_CMB_TMA_WARPS_MAXCH", int, None, "Largest gather grid that still uses EP_CMB_TMA_WARPS_WIDE warps per block.",
          overrides="ht_tuning.gather_wide_max_blocks", lo=1, hi=1024),
     Knob("EP_CMB_TMA_WARPS_NARROW", int, None, "Warps per gather block above EP_CMB_TMA_WARPS_MAXCH blocks.",
-         overrides="ht_tuning.gather_warps_narrow", lo=1, hi=32),
+         overrides="ht_tuning.gather_warps_narrow", lo=1, hi=16),
     Knob("EP_LL_WARPS", int, None, "Warps per LL block.", overrides="ll_tuning.warps", lo=4, hi=32),
 )
 

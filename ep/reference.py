@@ -184,6 +184,8 @@ class ReceivedLayout:
     capacity: int                 # EXPERT_MAJOR capacity (0 for FLAT)
     layout: DispatchLayout
     scales: np.ndarray | None = None   # the rows' scales, [rows, S] or [L, capacity, S] (padding rows zero)
+    topk_ids: np.ndarray | None = None       # TOKEN_MAJOR: int32 [N, K] local expert of each slot, or -1
+    topk_weights: np.ndarray | None = None   # TOKEN_MAJOR: float32 [N, K], 0 at -1
 
 
 def padded(count: int, alignment: int) -> int:
@@ -238,6 +240,48 @@ def dispatch_receive(received: list[RankSlice], rank: int, num_experts: int, wor
     return ReceivedLayout(tokens, counts, offsets, rows, cap, layout, sc)
 
 
+def dispatch_receive_token_major(received: list[RankSlice], rank: int, num_experts: int, world_size: int,
+                                 alignment: int = 1) -> ReceivedLayout:
+    """TOKEN_MAJOR: one row per received (source token, this rank), sources in rank order, tokens in index
+    order; each row's slots as this rank's local experts (-1 where another rank owns the slot's expert, or
+    the slot is unused), weights 0 at -1. counts[e]: rows naming local expert e (once per row), and offsets
+    the exclusive sum of the counts rounded up to ``alignment`` (counts only: no row is padded)."""
+    per_rank = num_experts // world_size
+    first = rank * per_rank
+    parts = [sl.x for sl in received]
+    tokens = np.concatenate(parts) if parts else np.zeros((0, 0), np.uint16)
+    scales = None
+    if received and received[0].scales is not None:
+        scales = np.concatenate([sl.scales for sl in received])
+    ids = np.concatenate([sl.topk_ids for sl in received]) if received else np.zeros((0, 1), np.int64)
+    w = np.concatenate([sl.weights for sl in received]) if received else np.zeros((0, 1), np.float32)
+    mine = (ids >= first) & (ids < first + per_rank)
+    local = np.where(mine, ids - first, -1).astype(np.int32)
+    counts = np.array([int(np.any(local == e, axis=1).sum()) for e in range(per_rank)], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum([padded(int(c), alignment) for c in counts])]).astype(np.int64)
+    rows, start = [], 0
+    for sl in received:
+        rows.append(np.arange(start, start + len(sl.token_index), dtype=np.int64))
+        start += len(sl.token_index)
+    return ReceivedLayout(tokens, counts, offsets, rows, 0, DispatchLayout.TOKEN_MAJOR, scales, local,
+                          np.where(mine, w, np.float32(0)).astype(np.float32))
+
+
+def combine_token_major(num_tokens: int, hidden: int, parts: list[tuple[np.ndarray, np.ndarray]],
+                        weight_parts: list | None = None, topk: int = 0):
+    """TOKEN_MAJOR combine on the source: ``parts[d] = (token_index [n_d], rows [n_d, H])`` in rank order, the
+    rows rank d's caller reduced already; out[t] = bf16(fl32 sum in rank order), rounded once. With
+    ``weight_parts[d] = float32 [n_d, K]`` also the weights summed the same way (float32 [T, K])."""
+    out = combine_partials(num_tokens, hidden, parts)
+    if weight_parts is None:
+        return out, None
+    acc = np.zeros((num_tokens, topk), np.float32)
+    for (token_index, _), wd in zip(parts, weight_parts):
+        if len(token_index):
+            acc[token_index] = (acc[token_index] + np.asarray(wd, np.float32)).astype(np.float32)
+    return out, acc
+
+
 # ------------------------------------------------------------------------------------------- combine
 def expert_partials(expert_rows: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Step 1 of combine on an expert rank: uint16 [n, H] partials of the n tokens one source sent.
@@ -276,6 +320,8 @@ def dispatch_world(xs: list, topk_ids: list, weights: list, num_experts: int, hi
     sc = scales if scales is not None else [None] * world
     slices = [[slice_for_rank(s, d, xs[s], topk_ids[s], weights[s], num_experts, world, sc[s]) for s in range(world)]
               for d in range(world)]
+    if layout is DispatchLayout.TOKEN_MAJOR:
+        return [dispatch_receive_token_major(slices[d], d, num_experts, world, alignment) for d in range(world)]
     return [dispatch_receive(slices[d], d, num_experts, world, hidden, alignment, layout, capacity)
             for d in range(world)]
 
@@ -295,4 +341,25 @@ def combine_world(expert_outputs: list, layouts: list[ReceivedLayout], topk_ids:
             y = np.asarray(expert_outputs[d], dtype=np.uint16).reshape(-1, hidden)
             parts.append((token_index, expert_partials(y, layouts[d].rows[s], w[token_index])))
         outs.append(combine_partials(ids.shape[0], hidden, parts))
+    return outs
+
+
+def combine_token_major_world(expert_outputs: list, layouts: list[ReceivedLayout], topk_ids: list, num_experts: int,
+                              hidden: int, weights: list | None = None) -> list:
+    """Every rank's TOKEN_MAJOR combine: ``expert_outputs[d]`` is rank d's reduced rows ``[N_d, H]`` (and
+    ``weights[d]`` its ``[N_d, K]`` float32, optional). Returns per rank (out uint16 [T, H], weights or None)."""
+    world = len(layouts)
+    outs = []
+    for s in range(world):
+        ids = np.asarray(topk_ids[s], dtype=np.int64)
+        sent = routed_ranks(ids, num_experts, world)
+        parts, wparts = [], []
+        for d in range(world):
+            token_index = np.nonzero(sent[:, d])[0]
+            rows = layouts[d].rows[s]
+            parts.append((token_index, np.asarray(expert_outputs[d], np.uint16)[rows]))
+            if weights is not None:
+                wparts.append(np.asarray(weights[d], np.float32)[rows])
+        outs.append(combine_token_major(ids.shape[0], hidden, parts, wparts if weights is not None else None,
+                                        ids.shape[1]))
     return outs

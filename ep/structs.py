@@ -37,17 +37,19 @@ HT_ROUTE_PARAMS = _struct(
 HT_DISPATCH_PARAMS = _struct(
     ("x", _P), ("weights", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("info", _P),
     ("data_peers", _P), ("meta_peers", _P), ("sig_peers", _P), ("out", _P), ("out_peers", _P), ("recv_rows", _P),
-    ("recv_w", _P), ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("err", _P),
-    ("timeout_ns", _U64), ("dflag_offset", _U64), ("drange_offset", _U64),
-    ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I),
-    ("max_tokens", _I), ("chunk_tokens", _I), ("max_chunks", _I), ("meta_stride", _I), ("send_blocks", _I),
-    ("send_warps", _I), ("reserved", _I))
+    ("recv_w", _P), ("item_ctr", _P), ("counts_out", _P), ("expert_offsets", _P), ("scales", _P), ("out_scales", _P),
+    ("err", _P), ("timeout_ns", _U64), ("dflag_offset", _U64), ("drange_offset", _U64), ("scale_stride_t", _U64),
+    ("scale_stride_c", _U64), ("out_scale_block_stride", _U64), ("out_scale_row_stride", _U64),
+    ("out_scale_col_stride", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
+    ("local_experts", _I), ("row_bytes", _I), ("slot_bytes", _I), ("max_tokens", _I), ("chunk_tokens", _I),
+    ("max_chunks", _I), ("meta_stride", _I), ("send_blocks", _I), ("send_warps", _I), ("scale_count", _I),
+    ("scale_elem", _I), ("scale_slot_off", _I), ("out_scale_block", _I), ("token_major", _I))
 
 HT_COMBINE_PARAMS = _struct(
     ("expert_out", _P), ("recv_rows", _P), ("recv_w", _P), ("send_pos", _P), ("info", _P), ("data_peers", _P),
-    ("partial_peers", _P), ("out", _P), ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I),
-    ("num_tokens", _I), ("topk", _I), ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I), ("item_lo", _I),
-    ("item_hi", _I), ("skip_own", _I))
+    ("partial_peers", _P), ("own_partial", _P), ("out", _P), ("w_peers", _P), ("own_w", _P), ("out_w", _P),
+    ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
+    ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I), ("item_lo", _I), ("item_hi", _I), ("skip_own", _I))
 
 LL_PARAMS = _struct(
     ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("copy_out", _P),

@@ -135,16 +135,17 @@ def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previou
                   output_buffer, stream, cast=None, cumulative_counts=None, return_recv_hook=False) -> DispatchCall:
     cfg = comm.config
     gpu = comm.backend == "gpu"
-    if scales is not None:
-        raise arrays.argument_error(NotImplementedError, "scales",
-                                    "scales: FP8 dispatch is not implemented yet; pass bf16 tokens")
     fw = arrays.framework_of(x, "x")
     if gpu and fw == arrays.NUMPY:
         raise arrays.argument_error(TypeError, "x", "x: the GPU backend takes torch CUDA tensors or CuPy arrays, "
                                                     "got a NumPy array")
     dev = comm.device
     bf16 = arrays.bf16_dtypes(fw)
-    xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev, fw=fw)
+    si = None
+    if scales is not None:
+        xi, si = _scaled_payload(comm, x, scales, fw)
+    else:
+        xi = arrays.check_array(x, "x", shape=(None, cfg.hidden_size), dtypes=bf16, device=dev, fw=fw)
     T = xi.shape[0]
     if T > cfg.max_tokens_per_rank:
         raise arrays.argument_error(CapacityError, "x", f"x: {T} tokens exceed max_tokens_per_rank="
@@ -203,11 +204,43 @@ def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previou
             raise
     return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
                         stream=_stream(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
-                        recv_hook=return_recv_hook)
+                        recv_hook=return_recv_hook, scales=si)
+
+
+def _scaled_payload(comm: "MoECommunicator", x, scales, fw: str):
+    """HT dispatch of a block-scaled payload: x [T, row] of one-byte elements (FP8, packed FP4) and its scales
+    [T, S] (any dtype of arrays.SCALE_DTYPES, any strides). A row and its scales share one data slot of
+    2 * hidden_size bytes."""
+    from .config import QuantScales
+    cfg = comm.config
+    if cfg.mode != "ht":
+        raise arrays.argument_error(ValueError, "scales", "scales applies to mode='ht' (LL casts bf16 in the kernel: "
+                                                          "pass cast=ep.Fp8Cast())")
+    if cfg.owned_output:
+        raise arrays.argument_error(ValueError, "scales", "scales: owned_output takes bf16 tokens")
+    arr = scales.scales if isinstance(scales, QuantScales) else scales
+    xi = arrays.check_array(x, "x", shape=(None, None), dtypes=arrays.BYTE_PAYLOADS, device=comm.device, fw=fw)
+    row = xi.shape[1] * xi.itemsize
+    if row % 16 or row == 0:
+        raise arrays.argument_error(ValueError, "x", f"x: a scaled payload's rows must be a positive multiple of 16 "
+                                                     f"bytes, got {row}")
+    _same_framework(arr, "scales", fw)
+    si = arrays.check_array(arr, "scales", shape=(xi.shape[0], None), dtypes=arrays.SCALE_DTYPES, device=comm.device,
+                            fw=fw, contiguous=False)
+    if si.itemsize not in (1, 4):
+        raise arrays.argument_error(TypeError, "scales", f"scales: elements of 1 or 4 bytes, got {si.itemsize}")
+    if any(st < 0 for st in si.strides()):
+        raise arrays.argument_error(ValueError, "scales", "scales: negative strides are not supported")
+    need = -(-row // 16) * 16 + si.shape[1] * si.itemsize
+    if need > 2 * cfg.hidden_size:
+        raise arrays.argument_error(ValueError, "scales", f"x and scales: {row} payload bytes + {si.shape[1]} scales of "
+                                                          f"{si.itemsize} bytes exceed the {2 * cfg.hidden_size}-byte "
+                                                          "slot a row has (2 * hidden_size)")
+    return xi, si
 
 
 def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, return_recv_hook=False,
-                 overlap=None) -> CombineCall:
+                 overlap=None, topk_weights=None) -> CombineCall:
     cfg = comm.config
     check_handle(comm, handle, "handle")
     fw = arrays.framework_of(expert_output, "expert_output")
@@ -235,10 +268,21 @@ def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, re
             raise
     ready, target = None, 0
     if overlap is not None:
+        _ll_only(comm, "overlap")
         ready, target = overlap.check(comm, fw)
+    wi = None
+    if topk_weights is not None:
+        from .config import DispatchLayout
+        if cfg.layout is not DispatchLayout.TOKEN_MAJOR:
+            raise arrays.argument_error(ValueError, "topk_weights", "topk_weights applies to the TOKEN_MAJOR layout")
+        if arrays.framework_of(topk_weights, "topk_weights") != fw:
+            raise arrays.argument_error(TypeError, "topk_weights", "topk_weights must come from the same framework "
+                                                                   "as expert_output")
+        wi = arrays.check_array(topk_weights, "topk_weights", shape=(yi.shape[0], cfg.topk), dtypes=("float32",),
+                                device=comm.device, fw=fw)
     return CombineCall(expert_output=yi, state=handle._state, out=oi, num_tokens=T,
                        stream=_stream(comm, stream, fw), framework=fw, recv_hook=return_recv_hook, ready=ready,
-                       ready_target=target)
+                       ready_target=target, topk_weights=wi)
 
 
 def _checks_ids_on_host(comm: "MoECommunicator") -> bool:

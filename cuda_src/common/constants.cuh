@@ -16,6 +16,7 @@ constexpr int kCombineReduceWarps = 32;
 constexpr int kSmemLimit = 227 * 1024;
 constexpr int kMetaBytesMax = (8 + 12 * kMaxTopk + 15) / 16 * 16;
 constexpr int kLLChunkChannels = 1024;
+constexpr int kGatherMaxWarps = 16;
 
 constexpr int kWarpSize = 32;
 constexpr int kVecBytes = 16;   // every row is a multiple of 16 bytes (H % 8 == 0)

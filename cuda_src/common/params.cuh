@@ -58,40 +58,53 @@ struct HtRouteParams {
 };
 
 struct HtDispatchParams {
-  const u8* x;            // [T, H] bf16
+  const u8* x;            // [T, row_bytes]: bf16 rows, or any byte payload (FP8, MXFP8, NVFP4)
   const float* weights;   // [T, K] or nullptr (all ones)
   const i32* route;
   const i32* slot_idx;
   const i32* send_pos;
   const i32* info;
-  const u64* data_peers;  // [W] base of every rank's data buffer: [W][T_max][row_bytes]
+  const u64* data_peers;  // [W] base of every rank's data buffer: [W][T_max][slot_bytes]
   const u64* meta_peers;  // [W] base of every rank's meta buffer: [W][T_max][meta_stride]
   const u64* sig_peers;   // [W]
-  u8* out;                // [rows, H] (EXPERT_MAJOR viewed flat)
+  u8* out;                // [rows, row_bytes] (EXPERT_MAJOR viewed flat; TOKEN_MAJOR: one row per received item)
   const u64* out_peers;   // [W] every rank's owned output (config owned_output), or nullptr: then senders write
                           // rows into the data buffers and receivers copy every row out of them
-  i32* recv_rows;         // [n_recv, K] output row of each slot owned here, or -1
+  i32* recv_rows;         // [n_recv, K] output row of each slot owned here (TOKEN_MAJOR: its local expert), or -1
   float* recv_w;          // [n_recv, K]
   u64* item_ctr;          // [3] receive items handed out, warps done, dispatches run (ht_dispatch.cu next_item)
   i32* counts_out;        // [L] rows per local expert (num_tokens_per_expert), or nullptr
   i64* expert_offsets;    // [L + 1], or nullptr
+  const u8* scales;       // [T] rows of scale_count elements of scale_elem bytes (strides below), or nullptr
+  u8* out_scales;         // the output's scales: element (row, j) at (row / block) * block_stride +
+                          // (row % block) * row_stride + j * col_stride bytes
   ErrorRecord* err;
   u64 timeout_ns;
   u64 dflag_offset;       // u64 [W][max_chunks] in the signal buffer
   u64 drange_offset;      // int2 [W][max_chunks]
+  u64 scale_stride_t;     // bytes between two tokens' scales in `scales`
+  u64 scale_stride_c;     // bytes between two scales of a token
+  u64 out_scale_block_stride;
+  u64 out_scale_row_stride;
+  u64 out_scale_col_stride;
   i32 rank;
   i32 world;
   i32 num_tokens;
   i32 topk;
   i32 local_experts;
-  i32 row_bytes;
+  i32 row_bytes;          // payload bytes of a row
+  i32 slot_bytes;         // bytes of a data-buffer slot: the payload (16-byte aligned), then its scales
   i32 max_tokens;
   i32 chunk_tokens;
   i32 max_chunks;
   i32 meta_stride;
   i32 send_blocks;        // blocks [0, send_blocks) send, the others expand what arrives
   i32 send_warps;         // warps of a sender block that send (TMA: one staging row each); the others expand
-  i32 reserved;
+  i32 scale_count;        // scales per row (0: none)
+  i32 scale_elem;         // bytes per scale (1 or 4)
+  i32 scale_slot_off;     // where a slot's scales start
+  i32 out_scale_block;    // rows per block of out_scales (EXPERT_MAJOR: the capacity; else INT_MAX)
+  i32 token_major;        // 1: TOKEN_MAJOR output (row = received item; recv_rows hold local experts)
 };
 
 struct HtCombineParams {
@@ -102,7 +115,11 @@ struct HtCombineParams {
   const i32* info;
   const u64* data_peers;
   const u64* partial_peers;   // [W]: where peer d's partials of our tokens lie (row send_pos[t][d])
+  const u8* own_partial;  // TOKEN_MAJOR: our own tokens' partials (rows of the caller's y), else nullptr
   u8* out;                // [T, H]
+  const u64* w_peers;     // TOKEN_MAJOR weights: [W] where peer d's weight rows of our tokens lie, or nullptr
+  const float* own_w;     // TOKEN_MAJOR weights: our own tokens' weight rows
+  float* out_w;           // TOKEN_MAJOR weights: [T, K] their sums
   ErrorRecord* err;
   u64 timeout_ns;
   i32 rank;

@@ -188,13 +188,28 @@ def test_layout_defaults_per_mode(mode, expected):
 
 
 @pytest.mark.parametrize("mode", ["ht", "ll"])
-@pytest.mark.parametrize("layout", list(DispatchLayout))
+@pytest.mark.parametrize("layout", [DispatchLayout.FLAT, DispatchLayout.EXPERT_MAJOR])
 def test_explicit_layout_wins_over_the_mode_default(mode, layout):
     assert make(mode=mode, output_layout=layout).layout is layout
 
 
+def test_token_major_is_an_ht_layout():
+    assert make(mode="ht", output_layout=DispatchLayout.TOKEN_MAJOR).layout is DispatchLayout.TOKEN_MAJOR
+    with pytest.raises(ConfigError, match="TOKEN_MAJOR applies to mode='ht'"):
+        make(mode="ll", output_layout=DispatchLayout.TOKEN_MAJOR)
+    with pytest.raises(ConfigError, match="owned_output needs the FLAT layout"):
+        make(mode="ht", output_layout=DispatchLayout.TOKEN_MAJOR, owned_output=True)
+
+
+def test_scale_layout_is_row_or_mn_major():
+    assert make().scale_layout == "row_major" and make(scale_layout="mn_major").scale_layout == "mn_major"
+    with pytest.raises(ConfigError, match="scale_layout must be"):
+        make(scale_layout="k_major")
+
+
 def test_dispatch_layout_values():
-    assert {layout.name: layout.value for layout in DispatchLayout} == {"FLAT": "flat", "EXPERT_MAJOR": "expert_major"}
+    assert {layout.name: layout.value for layout in DispatchLayout} == {
+        "FLAT": "flat", "EXPERT_MAJOR": "expert_major", "TOKEN_MAJOR": "token_major"}
     assert DispatchLayout("flat") is DispatchLayout.FLAT
     assert DispatchLayout("expert_major") is DispatchLayout.EXPERT_MAJOR
 

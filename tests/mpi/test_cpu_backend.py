@@ -582,13 +582,103 @@ def test_combine_writes_into_out(mpi, communicators, mode):
                                                "identity"), 6, 16)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_fp8_scales_are_not_implemented(mpi, communicators, mode):
-    comm = communicators(small(mode, mpi.size))
-    inp = draw_inputs(mpi, comm.config, 4)
-    scales = QuantScales(scales=np.ones((4, 1), np.float32), block_size=16)
-    mpi.raises(NotImplementedError, comm.dispatch, inp.x, inp.ids, inp.w, scales, match="FP8 dispatch")
-    good_call(mpi, comm)
+# (name, payload width in bytes per row given H, scale count given H, scale dtype, column-major scales)
+PAYLOADS = [
+    ("fp8_f32_scales", lambda H: H, lambda H: H // 128, np.float32, False),
+    ("fp8_f32_scales_column_major", lambda H: H, lambda H: H // 128, np.float32, True),
+    ("fp8_ue8m0_int32", lambda H: H, lambda H: H // 512, np.int32, True),
+    ("mxfp8_e8m0_bytes", lambda H: H, lambda H: H // 32, np.uint8, False),
+    ("nvfp4_e4m3_bytes", lambda H: H // 2, lambda H: H // 16, np.uint8, True),
+]
+
+
+def _payload_inputs(mpi, cfg, T, width, count, dtype, column_major, call=0):
+    rng = mpi.rng(call + 50)
+    x = rng.integers(0, 256, size=(T, width), dtype=np.uint8)
+    sc = rng.integers(1, 2 ** 30, size=(T, count)).astype(dtype) if dtype != np.float32 else \
+        rng.standard_normal((T, count)).astype(np.float32)
+    if column_major:   # the view callers make: x_scales.T.contiguous().T
+        sc = np.ascontiguousarray(sc.T).T
+    return x, sc
+
+
+@pytest.mark.parametrize("layout", [FLAT, EXPERT_MAJOR, DispatchLayout.TOKEN_MAJOR], ids=lambda l: l.value)
+@pytest.mark.parametrize("scale_layout", ["row_major", "mn_major"])
+@pytest.mark.parametrize("payload", PAYLOADS, ids=[p[0] for p in PAYLOADS])
+def test_ht_byte_payloads_and_their_scales_arrive_in_the_row_order_bit_exactly(mpi, communicators, layout, scale_layout,
+                                                                              payload):
+    W, r = mpi.size, mpi.rank
+    H = 512
+    cfg = make_config("ht", world=W, hidden=H, topk=3, t_max=8, layout=layout, scale_layout=scale_layout,
+                      alignment=4 if layout is FLAT else 1)
+    comm = communicators(cfg)
+    name, width, count, dtype, column_major = payload
+    T = token_counts(W, 8, 1)[r]
+    inp = draw_inputs(mpi, cfg, T, drop=0.2)
+    x, sc = _payload_inputs(mpi, cfg, T, width(H), count(H), dtype, column_major)
+    out, handle = comm.dispatch(x, inp.ids, inp.w, scales=QuantScales(scales=sc) if column_major else sc)
+    everyone = mpi.allgather((x, np.ascontiguousarray(sc)))
+    with mpi.checking("payload rows and scales"):
+        ref = reference.dispatch_world([e[0] for e in everyone], inp.idss, inp.ws, cfg.num_experts, H, cfg.expert_alignment,
+                                       layout, scales=[e[1] for e in everyone])[r]
+        tokens, scales = np.asarray(out.tokens), np.asarray(out.scales)
+        assert tokens.dtype == np.uint8 and np.array_equal(tokens, ref.tokens)
+        assert scales.dtype == dtype and np.array_equal(scales, ref.scales)
+        if scale_layout == "mn_major" and scales.size:
+            assert scales.strides[-2] == scales.itemsize, "token-contiguous"
+            assert (scales.strides[-1] // scales.itemsize) % 4 == 0, "token stride padded to a multiple of 4"
+        if layout is DispatchLayout.TOKEN_MAJOR:
+            assert np.array_equal(np.asarray(out.topk_ids), ref.topk_ids)
+            assert np.array_equal(np.asarray(out.topk_weights), ref.topk_weights)
+    y = f32_to_bf16(np.ones(tokens.shape[:-1] + (H,), np.float32))   # combine takes bf16 rows after any payload
+    comm.combine(y, handle)
+
+
+def test_scales_are_ht_only_and_checked_before_anything_moves(mpi, communicators):
+    W = mpi.size
+    ll = communicators(make_config("ll", world=W, hidden=256, topk=2, t_max=8))
+    inp = draw_inputs(mpi, ll.config, 4)
+    x8 = np.zeros((4, 256), np.uint8)
+    mpi.raises(ValueError, ll.dispatch, x8, inp.ids, scales=np.ones((4, 2), np.float32), match="cast=ep.Fp8Cast")
+    ht = communicators(make_config("ht", world=W, hidden=256, topk=2, t_max=8))
+    mpi.raises(ValueError, ht.dispatch, x8, inp.ids, scales=np.ones((3, 2), np.float32), match="scales: expected shape")
+    mpi.raises(TypeError, ht.dispatch, x8, inp.ids, scales=np.ones((4, 2), np.float64), match="scales: expected dtype")
+    mpi.raises(TypeError, ht.dispatch, inp.x, inp.ids, scales=np.ones((4, 2), np.float32), match="x: expected dtype")
+    mpi.raises(ValueError, ht.dispatch, x8, inp.ids, scales=np.ones((4, 70), np.float32), match="exceed the 512-byte slot")
+    good_call(mpi, ht)
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["rows", "rows_and_weights"])
+def test_token_major_combine_sums_the_callers_rows_in_rank_order(mpi, communicators, weights):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=32, topk=3, t_max=8, layout=DispatchLayout.TOKEN_MAJOR, alignment=4)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 2)[r], drop=0.2, repeat=True)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    layouts = reference.dispatch_world(inp.xs, inp.idss, inp.ws, cfg.num_experts, 32, 4, DispatchLayout.TOKEN_MAJOR)
+    with mpi.checking("TOKEN_MAJOR dispatch"):
+        ref = layouts[r]
+        assert np.array_equal(np.asarray(out.tokens), ref.tokens)
+        assert np.array_equal(np.asarray(out.num_tokens_per_expert), ref.counts)
+        assert out.num_tokens_per_expert_host == ref.counts.tolist()
+        assert np.array_equal(np.asarray(out.expert_offsets), ref.offsets)
+        assert np.array_equal(np.asarray(out.topk_ids), ref.topk_ids)
+        assert np.array_equal(np.asarray(out.topk_weights), ref.topk_weights)
+    # the caller's experts: row i = sum_k w[i,k] * c_e * x_i over its local experts (any function would do)
+    ys = [f32_to_bf16(bf16_to_f32(L.tokens) * np.float32(d + 2)) for d, L in enumerate(layouts)]
+    ws = [np.asarray(L.topk_weights) for L in layouts]
+    got = comm.combine(ys[r], handle, topk_weights=ws[r] if weights else None)
+    with mpi.checking("TOKEN_MAJOR combine"):
+        want = reference.combine_token_major_world(ys, layouts, inp.idss, cfg.num_experts, 32, ws if weights else None)[r]
+        if weights:
+            got_y, got_w = got
+            assert np.array_equal(np.asarray(got_w), want[1])
+            # every slot's weight comes back from the rank that owns it: the sum is the caller's weights
+            w_in = np.where(inp.ids >= 0, inp.w, 0).astype(np.float32)
+            assert np.array_equal(np.asarray(got_w), w_in)
+        else:
+            got_y = got
+        check_combine(got_y, want[0], inp.x.shape[0], 32)
 
 
 def test_output_buffer_is_refused_in_ht(mpi, communicators):
