@@ -112,6 +112,12 @@ class HtRuntime(GpuRuntime):
             self.land = None
             bases = [p + self.rank * region for p in self.data.peer_ptrs]
         self.partial_peers = cupy.asarray(np.array(bases, dtype=np.uint64))
+        self.token_major = cfg.layout is DispatchLayout.TOKEN_MAJOR
+        self.wland = None
+        if self.token_major:   # the weights a TOKEN_MAJOR combine sums land next to the rows
+            self.wland = self._sym(self.layout.wland_bytes, "ht.wland")
+            wregion = cfg.max_tokens_per_rank * cfg.topk * 4
+            self.w_peers = cupy.asarray(np.array([self.wland.ptr + d * wregion for d in range(self.W)], np.uint64))
         self.err = ErrorRecord()
         # ht_dispatch's receive-item counter and done count (reset by the kernel) and its epoch, the count of
         # dispatches run (advanced by the kernel, so CUDA graph replays advance it too).
@@ -238,39 +244,93 @@ class HtRuntime(GpuRuntime):
         else:
             routing = previous.routing
             self._barrier_after("dispatch", stream)
+        payload = x_info.shape[1]                           # elements of a row: H for bf16, its width otherwise
         if cfg.layout is DispatchLayout.EXPERT_MAJOR:
-            shape = (L, routing.capacity, H)
+            rows_shape = (L, routing.capacity)
+        elif self.token_major:
+            rows_shape = (routing.n_recv,)
         else:
-            shape = (routing.total_rows, H)
+            rows_shape = (routing.total_rows,)
+        shape = rows_shape + (payload,)
         # Receive lists sized exactly (a handle keeps them until it is dropped), in the caller's framework like
         # the outputs: inside a torch CUDA graph capture they come from the graph's memory pool too.
         n = max(routing.n_recv, 1)
         specs = [((2, n, K), "int32")] + ([] if previous is None else counts_specs)
+        scale_spec = self._scale_spec(call, rows_shape, routing) if call.scales is not None else None
+        if scale_spec is not None:
+            specs.append((scale_spec["alloc"], call.scales.obj.dtype))
         if self.owned is None:
-            specs.append((shape, "bf16"))
+            specs.append((shape, "bf16" if call.scales is None else x_info.obj.dtype))
         (recv_lists, rows_ptr), *rest = arrays.empty_many(framework, specs, stream)
         if self.owned is None:
             tokens, tokens_ptr = rest.pop()
         else:
             tokens, tokens_ptr = self._owned_view(framework, shape[0]), self.owned.ptr
+        out_scales = scale_fields = None
+        if scale_spec is not None:
+            sc_arr, sc_ptr = rest.pop()
+            out_scales, scale_fields = self._scale_outputs(sc_arr, sc_ptr, scale_spec, call)
         if previous is not None:
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = rest
         w_ptr = rows_ptr + 4 * n * K
         # The dispatch kernel writes counts and offsets from the routing's info (fresh arrays every call).
         params = structs.update(
             routing.dispatch_params, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
-            recv_rows=rows_ptr, recv_w=w_ptr, counts_out=counts_ptr, expert_offsets=offsets_ptr)
+            recv_rows=rows_ptr, recv_w=w_ptr, counts_out=counts_ptr, expert_offsets=offsets_ptr,
+            **({} if scale_fields is None else scale_fields))
         self.k["ht_dispatch"].launch(self.plan.dispatch_blocks, self.plan.dispatch_warps * 32, params,
                                      smem=self.plan.dispatch_smem, stream=stream)
         self.last_op = "dispatch"
+        tm_ids = tm_w = None
+        if self.token_major:   # the receive lists are the rows' local experts and weights
+            tm_ids = recv_lists[0][:routing.n_recv]
+            tm_w = recv_lists[1][:routing.n_recv].view(_f32(framework))
         out = DispatchOutput(
             tokens=tokens,
             num_tokens_per_expert=counts_dev,
             num_tokens_per_expert_host=list(routing.counts_host),
             expert_offsets=offsets,
-            layout=cfg.layout)
+            layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w)
         # Packed here, after the launch, while the GPU works: a combine only updates two fields.
-        return out, HtHandle(routing, recv_lists, shape, self._combine_params(routing, rows_ptr, w_ptr)), None
+        combine_shape = rows_shape + (H,)   # combine takes bf16 rows whatever the payload
+        return out, HtHandle(routing, recv_lists, combine_shape, self._combine_params(routing, rows_ptr, w_ptr)), None
+
+    def _scale_spec(self, call: DispatchCall, rows_shape: tuple, routing: Routing) -> dict:
+        """Shape and strides of the output scales (MoECommunicatorConfig.scale_layout)."""
+        S, elem = call.scales.shape[1], call.scales.itemsize
+        mn = self.cfg.scale_layout == "mn_major"
+        if len(rows_shape) == 2:   # EXPERT_MAJOR [L, cap, S]
+            L, cap = rows_shape
+            cap4 = sizes.round_up(max(cap, 1), 4)
+            if mn:
+                return {"alloc": (L, S, cap4), "view": "em_mn", "block": max(cap, 1), "block_stride": S * cap4 * elem,
+                        "row_stride": elem, "col_stride": cap4 * elem, "S": S}
+            return {"alloc": (L, cap, S), "view": None, "block": INT_MAX, "block_stride": 0,
+                    "row_stride": S * elem, "col_stride": elem, "S": S}
+        rows = rows_shape[0]
+        if mn:
+            rows4 = sizes.round_up(max(rows, 1), 4)
+            return {"alloc": (S, rows4), "view": "mn", "rows": rows, "block": INT_MAX, "block_stride": 0,
+                    "row_stride": elem, "col_stride": rows4 * elem, "S": S}
+        return {"alloc": (rows, S), "view": None, "block": INT_MAX, "block_stride": 0, "row_stride": S * elem,
+                "col_stride": elem, "S": S}
+
+    def _scale_outputs(self, arr, ptr_, spec: dict, call: DispatchCall):
+        """(the caller's view of the output scales, the dispatch params that describe them)."""
+        view = arr
+        torch_fw = call.framework == arrays.TORCH
+        if spec["view"] == "mn":
+            view = arr[:, :spec["rows"]].transpose(0, 1) if torch_fw else arr[:, :spec["rows"]].T
+        elif spec["view"] == "em_mn":
+            cap = arr.shape[2] if spec["block"] == INT_MAX else spec["block"]
+            view = arr[:, :, :cap].transpose(1, 2) if torch_fw else arr[:, :, :cap].transpose(0, 2, 1)
+        t_stride, c_stride = call.scales.strides()
+        fields = dict(scales=call.scales.ptr, out_scales=ptr_, scale_stride_t=t_stride, scale_stride_c=c_stride,
+                      out_scale_block_stride=spec["block_stride"], out_scale_row_stride=spec["row_stride"],
+                      out_scale_col_stride=spec["col_stride"], row_bytes=call.x.shape[1] * call.x.itemsize,
+                      scale_count=spec["S"], scale_elem=call.scales.itemsize,
+                      scale_slot_off=sizes.round_up(call.x.shape[1] * call.x.itemsize, 16), out_scale_block=spec["block"])
+        return view, fields
 
     def _dispatch_params(self, route: int, slot_idx: int, send_pos: int, info: int, T: int):
         """ht_dispatch params of one routing (device pointers of its arrays); the per-call fields (inputs,
@@ -284,16 +344,19 @@ class HtRuntime(GpuRuntime):
             expert_offsets=0, err=self.err.ptr, timeout_ns=self.timeout_ns,
             dflag_offset=self.layout.dflag_offset, drange_offset=self.layout.drange_offset, rank=self.rank,
             world=self.W, num_tokens=T, topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes,
-            max_tokens=cfg.max_tokens_per_rank, chunk_tokens=constants.HT_CHUNK_TOKENS,
+            slot_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank, chunk_tokens=constants.HT_CHUNK_TOKENS,
             max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride, send_blocks=self.plan.dispatch_senders,
-            send_warps=self.plan.dispatch_send_warps)
+            send_warps=self.plan.dispatch_send_warps, scales=0, out_scales=0, scale_stride_t=0, scale_stride_c=0,
+            out_scale_block_stride=0, out_scale_row_stride=0, out_scale_col_stride=0, scale_count=0, scale_elem=0,
+            scale_slot_off=0, out_scale_block=INT_MAX, token_major=int(self.token_major))
 
     def _combine_params(self, routing: Routing, rows_ptr: int, w_ptr: int):
         """ht_combine params of one handle; expert_out and out are zero until a combine updates them."""
         cfg = self.cfg
         return structs.pack(
             structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=rows_ptr, recv_w=w_ptr, send_pos=routing.send_pos_ptr,
-            info=routing.info_ptr, data_peers=ptr(self.data.table), partial_peers=ptr(self.partial_peers), out=0,
+            info=routing.info_ptr, data_peers=ptr(self.data.table), partial_peers=ptr(self.partial_peers),
+            own_partial=0, out=0, w_peers=0, own_w=0, out_w=0,
             err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens,
             topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank,
             item_lo=0, item_hi=INT_MAX, skip_own=0 if self.combine_push else 1)
@@ -320,6 +383,8 @@ class HtRuntime(GpuRuntime):
                                         stream)
         else:
             out, out_ptr = call.out.obj, call.out.ptr
+        if self.token_major:
+            return self._combine_token_major(call, handle, out, out_ptr)
         params = structs.update(handle.combine_params, expert_out=call.expert_output.ptr, out=out_ptr)
         if not self.combine_push:
             self._barrier_after("combine", stream)
@@ -333,6 +398,45 @@ class HtRuntime(GpuRuntime):
             self.k["ht_combine_sum"].launch(plan.combine_blocks, plan.reduce_warps * 32, params, stream=stream)
         self.last_op = "combine"
         return out, None
+
+    def _combine_token_major(self, call: CombineCall, handle: "HtHandle", out, out_ptr: int):
+        """TOKEN_MAJOR: the caller's rows (and weights) are the partials. The copy engines copy each peer's
+        contiguous block of them into that peer's landing buffers, after a barrier (run on a side stream) that
+        says every peer has finished summing its previous combine; then a barrier and the local ordered sum."""
+        rt = self._cupy.cuda.runtime
+        stream, W, rank, rb, K = call.stream, self.W, self.rank, self.row_bytes, self.cfg.topk
+        prefix = handle.routing.recv_prefix
+        region, wregion = self.cfg.max_tokens_per_rank * rb, self.cfg.max_tokens_per_rank * K * 4
+        y, w = call.expert_output.ptr, call.topk_weights
+        start, ready, *events = self.events
+        self._note_capture(stream)
+        rt.eventRecord(start.ptr, stream.ptr)
+        rt.streamWaitEvent(self.side_streams[0].ptr, start.ptr, 0)
+        self.barrier(self.side_streams[0])
+        rt.eventRecord(ready.ptr, self.side_streams[0].ptr)
+        for step in range(1, W):
+            s, cs = (rank + step) % W, self.side_streams[step].ptr
+            lo, hi = prefix[s], prefix[s + 1]
+            if hi == lo:
+                continue
+            rt.streamWaitEvent(cs, ready.ptr, 0)
+            rt.memcpyAsync(self.land.peer_ptrs[s] + rank * region, y + lo * rb, (hi - lo) * rb, rt.memcpyDefault, cs)
+            if w is not None:
+                rt.memcpyAsync(self.wland.peer_ptrs[s] + rank * wregion, w.ptr + lo * K * 4, (hi - lo) * K * 4,
+                               rt.memcpyDefault, cs)
+        for side, joined in zip(self.side_streams, events[W - 1:]):
+            rt.eventRecord(joined.ptr, side.ptr)
+            rt.streamWaitEvent(stream.ptr, joined.ptr, 0)
+        self.barrier(stream)
+        out_w = None
+        fields = dict(expert_out=y, out=out_ptr, own_partial=y + prefix[rank] * rb)
+        if w is not None:
+            out_w, out_w_ptr = arrays.empty(call.framework, (handle.routing.num_tokens, K), "float32", stream)
+            fields.update(w_peers=ptr(self.w_peers), own_w=w.ptr + prefix[rank] * K * 4, out_w=out_w_ptr)
+        params = structs.update(handle.combine_params, **fields)
+        self.k["ht_combine_sum"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params, stream=stream)
+        self.last_op = "combine"
+        return (out, out_w) if w is not None else out, None
 
     def _reduce(self, params, stream) -> None:
         self.k["ht_combine_reduce"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params,
@@ -378,6 +482,14 @@ class HtRuntime(GpuRuntime):
         self._bufs = []
         self.err.close()
         self.host.close()
+
+
+def _f32(framework: str):
+    """float32 of the caller's framework (a view dtype)."""
+    if framework == arrays.TORCH:
+        import torch
+        return torch.float32
+    return np.float32
 
 
 def _as_cupy(arr):

@@ -50,6 +50,7 @@ class HtLayout:
     sig_bytes: int
     out_bytes: int         # owned dispatch output [owned_output_rows, H], 0 without owned_output
     land_bytes: int        # push combine's landing buffer [W][T_max][row] (HtTuning.combine = "push"), else 0
+    wland_bytes: int       # TOKEN_MAJOR: the landing buffer of the weights combine sums, [W][T_max][K] float32
     barrier_offset: int
     cnt_offset: int
     cnt_stride: int
@@ -59,7 +60,7 @@ class HtLayout:
 
     @property
     def total(self) -> int:
-        return self.data_bytes + self.meta_bytes + self.sig_bytes + self.out_bytes + self.land_bytes
+        return self.data_bytes + self.meta_bytes + self.sig_bytes + self.out_bytes + self.land_bytes + self.wland_bytes
 
 
 def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
@@ -80,9 +81,10 @@ def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtL
     sig_bytes = round_up(drange_offset + world * max_chunks * 8, 4096)
     out_bytes = owned_output_rows(cfg, world) * row_bytes(cfg) if cfg.owned_output else 0
     data_bytes = world * T * row_bytes(cfg)
+    token_major = cfg.layout.value == "token_major"
     return HtLayout(data_bytes, world * T * meta_stride(cfg.topk), sig_bytes, out_bytes,
-                    data_bytes if combine_push else 0, barrier_offset, cnt_offset, cnt_stride, dflag_offset,
-                    drange_offset, max_chunks)
+                    data_bytes if combine_push else 0, world * T * cfg.topk * 4 if token_major else 0, barrier_offset,
+                    cnt_offset, cnt_stride, dflag_offset, drange_offset, max_chunks)
 
 
 @dataclass(frozen=True)

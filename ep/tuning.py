@@ -126,10 +126,12 @@ def _ht_plan(cfg: MoECommunicatorConfig, sms: int | None) -> tuple[HtPlan, dict]
             copy, send_warps = "warp", t.dispatch_warps
         else:
             smem = send_warps * sizes.row_bytes(cfg)
+    # TOKEN_MAJOR's partials are the caller's rows, which peers cannot read: they are pushed.
+    combine = "push" if cfg.layout.value == "token_major" else t.combine
     plan = HtPlan(dispatch_blocks=d_blocks, dispatch_senders=senders, dispatch_warps=t.dispatch_warps,
-                  dispatch_copy=copy, dispatch_send_warps=send_warps, dispatch_smem=smem, combine=t.combine,
+                  dispatch_copy=copy, dispatch_send_warps=send_warps, dispatch_smem=smem, combine=combine,
                   combine_blocks=c_blocks, reduce_warps=constants.COMBINE_REDUCE_WARPS,
-                  gather_warps=gather_warps(t, c_blocks) if t.combine == "pull" else 0)
+                  gather_warps=gather_warps(t, c_blocks) if combine == "pull" else 0)
     macros = {"ht_dispatch.cu": {"EP_NCCLEP_TMA": copy == "tma", "EP_DISPATCH_WARPS": t.dispatch_warps}}
     return plan, macros
 
