@@ -196,7 +196,7 @@ __device__ __forceinline__ void ht_send(const HtDispatchParams& p, u64 epoch, Se
       // One read of the row feeds every remote destination: lane j (j < n) holds the j-th one's address.
       const u64 my_dst = compact_by_mask(rmask, send_dst(p, tok, orow_d, lane), lane);
       copy.send(my_dst, __popc(rmask), src, p.row_bytes, lane);
-      if (p.scales) {
+      if (p.scale_count) {
         const u8* sc = p.scales + static_cast<u64>(t) * p.scale_stride_t;
         for (int j = 0; j < __popc(rmask); ++j) {
           u8* slot = reinterpret_cast<u8*>(__shfl_sync(0xFFFFFFFFu, my_dst, j));
@@ -252,7 +252,7 @@ __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i
     }
     warp_copy_multi<kCopyVecs>(reinterpret_cast<u64>(p.out) + static_cast<u64>(i) * p.row_bytes, 1, src, p.row_bytes,
                                lane);
-    if (p.scales) copy_scales(p, sc, sc_stride, out_scale_row(p, static_cast<int>(i)), p.out_scale_col_stride, lane);
+    if (p.scale_count) copy_scales(p, sc, sc_stride, out_scale_row(p, static_cast<int>(i)), p.out_scale_col_stride, lane);
     return;
   }
   if (lane < K) {
@@ -261,7 +261,7 @@ __device__ __forceinline__ void expand_token(const HtDispatchParams& p, int s, i
     p.recv_w[i * K + lane] = tok.lexp >= 0 ? tok.w : 0.f;
   }
   u32 copy_mask = __ballot_sync(0xFFFFFFFFu, lane < K && tok.lexp >= 0 && !(tok.lexp & kDupBit));
-  if (p.scales) {   // every expert row of the token gets its scales
+  if (p.scale_count) {   // every expert row of the token gets its scales
     for (u32 m = copy_mask; m; m &= m - 1) {
       const int r = __shfl_sync(0xFFFFFFFFu, row, __ffs(m) - 1);
       copy_scales(p, sc, sc_stride, out_scale_row(p, r), p.out_scale_col_stride, lane);
@@ -329,7 +329,7 @@ __device__ __forceinline__ void zero_padding(const HtDispatchParams& p, int gw, 
     const i64 last = p.info[lay.base + e + 1];
     for (i64 r = first; r < last; ++r) {
       warp_zero(p.out + r * p.row_bytes, p.row_bytes, lane);
-      if (p.scales) {
+      if (p.scale_count) {
         u8* sc = out_scale_row(p, static_cast<int>(r));
         for (int j = lane; j < p.scale_count * p.scale_elem; j += kWarpSize)
           sc[(j / p.scale_elem) * p.out_scale_col_stride + j % p.scale_elem] = 0;

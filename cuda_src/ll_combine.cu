@@ -12,6 +12,9 @@
 // 2 receive: wait for every rank's arrival of this seq; token t sums, in ascending rank order,
 //   the partials of the ranks in send_mask[dpar][t] in fp32 and rounds once; this rank's own partial is
 //   folded here from the local rows (rounded to bf16 first, as if it had travelled). A token sent nowhere is 0.
+//   With readiness counters, the last receive block then waits for every expert's counter (experts without
+//   rows too: their signal may still be on its way) and takes ready_target off it, so the same counters and
+//   target serve the next combine, eager or replayed.
 // Rounding matches ep/reference.py exactly. Parity reuse is safe for the reason given in ll_dispatch.cu.
 #include "common/ll_common.cuh"
 #include "common/reduce.cuh"
@@ -30,6 +33,15 @@ __device__ __forceinline__ void wait_ready(const LLParams& p, int expert, int la
       return;
     }
   }
+}
+
+// Thread 0 of the last receive block: every counter reached the target; take it off for the next combine.
+__device__ __forceinline__ void release_ready(const LLParams& p) {
+  for (int e = 0; e < p.local_experts; ++e) {
+    wait_ready(p, e, 0);
+    atomicSub(p.ready + e, p.ready_target);
+  }
+  __threadfence();
 }
 
 // acc[u][.] += w_j * y[row_j] chunk c, for the rows lanes 0..n-1 hold (ascending slot order).
@@ -153,7 +165,7 @@ __device__ void ll_combine_recv_body(const LLParams& p, u32 seq, u32 dseq) {
         if (u * kWarpSize + lane < nvec) st_v4(dst + u * kWarpSize + lane, pack8(sum[u]));
     }
   }
-  ll_finish_block(p, kCombineRecv, seq);
+  if (ll_finish_block(p, kCombineRecv, seq) && p.ready) release_ready(p);
 }
 
 // The dispatch a combine pairs with: `age` receives before the last one that finished when its send half
@@ -187,4 +199,14 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine_se
 extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine_recv(const ep::LLParams p) {
   const u32 seq = ep::ll_read_seq(p, ep::kCombineRecv);
   ep::ll_combine_recv_body(p, seq, ep::ll_recorded_dseq(p, seq));
+}
+
+// The expert MLP's progress signal (ep.OverlapSignals.signal): counters[first + i] += add, after everything
+// the stream ran before (the expert's rows) is visible GPU-wide.
+extern "C" __global__ void __launch_bounds__(256) ll_signal_ready(const ep::SignalParams p) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < p.count) {
+    __threadfence();
+    ep::red_add_release_gpu_u32(p.counters + p.first + i, p.add);
+  }
 }

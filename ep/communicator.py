@@ -111,6 +111,7 @@ class MoECommunicator:
             self.effective_config = eff
             self._id = next(_ids)
             self._broken: BaseException | None = None
+            self._async = None   # the comm stream of async ops (first use)
             self.device = -1
             if self._backend == "cpu":
                 from .cpu_backend import CpuRuntime
@@ -241,14 +242,58 @@ class MoECommunicator:
         TypeError on bad input before any launch (every rank raises in that call: the peers PeerInputError,
         a ValueError), and EPTimeoutError on a time-out.
         """
+        out, handle, hook, _ = self._dispatch(x, topk_ids, weights, scales, previous_handle, output_buffer, stream,
+                                              cast, cumulative_counts, return_recv_hook, None, None)
+        return (out, handle, hook) if return_recv_hook else (out, handle)
+
+    def dispatch_async(self, x, topk_ids, weights=None, scales=None, *, previous_event=None,
+                       previous_handle: DispatchHandle | None = None, output_buffer=None, stream=None, cast=None,
+                       cumulative_counts=None):
+        """:meth:`dispatch` on the communicator's own stream, after ``previous_event`` (an ep.CommEvent, CuPy
+        event or torch.cuda.Event; default: everything queued so far on ``stream``, the caller's current stream).
+        Returns (DispatchOutput, DispatchHandle, ep.CommEvent): call ``event.current_stream_wait()`` before
+        reading the outputs. The arrays stay referenced (and, for torch, marked used by the comm stream)
+        until then; see ep.overlap. An HT dispatch without previous_handle still waits on the host for the
+        count exchange (the output sizes); a cached one, and LL, return at once."""
+        out, handle, _, event = self._dispatch(x, topk_ids, weights, scales, previous_handle, output_buffer, stream,
+                                               cast, cumulative_counts, False, True, previous_event)
+        return out, handle, event
+
+    def _dispatch(self, x, topk_ids, weights, scales, previous_handle, output_buffer, stream, cast, cumulative_counts,
+                  return_recv_hook, asynchronous, previous_event):
         self._check_usable()
         op = "dispatch" if previous_handle is None else "cached dispatch"
-        call: DispatchCall = self._validated(op, lambda: validation.dispatch_call(
-            self, x, topk_ids, weights, scales, previous_handle, output_buffer, stream, cast, cumulative_counts,
-            return_recv_hook))
+
+        def build():
+            call = validation.dispatch_call(self, x, topk_ids, weights, scales, previous_handle, output_buffer,
+                                            stream, cast, cumulative_counts, return_recv_hook)
+            if asynchronous:
+                validation.check_previous_event(self, previous_event)
+            return call
+        call: DispatchCall = self._validated(op, build)
+        call, runner = self._enter_async(call, asynchronous, previous_event)
         out, state, hook = self._run(self._rt.dispatch, call)
         handle = DispatchHandle(self._id, self.config.mode, state, call.num_tokens)
-        return (out, handle, hook) if return_recv_hook else (out, handle)
+        event = None
+        if asynchronous:
+            event = self._leave_async(runner, call, (x, topk_ids, weights, scales, cumulative_counts, out))
+        return out, handle, hook, event
+
+    def _enter_async(self, call, asynchronous: bool, previous_event):
+        """(the call on the comm stream, its AsyncRunner) for an async op on the GPU; else (call, None)."""
+        if not asynchronous or self.backend != "gpu":
+            return call, None
+        if self._async is None:
+            from .overlap import AsyncRunner
+            self._async = AsyncRunner()
+        self._async.enter(call.stream, previous_event)
+        return dataclasses.replace(call, stream=self._async.stream), self._async
+
+    def _leave_async(self, runner, call, used: tuple):
+        from .overlap import CommEvent, tensors_of
+        if runner is None:   # the CPU backend: complete already
+            return CommEvent(None, call.framework)
+        return runner.leave(call.framework, tensors_of(*used))
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, expert_output, handle: DispatchHandle, *, out=None, stream=None, return_recv_hook: bool = False,
@@ -266,13 +311,59 @@ class MoECommunicator:
           once). topk_weights: optional ``[N, K]`` float32 summed the same way; then returns (out, weights).
         Raises like dispatch.
         """
+        result, hook, _ = self._combine(expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights,
+                                        False, None)
+        return (result, hook) if return_recv_hook else result
+
+    def combine_async(self, expert_output, handle: DispatchHandle, *, previous_event=None, out=None, stream=None,
+                      overlap=None, topk_weights=None):
+        """:meth:`combine` on the communicator's own stream, after ``previous_event`` (as for
+        :meth:`dispatch_async`). Returns (out, ep.CommEvent), or ((out, weights), event) with topk_weights."""
+        result, _, event = self._combine(expert_output, handle, out, stream, False, overlap, topk_weights, True,
+                                         previous_event)
+        return result, event
+
+    def _combine(self, expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights, asynchronous,
+                 previous_event):
         self._check_usable()
-        call: CombineCall = self._validated("combine", lambda: validation.combine_call(
-            self, expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights))
+
+        def build():
+            call = validation.combine_call(self, expert_output, handle, out, stream, return_recv_hook, overlap,
+                                           topk_weights)
+            if asynchronous:
+                validation.check_previous_event(self, previous_event)
+            return call
+        call: CombineCall = self._validated("combine", build)
+        call, runner = self._enter_async(call, asynchronous, previous_event)
         result, hook = self._run(self._rt.combine, call)
         if topk_weights is not None:
             result = tuple(result)
-        return (result, hook) if return_recv_hook else result
+        event = None
+        if asynchronous:
+            event = self._leave_async(runner, call, (expert_output, out, topk_weights, result,
+                                                     None if overlap is None else overlap.counters))
+        return result, hook, event
+
+    def create_overlap_config(self, *, target: int = 1, framework: str | None = None):
+        """Readiness counters for a block-level overlapped LL combine: an ep.OverlapSignals (see there) with
+        ``[L]`` zeroed counters in ``framework`` ("torch" or "cupy"; default torch when it is imported, on
+        the CPU backend numpy). Pass it as ``combine(..., overlap=signals)``; the MLP signals each expert's
+        counter ``target`` times once its rows are written. Not collective."""
+        from . import arrays
+        from .overlap import OverlapSignals, counters_array
+        self._check_usable()
+        if self.config.mode != "ll":
+            raise ValueError("create_overlap_config: the block-level overlapped combine is LL's (mode='ll')")
+        if isinstance(target, bool) or not isinstance(target, int) or not 1 <= target < 2 ** 31:
+            raise ValueError(f"create_overlap_config: target must be an int in [1, 2^31), got {target!r}")
+        if self.backend == "cpu":
+            fw = arrays.NUMPY
+        else:
+            import sys
+            fw = framework or (arrays.TORCH if "torch" in sys.modules else arrays.CUPY)
+            if fw not in (arrays.TORCH, arrays.CUPY):
+                raise ValueError(f"create_overlap_config: framework must be 'torch' or 'cupy', got {framework!r}")
+        return OverlapSignals(self, counters_array(fw, self.num_local_experts), target, fw)
 
     # ---------------------------------------------------------------------------------- lifetime
     def synchronize(self) -> None:

@@ -64,6 +64,21 @@ class CpuRuntime(Runtime):
         from .ll import check_pending
         check_pending(self.pending, op, hook)
 
+    def signal_ready(self, signals, first: int, count: int, add: int, stream) -> None:
+        if stream is not None:
+            raise ValueError("signal: the CPU backend takes no stream")
+        signals.counters[first:first + count] += np.uint32(add)
+
+    def check_ready(self, signals) -> None:
+        counters = np.asarray(signals.counters)
+        short = np.flatnonzero(counters < signals.target)
+        if short.size:
+            e = int(short[0])
+            raise arrays.argument_error(
+                InvalidStateError, "overlap", f"overlap: local expert {e}'s counter is {int(counters[e])}, below "
+                f"its target {signals.target} (and {short.size - 1} more): the GPU combine would wait for the "
+                "signal until timeout_s")
+
     def _hook(self, op: str, done: list):
         """The CPU backend moves everything in the call: the hook only keeps the GPU's rules."""
         from .ll import RecvHook
@@ -185,6 +200,8 @@ class CpuRuntime(Runtime):
         y = arrays.to_numpy(call.expert_output.obj).reshape(-1, cfg.hidden_size)
         if cfg.layout is DispatchLayout.TOKEN_MAJOR:
             return self._combine_token_major(call, handle, y)
+        if call.ready is not None:   # as the GPU's last combine block does, once every row is read
+            call.ready.obj[...] -= np.uint32(call.ready_target)
         partials = [reference.expert_partials(y, handle.rows[s], handle.recv_weights[s]) for s in range(self.W)]
         back = self.group.alltoall(partials, "cpu combine")
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]

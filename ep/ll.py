@@ -288,6 +288,15 @@ class LLRuntime(GpuRuntime):
         self.k["ll_combine"].launch(blocks, threads, params, stream=call.stream)
         return out, None
 
+    def signal_ready(self, signals, first: int, count: int, add: int, stream) -> None:
+        if not self.ready:
+            raise InvalidStateError("signal: the LL kernels load at the communicator's first call; call "
+                                    "prepare() (collective) before signalling")
+        s = arrays.resolve_stream(stream, signals.framework)
+        params = structs.pack(structs.SIGNAL_PARAMS, counters=arrays.describe(signals.counters, "counters").ptr,
+                              first=first, count=count, add=add)
+        self.k["ll_signal_ready"].launch(-(-count // 256), 256, params, stream=s)
+
     def _grid(self, T: int, most: int) -> int:
         """Blocks for an op of T tokens: about one work item (token, rank, 2 KB chunk) per warp, at most the
         configured count: a few tokens need few blocks, and every block costs a fence and a signal."""

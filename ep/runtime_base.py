@@ -77,6 +77,14 @@ class Runtime:
     def same_routing(self, state, topk_ids) -> bool:
         raise NotImplementedError
 
+    def signal_ready(self, signals, first: int, count: int, add: int, stream) -> None:
+        """OverlapSignals.signal: add ``add`` to counters [first, first + count) after ``stream``'s work."""
+        raise NotImplementedError
+
+    def check_ready(self, signals) -> None:
+        """Checks of an overlapped combine's signals before the launch (the CPU backend's: every counter
+        reached its target, else the GPU combine would wait until timeout_s)."""
+
     def check_errors(self) -> None:
         pass
 

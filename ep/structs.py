@@ -61,6 +61,8 @@ LL_PARAMS = _struct(
     ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("fp8", _I), ("cols_per_tile", _I),
     ("ready_target", np.uint32), ("cum_64", _I), ("out_par", _I))
 
+SIGNAL_PARAMS = _struct(("counters", _P), ("first", _I), ("count", _I), ("add", np.uint32), ("reserved", _I))
+
 LL_COUNT_SLOT = _struct(("seq", _U64), ("num_tokens", _I), ("reserved", _I))
 LL_META_REC = _struct(("seq", np.uint32), ("reserved", _I))
 
@@ -74,6 +76,7 @@ C_STRUCTS = {
     "HtCombineParams": HT_COMBINE_PARAMS,
     "LLParams": LL_PARAMS,
     "LLCountSlot": LL_COUNT_SLOT,
+    "SignalParams": SIGNAL_PARAMS,
     "MetaRec": LL_META_REC,
 }
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 # An abort code names the argument and the kind of error: 1 + 8 * argument + kind.
 ARGUMENTS = ("x", "topk_ids", "weights", "scales", "previous_handle", "output_buffer", "expert_output", "out",
-             "handle", "stream", "cast", "cumulative_counts", "return_recv_hook", "overlap", "(other)")
+             "handle", "stream", "cast", "cumulative_counts", "return_recv_hook", "overlap", "topk_weights",
+             "previous_event", "(other)")
 KINDS = (ValueError, TypeError, CapacityError, InvalidStateError, NotImplementedError, EPError)
 # What a rank's failed checks raise: the exceptions the communicator shares with its peers.
 INPUT_ERRORS = (ValueError, TypeError, NotImplementedError, EPError)
@@ -105,6 +106,17 @@ def check_handle(comm: "MoECommunicator", handle, name: str) -> None:
     except InvalidStateError as exc:
         exc.ep_argument = name
         raise
+
+
+def check_previous_event(comm: "MoECommunicator", event) -> None:
+    """An async op's previous_event: None, an ep.CommEvent, or (GPU) a CuPy event or torch.cuda.Event."""
+    if event is None:
+        return
+    from .overlap import CommEvent, event_pointer
+    if comm.backend != "gpu" and not isinstance(event, CommEvent):
+        raise arrays.argument_error(TypeError, "previous_event", "previous_event: the CPU backend takes an "
+                                                                 f"ep.CommEvent, got {type(event).__name__}")
+    event_pointer(event)
 
 
 def _ll_only(comm, name: str) -> None:
@@ -269,6 +281,10 @@ def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, re
     ready, target = None, 0
     if overlap is not None:
         _ll_only(comm, "overlap")
+        from .overlap import OverlapSignals
+        if not isinstance(overlap, OverlapSignals):
+            raise arrays.argument_error(TypeError, "overlap", "overlap must be an ep.OverlapSignals from "
+                                                              f"create_overlap_config, got {type(overlap).__name__}")
         ready, target = overlap.check(comm, fw)
     wi = None
     if topk_weights is not None:

@@ -25,8 +25,8 @@ __device__ __forceinline__ u32 ll_read_seq(const LLParams& p, int which) {
   return *reinterpret_cast<volatile u32*>(p.state + which) + 1u;
 }
 
-// The last block to finish a half publishes its sequence number.
-__device__ __forceinline__ void ll_finish_block(const LLParams& p, int which, u32 seq) {
+// The last block to finish a half publishes its sequence number. Returns true in thread 0 of that block.
+__device__ __forceinline__ bool ll_finish_block(const LLParams& p, int which, u32 seq) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -35,8 +35,10 @@ __device__ __forceinline__ void ll_finish_block(const LLParams& p, int which, u3
       p.state[4 + which] = 0u;
       *reinterpret_cast<volatile u32*>(p.state + which) = seq;
       __threadfence();
+      return true;
     }
   }
+  return false;
 }
 
 __device__ __forceinline__ LLCountSlot* ll_count_slot(const LLParams& p, int rank, int par, int src) {

@@ -75,7 +75,8 @@ struct HtDispatchParams {
   u64* item_ctr;          // [3] receive items handed out, warps done, dispatches run (ht_dispatch.cu next_item)
   i32* counts_out;        // [L] rows per local expert (num_tokens_per_expert), or nullptr
   i64* expert_offsets;    // [L + 1], or nullptr
-  const u8* scales;       // [T] rows of scale_count elements of scale_elem bytes (strides below), or nullptr
+  const u8* scales;       // [T] rows of scale_count elements of scale_elem bytes (strides below); an empty
+                          // array may have no address: scale_count, never this pointer, says whether there are scales
   u8* out_scales;         // the output's scales: element (row, j) at (row / block) * block_stride +
                           // (row % block) * row_stride + j * col_stride bytes
   ErrorRecord* err;
@@ -143,7 +144,8 @@ struct LLParams {
   u8* copy_out;               // dispatch: a caller's output_buffer [L * cap, row] the valid rows are copied to, or nullptr
   i32* counts_out;            // dispatch: [L] this call's rows per local expert
   void* cum_counts;           // dispatch: [L] caller-owned counters the counts are added to (int32 / int64), or nullptr
-  const u32* ready;           // combine: [L] per-expert readiness counters (overlap), or nullptr
+  u32* ready;                 // combine: [L] per-expert readiness counters (overlap), or nullptr; the combine's
+                              // last block takes ready_target off each once every row is read
   const u64* out_peers;       // [W] dispatch output of every rank: [L][cap][row_bytes]
   const u64* scale_peers;     // [W] FP8 scales of every rank: [L][groups][cap] (f32, or u8 exponents in u32 words)
   const u64* meta_peers;      // [W] [2][W][T_max] MetaRec of meta_stride bytes
@@ -178,6 +180,16 @@ struct LLParams {
   i32 cum_64;                 // dispatch: cum_counts holds int64 (else int32)
   i32 out_par;                // dispatch: which half of the double-buffered output (the host alternates it, so a
                               // graph replays into the half its outputs view); combine: which half of the output
+};
+
+// ll_signal_ready: counters[first + i] += add (release, GPU scope) for i < count: the expert MLP's progress
+// signal of an overlapped LL combine (ep.OverlapSignals).
+struct SignalParams {
+  u32* counters;
+  i32 first;
+  i32 count;
+  u32 add;
+  i32 reserved;
 };
 
 // The metadata of one (token, destination) a source writes into the destination's meta buffer.

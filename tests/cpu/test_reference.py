@@ -313,7 +313,7 @@ def test_the_source_adds_partials_in_ascending_rank_order():
 
 def test_identity_experts_with_power_of_two_weights_are_exact():
     # x = small integers, weights 1/2, 1/4, 2 on experts of both ranks: every step is exact.
-    W, E, K = 2, 4, 3
+    E, K = 4, 3
     x_rows = np.array([[1, -2, 3, -4, 5, -6, 7, -8], [8, 7, 6, 5, 4, 3, 2, 1]], np.float32)
     xs = [bits_of(x_rows), np.zeros((0, H), np.uint16)]
     topk = [ids([[0, 1, 3], [2, -1, 1]]), ids(np.zeros((0, K)))]

@@ -18,14 +18,14 @@ HT_TUNINGS = {"default": HtTuning(), "tma_senders": HtTuning(dispatch_copy="tma"
 
 
 def build(world, mode: str, E, H: int, K: int, T_max: int, layout: str, alignment: int = 1, owned: bool = False,
-          ht_tuning: HtTuning | None = None, num_sms: int = 16):
+          ht_tuning: HtTuning | None = None, num_sms: int = 16, **config):
     """A GPU communicator and its reference (the CPU backend over the same ranks) for one config.
-    E == "W" means one expert per rank; owned: MoECommunicatorConfig.owned_output."""
+    E == "W" means one expert per rank; owned: MoECommunicatorConfig.owned_output; layout: a DispatchLayout
+    value ("flat", "expert_major", "token_major"); config: further MoECommunicatorConfig fields."""
     E = world.size if E == "W" else E
-    lay = DispatchLayout.FLAT if layout == "flat" else DispatchLayout.EXPERT_MAJOR
     cfg = MoECommunicatorConfig(mode=mode, num_experts=E, hidden_size=H, topk=K, max_tokens_per_rank=T_max,
-                                expert_alignment=alignment, output_layout=lay, num_sms=num_sms, timeout_s=20,
-                                owned_output=owned, ht_tuning=ht_tuning or HtTuning())
+                                expert_alignment=alignment, output_layout=DispatchLayout(layout), num_sms=num_sms,
+                                timeout_s=20, owned_output=owned, ht_tuning=ht_tuning or HtTuning(), **config)
     return cfg, MoECommunicator(cfg, world, backend="gpu"), MoECommunicator(cfg, world, backend="cpu")
 
 

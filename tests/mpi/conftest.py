@@ -144,6 +144,22 @@ class Ranks:
         return info.value
 
 
+@pytest.fixture
+def communicators():
+    """Build communicators through this fixture; they are closed (collectively) after the test."""
+    made = []
+
+    def make(cfg, **kwargs):
+        from ep import MoECommunicator
+        comm = MoECommunicator(cfg, backend="cpu", **kwargs)
+        made.append(comm)
+        return comm
+
+    yield make
+    for comm in made:
+        comm.close()
+
+
 _RANKS: Ranks | None = None
 
 

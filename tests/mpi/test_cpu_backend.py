@@ -195,21 +195,6 @@ def round_trip(mpi, comm, inp: Inputs, *, experts="mlp", what=""):
     return handle
 
 
-@pytest.fixture
-def communicators():
-    """Build communicators through this fixture; they are closed (collectively) after the test."""
-    made = []
-
-    def make(cfg, **kwargs):
-        comm = MoECommunicator(cfg, backend="cpu", **kwargs)
-        made.append(comm)
-        return comm
-
-    yield make
-    for comm in made:
-        comm.close()
-
-
 # ======================================================================= dispatch/combine vs reference
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_dispatch_and_combine_match_the_reference(mpi, communicators, case):
