@@ -103,11 +103,11 @@ def _expert_mlp_with_signals(tokens, y, scale, signals, cap: int, H: int, stream
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
 def test_a_signalled_ll_combine_overlaps_the_expert_mlp_and_is_bit_identical(world, session_seed, graph):
     import cupy
-    from ep import CommOverlapConfig, MoECommunicatorConfig, MoECommunicator
+    from ep import CommOverlapConfig, DispatchLayout, MoECommunicatorConfig, MoECommunicator
 
     def body():
         cfg = MoECommunicatorConfig(mode="ll", num_experts=8 * world.size, hidden_size=4096, topk=8,
-                                    max_tokens_per_rank=64, timeout_s=20,
+                                    max_tokens_per_rank=64, timeout_s=20, output_layout=DispatchLayout.EXPERT_MAJOR,
                                     overlap=CommOverlapConfig(combine_num_sms=8))
         gpu = MoECommunicator(cfg, world, backend="gpu")
         ref = MoECommunicator(cfg, world, backend="cpu")
