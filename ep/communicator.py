@@ -285,7 +285,7 @@ class MoECommunicator:
             return call, None
         if self._async is None:
             from .overlap import AsyncRunner
-            self._async = AsyncRunner()
+            self._async = AsyncRunner(self.device)
         self._async.enter(call.stream, previous_event)
         return dataclasses.replace(call, stream=self._async.stream), self._async
 

@@ -77,12 +77,27 @@ def event_pointer(event, name: str = "previous_event") -> int:
     return raw
 
 
-class AsyncRunner:
-    """The comm stream of one GPU communicator and the join logic of its async ops."""
+_COMM_STREAMS: dict = {}   # device -> the comm stream of every communicator on it (never destroyed)
 
-    def __init__(self):
+
+def comm_stream(device: int):
+    """The communication stream of ``device``, shared by its communicators and kept for the process' life:
+    torch tensors marked used by it (record_stream) make the caching allocator record events on it when they
+    are freed, which may be after their communicator is gone."""
+    s = _COMM_STREAMS.get(device)
+    if s is None:
         import cupy
-        self.stream = cupy.cuda.Stream(non_blocking=True)
+        with cupy.cuda.Device(device):
+            s = _COMM_STREAMS[device] = cupy.cuda.Stream(non_blocking=True)
+    return s
+
+
+class AsyncRunner:
+    """The join logic of a communicator's async ops on its device's comm stream."""
+
+    def __init__(self, device: int):
+        import cupy
+        self.stream = comm_stream(device)
         self._start = cupy.cuda.Event(disable_timing=True)
 
     def enter(self, caller_stream, previous_event) -> None:

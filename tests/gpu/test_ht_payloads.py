@@ -78,15 +78,16 @@ def test_block_scaled_payloads_and_their_scales_arrive_bit_exactly(world, sessio
                               scale_layout=scale_layout)
         try:
             previous = None
-            for call in range(3):   # new routing, a cached dispatch, new routing again
-                Tn = (128, 0, 77, 5)[(world.rank + call) % 4]
-                _, ids, w = make_inputs(session_seed, world.rank, call, Tn, cfg, "uniform", 0.1, True, True)
+            for call in range(3):   # new routing, a cached dispatch (call 0's routing, new payload), new routing
+                Tn = (128, 0, 77, 5)[(world.rank + (call == 2)) % 4]
+                _, ids, w = make_inputs(session_seed, world.rank, call if call != 1 else 0, Tn, cfg, "uniform", 0.1,
+                                        True, True)
                 x, sc = payload_inputs(session_seed, world.rank, call, Tn, width(H), count(H), dtype, column_major)
                 xd, scd = device_payload(fw, x, sc, column_major, width(H) == H)
                 _, idsd, wd = to_device(fw, np.zeros((Tn, H), np.uint16), ids, w)
                 scales = QuantScales(scales=scd) if column_major else scd
                 prev = previous if call == 1 else None
-                out, handle = gpu.dispatch(xd, idsd, wd, scales=scales, previous_handle=prev)
+                out, handle = gpu.dispatch(xd, idsd, wd, scales=scales, previous_handle=None if prev is None else prev[0])
                 want, want_handle = ref.dispatch(x, ids, w, scales=np.ascontiguousarray(sc),
                                                  previous_handle=None if prev is None else previous[1])
                 msg = f"seed={session_seed} rank={world.rank} call={call} T={Tn}"

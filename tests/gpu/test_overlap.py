@@ -53,11 +53,14 @@ def test_async_ops_wait_for_the_callers_stream_and_match_the_reference(world, se
         try:
             previous = None
             for call in range(3):   # new routing, a cached dispatch (HT), new routing
-                T = (64, 0, 33, 7)[(world.rank + call) % 4]
+                cached = mode == "ht" and call == 1      # call 0's routing, new token values
+                T = (64, 0, 33, 7)[(world.rank + (call if not cached else 0)) % 4]
                 x, ids, w = make_inputs(session_seed, world.rank, call, T, cfg, "uniform", 0.1, True)
+                if cached:
+                    ids = make_inputs(session_seed, world.rank, 0, T, cfg, "uniform", 0.1, True)[1]
                 xd, idsd, wd = to_device(fw, x, ids, w)
                 x_late = _slow_copy(fw, xd, caller)
-                prev = previous if (mode == "ht" and call == 1) else None
+                prev = previous if cached else None
                 out, handle, ev = gpu.dispatch_async(x_late, idsd, wd, stream=caller,
                                                      previous_handle=None if prev is None else prev[0])
                 want, want_handle = ref.dispatch(x, ids, w, previous_handle=None if prev is None else prev[1])
