@@ -297,8 +297,8 @@ __device__ __forceinline__ void expand_own_chunk(const HtDispatchParams& p, int 
   }
 }
 
-// Receive items come from one counter per rank, item_ctr[0], by atomicAdd (a CAS loop that tagged the
-// count with the epoch measured 2x slower dispatches: hundreds of warps retrying on one address).
+// Receive items come from one counter per rank, item_ctr[0], by atomicAdd (not a CAS loop that tags the
+// count with the epoch: hundreds of warps would retry on one address).
 // item_ctr[1] counts the warps that are done; the last one out resets both and advances item_ctr[2], the
 // number of dispatches this rank has run: the next dispatch, ordered after this kernel on the stream, starts
 // from zero with epoch item_ctr[2] + 1. Every rank runs the same sequence of dispatches, so the epochs agree

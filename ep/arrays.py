@@ -190,7 +190,7 @@ def _external_cached(handle: int):
 
 def _torch_current_stream() -> int:
     """torch's current stream on the current device, as a raw handle. torch.cuda.current_stream() builds a
-    Python Stream object (~4 us); the raw query is what it calls underneath."""
+    Python Stream object on every call; the raw query is what it calls underneath."""
     import torch
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if raw is not None:

@@ -121,7 +121,7 @@ class MoECommunicatorConfig:
     owned_output ("ht", FLAT): dispatch returns ``tokens`` as a view of a communicator-owned buffer of
       ``W*T_max*min(K, L) + L*(expert_alignment-1)`` rows (ep.sizes.owned_output_rows), valid until this
       rank's next dispatch (or close()). Peers then write every received token straight into its first expert
-      row, which saves the receiver one row copy per (token, rank) (docs/perf.md row 27); a cached dispatch
+      row, which saves the receiver one row copy per (token, rank); a cached dispatch
       then always queues a cross-rank barrier first. Off: fresh exact-size outputs per call.
     num_sms [EP_DISPATCH_NSM / EP_COMBINE_NSM override the dispatch / combine share, as does ``overlap``]:
       blocks (one per SM) of the data kernels. None: 24 for "ht" (the rest of the GPU stays free for compute

@@ -25,9 +25,8 @@ __device__ __forceinline__ void add8(float* acc, const uint4& v) {
 constexpr int kRowBatch = 4;
 
 // Fold shapes (rows x vectors in flight per lane). A warp of the narrow shape needs <= 64 registers, so a
-// block can run 32 of them: the HT combine reduction measured 399 us at 24 SMs x 32 warps of (4, 2)
-// against 580 us for 16 warps of (4, 4) (docs/perf.md, experiment 16). The latency-bound LL combine keeps
-// the wide one.
+// block can run 32 of them: the bandwidth-bound HT combine reduction wants more warps in flight more than
+// more vectors per warp. The latency-bound LL combine keeps the wide one.
 constexpr int kFoldRowsNarrow = 4, kFoldVecsNarrow = 2;
 
 // dst = bf16( fold over j = 0..n-1 of acc = fl32(acc + fl32(w_j * row_j)) ), starting from 0, where lane j
