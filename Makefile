@@ -73,7 +73,7 @@ bench-gpu:
 
 # Compiles every kernel variant through NVRTC for both architectures; needs no GPU.
 compile-check: venv
-	$(PYTHON) -m ep.jit --arch sm_90 --arch sm_100
+	$(PYTHON) -m ep.compile_check --arch sm_90 --arch sm_100
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -22,6 +22,7 @@ from .bootstrap import Group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
 from .errors import InvalidStateError
+from .hooks import RecvHook, check_pending
 from .runtime_base import Runtime
 from .tuning import Tuning
 
@@ -61,7 +62,6 @@ class CpuRuntime(Runtime):
                                     "dispatches only")
 
     def check_pending(self, op: str, hook: bool) -> None:
-        from .ll import check_pending
         check_pending(self.pending, op, hook)
 
     def signal_ready(self, signals, first: int, count: int, add: int, stream) -> None:
@@ -81,7 +81,6 @@ class CpuRuntime(Runtime):
 
     def _hook(self, op: str, done: list):
         """The CPU backend moves everything in the call: the hook only keeps the GPU's rules."""
-        from .ll import RecvHook
         self.pending[op] += 1
 
         def recv():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import tempfile
@@ -279,49 +278,15 @@ def load(variant: KernelVariant, entries: Sequence[str], snapshot: envs.Snapshot
     return {entry: Kernel(variant, entry, module) for entry in entries}
 
 
-def all_variants() -> list[KernelVariant]:
-    """Every product variant the tuning can select: each boolean macro both ways, integer macros at the
-    values of the config's defaults (ep/tuning.py default_macros)."""
-    from .tuning import default_macros
-    defaults = default_macros()
-    out = []
-    for source, names in SOURCES.items():
-        names = names + COMMON_MACROS
-        bools = [n for n in names if MACROS[n][0] is bool]
-        for flags in itertools.product((False, True), repeat=len(bools)):
-            values = {n: defaults[n] for n in names}
-            values.update(zip(bools, flags))
-            out.append(KernelVariant.of(source, **values))
-    return out
-
-
 def bench_variants() -> list[KernelVariant]:
     return [KernelVariant.of(source) for source in BENCH_SOURCES]
 
 
-def compile_all(archs: Iterable[str], variants: Iterable[KernelVariant] | None = None) -> list[tuple[str, str, int]]:
-    """Compile every variant for every arch (no GPU needed). Returns (variant name, arch, cubin bytes)."""
+def compile_all(archs: Iterable[str], variants: Iterable[KernelVariant]) -> list[tuple[str, str, int]]:
+    """Compile ``variants`` for every arch (no GPU needed). Returns (variant name, arch, cubin bytes)."""
     results = []
+    variants = list(variants)
     for arch in archs:
-        for variant in (all_variants() + bench_variants() if variants is None else variants):
+        for variant in variants:
             results.append((variant.name, arch, len(compile_cubin(variant, arch))))
     return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m ep.jit", description="Compile every ep kernel variant.")
-    parser.add_argument("--arch", action="append", default=None, help="e.g. sm_90 (repeatable)")
-    parser.add_argument("--list", action="store_true", help="only list the variants")
-    args = parser.parse_args(argv)
-    if args.list:
-        for v in all_variants() + bench_variants():
-            print(v.name)
-        return 0
-    for name, arch, size in compile_all(args.arch or ["sm_90", "sm_100"]):
-        print(f"{arch:7s} {name:60s} {size:8d} bytes")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -27,6 +27,7 @@ from .errors import EPError, InvalidStateError
 from .peer_memory import ErrorRecord, SymmetricBuffer
 from .runtime_base import GpuRuntime, load_kernels, ptr
 from .constants import LL_CHUNK_CHANNELS
+from .hooks import RecvHook, check_pending
 from .tuning import LL_PAYLOADS, LL_STATIC_SMEM, Tuning
 
 log = logging.getLogger("ep.ll")
@@ -38,30 +39,6 @@ class LLHandle:
     num_tokens: int
     tokens_shape: tuple  # the expert output combine takes: [L, cap, H] (or [L * cap, H] for FLAT)
     received: list = field(default_factory=lambda: [True])   # [0]: the receive half has been launched
-
-
-class RecvHook:
-    """Launches the receive half of an LL op once, on the stream of its send half (``hook()``)."""
-
-    __slots__ = ("_launch", "_done", "what")
-
-    def __init__(self, launch, done: list, what: str):
-        self._launch, self._done, self.what = launch, done, what
-
-    def __call__(self) -> None:
-        if self._done[0]:
-            raise InvalidStateError(f"the receive hook of this {self.what} was already called")
-        self._done[0] = True
-        self._launch()
-
-
-def check_pending(pending: dict, op: str, hook: bool) -> None:
-    """The hook rules of an LL op, shared by the GPU and CPU backends."""
-    if hook and pending[op] >= 2:
-        raise InvalidStateError(f"two LL {op}es already wait for their receive hook; call one before the next {op}")
-    if not hook and pending[op]:
-        raise InvalidStateError(f"an LL {op} waits for its receive hook; call it before a {op} without one (the "
-                                "receive halves run in the order of their sends)")
 
 
 class LLRuntime(GpuRuntime):

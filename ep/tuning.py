@@ -8,6 +8,7 @@ else turns config fields or knobs into launch geometry.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, fields
 
@@ -195,7 +196,22 @@ def effective_config(cfg: MoECommunicatorConfig, knobs: envs.Snapshot) -> MoECom
 
 
 def default_macros() -> dict:
-    """Macro values of the default config: the integers jit.all_variants compiles at."""
+    """Macro values of the default config: the integers all_variants compiles at."""
     ht, ll = HtTuning(), LLTuning()
     return {"EP_NCCLEP_TMA": ht.dispatch_copy == "tma", "EP_DISPATCH_WARPS": ht.dispatch_warps,
             "EP_LL_WARPS": ll.warps, "EP_DEBUG_TRAP": False}
+
+
+def all_variants() -> list[jit.KernelVariant]:
+    """Every product variant the tuning can select: each boolean macro both ways, integer macros at the
+    values of the config's defaults (default_macros)."""
+    defaults = default_macros()
+    out = []
+    for source, names in jit.SOURCES.items():
+        names = names + jit.COMMON_MACROS
+        bools = [n for n in names if jit.MACROS[n][0] is bool]
+        for flags in itertools.product((False, True), repeat=len(bools)):
+            values = {n: defaults[n] for n in names}
+            values.update(zip(bools, flags))
+            out.append(jit.KernelVariant.of(source, **values))
+    return out

@@ -9,8 +9,6 @@ different ops raise InvalidStateError. Nothing is launched in either case.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from . import arrays, reference
@@ -18,8 +16,6 @@ from .calls import CombineCall, DispatchCall
 from .config import DispatchHandle
 from .errors import CapacityError, EPError, InvalidStateError
 
-if TYPE_CHECKING:
-    from .communicator import MoECommunicator
 
 # An abort code names the argument and the kind of error: 1 + 8 * argument + kind.
 ARGUMENTS = ("x", "topk_ids", "weights", "scales", "previous_handle", "output_buffer", "expert_output", "out",
@@ -77,7 +73,7 @@ def _same_framework(arr, name: str, fw: str) -> None:
         raise arrays.argument_error(TypeError, name, f"{name} must come from the same framework as x ({fw})")
 
 
-def _stream(comm: "MoECommunicator", stream, fw: str):
+def _stream(comm, stream, fw: str):
     if comm.backend != "gpu":
         if stream is not None:
             raise arrays.argument_error(ValueError, "stream", "stream: the CPU backend takes no stream")
@@ -93,7 +89,7 @@ def _stream(comm: "MoECommunicator", stream, fw: str):
     return resolved
 
 
-def check_handle(comm: "MoECommunicator", handle, name: str) -> None:
+def check_handle(comm, handle, name: str) -> None:
     if not isinstance(handle, DispatchHandle):
         raise arrays.argument_error(TypeError, name, f"{name} must be a DispatchHandle, got {type(handle).__name__}")
     if handle._owner != comm._id:
@@ -108,7 +104,7 @@ def check_handle(comm: "MoECommunicator", handle, name: str) -> None:
         raise
 
 
-def check_previous_event(comm: "MoECommunicator", event) -> None:
+def check_previous_event(comm, event) -> None:
     """An async op's previous_event: None, an ep.CommEvent, or (GPU) a CuPy event or torch.cuda.Event."""
     if event is None:
         return
@@ -119,12 +115,26 @@ def check_previous_event(comm: "MoECommunicator", event) -> None:
     event_pointer(event)
 
 
+def _check_recv_hook(comm, op: str, return_recv_hook) -> None:
+    """return_recv_hook is a bool, LL's, and this op may start now (at most two sends wait for their hook)."""
+    if not isinstance(return_recv_hook, bool):
+        raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
+    if return_recv_hook:
+        _ll_only(comm, "return_recv_hook")
+    if comm.config.mode == "ll":
+        try:
+            comm._rt.check_pending(op, return_recv_hook)
+        except InvalidStateError as exc:
+            exc.ep_argument = "return_recv_hook"
+            raise
+
+
 def _ll_only(comm, name: str) -> None:
     if comm.config.mode != "ll":
         raise arrays.argument_error(ValueError, name, f"{name} applies to mode='ll' only")
 
 
-def _cast_mode(comm: "MoECommunicator", cast) -> int:
+def _cast_mode(comm, cast) -> int:
     from .config import Fp8Cast
     if cast is None:
         return 0
@@ -143,7 +153,7 @@ def _cast_mode(comm: "MoECommunicator", cast) -> int:
     return cast.mode
 
 
-def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previous_handle,
+def dispatch_call(comm, x, topk_ids, weights, scales, previous_handle,
                   output_buffer, stream, cast=None, cumulative_counts=None, return_recv_hook=False) -> DispatchCall:
     cfg = comm.config
     gpu = comm.backend == "gpu"
@@ -204,22 +214,13 @@ def dispatch_call(comm: "MoECommunicator", x, topk_ids, weights, scales, previou
         _same_framework(cumulative_counts, "cumulative_counts", fw)
         ci = arrays.check_array(cumulative_counts, "cumulative_counts", shape=(comm.num_local_experts,),
                                 dtypes=("int32", "int64"), device=dev, fw=fw)
-    if not isinstance(return_recv_hook, bool):
-        raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
-    if return_recv_hook:
-        _ll_only(comm, "return_recv_hook")
-    if cfg.mode == "ll":
-        try:
-            comm._rt.check_pending("dispatch", return_recv_hook)
-        except InvalidStateError as exc:
-            exc.ep_argument = "return_recv_hook"
-            raise
+    _check_recv_hook(comm, "dispatch", return_recv_hook)
     return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
                         stream=_stream(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
                         recv_hook=return_recv_hook, scales=si)
 
 
-def _scaled_payload(comm: "MoECommunicator", x, scales, fw: str):
+def _scaled_payload(comm, x, scales, fw: str):
     """HT dispatch of a block-scaled payload: x [T, row] of one-byte elements (FP8, packed FP4) and its scales
     [T, S] (any dtype of arrays.SCALE_DTYPES, any strides). A row and its scales share one data slot of
     2 * hidden_size bytes."""
@@ -251,7 +252,7 @@ def _scaled_payload(comm: "MoECommunicator", x, scales, fw: str):
     return xi, si
 
 
-def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, return_recv_hook=False,
+def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=False,
                  overlap=None, topk_weights=None) -> CombineCall:
     cfg = comm.config
     check_handle(comm, handle, "handle")
@@ -268,16 +269,7 @@ def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, re
         if arrays.framework_of(out, "out") != fw:
             raise arrays.argument_error(TypeError, "out", "out must come from the same framework as expert_output")
         oi = arrays.check_array(out, "out", shape=(T, cfg.hidden_size), dtypes=bf16, device=comm.device, fw=fw)
-    if not isinstance(return_recv_hook, bool):
-        raise arrays.argument_error(TypeError, "return_recv_hook", "return_recv_hook must be a bool")
-    if return_recv_hook:
-        _ll_only(comm, "return_recv_hook")
-    if cfg.mode == "ll":
-        try:
-            comm._rt.check_pending("combine", return_recv_hook)
-        except InvalidStateError as exc:
-            exc.ep_argument = "return_recv_hook"
-            raise
+    _check_recv_hook(comm, "combine", return_recv_hook)
     ready, target = None, 0
     if overlap is not None:
         _ll_only(comm, "overlap")
@@ -301,7 +293,7 @@ def combine_call(comm: "MoECommunicator", expert_output, handle, out, stream, re
                        ready_target=target, topk_weights=wi)
 
 
-def _checks_ids_on_host(comm: "MoECommunicator") -> bool:
+def _checks_ids_on_host(comm) -> bool:
     """Where expert ids are checked before the launch. GPU HT finds invalid ids in the count exchange (every
     rank raises together); LL treats them as unused and reports them on the next call, on both backends,
     unless EP_DEBUG_CHECKS asks for a synchronous check; the CPU backend's HT checks them here."""

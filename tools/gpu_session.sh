@@ -18,7 +18,7 @@ while [[ $# -gt 0 ]]; do
   n=$((n + 1))
   case $step in
     tests)
-      $PY -m ep.jit --arch sm_90 > "$out/jit.log" 2>&1 && summary+=("jit: $(wc -l < "$out/jit.log") variants compiled") \
+      $PY -m ep.compile_check --arch sm_90 > "$out/jit.log" 2>&1 && summary+=("jit: $(wc -l < "$out/jit.log") variants compiled") \
         || summary+=("jit compile FAILED (see jit.log)")
       timeout ${TEST_TIMEOUT:-300} make test-gpu PYTHON=$PY > "$out/test-gpu.log" 2>&1
       rc=$?

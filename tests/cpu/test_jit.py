@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from ep import envs, jit
+from ep import envs, jit, tuning
 from ep.errors import CompileError, EPError
 from ep.jit import COMMON_MACROS, SOURCES, KernelVariant
 from ep.tuning import default_macros
@@ -117,7 +117,7 @@ def test_options_pass_the_macros_in_sorted_order():
 
 
 def test_all_variants_cover_every_source_and_both_trap_values():
-    variants = jit.all_variants()
+    variants = tuning.all_variants()
     names = [v.name for v in variants]
     assert len(names) == len(set(names))
     assert {v.source for v in variants} == set(SOURCES)
@@ -297,10 +297,10 @@ def test_every_value_the_knob_table_accepts_compiles(macro, source):
 def test_compile_all_variants(arch):
     """Every variant the runtime can select compiles for the arch (CI's compile-only check; ~5 s per arch)."""
     sizes = {}
-    for variant in jit.all_variants():
+    for variant in tuning.all_variants():
         cubin = jit.compile_cubin(variant, arch)
         assert isinstance(cubin, bytes)
         sizes[variant.name] = len(cubin)
     empty = [name for name, size in sizes.items() if size == 0]
     assert not empty, f"{arch}: empty cubins for {empty}"
-    assert set(sizes) == {v.name for v in jit.all_variants()}
+    assert set(sizes) == {v.name for v in tuning.all_variants()}

@@ -116,7 +116,7 @@ def test_ll_resolves_its_own_plan_and_variants():
 
 
 def test_every_selectable_variant_is_in_the_compile_check():
-    compiled = set(jit.all_variants())
+    compiled = set(tuning.all_variants())
     for cfg in (make(), make(ht_tuning=HtTuning(dispatch_copy="tma")), make(mode="ll")):
         for env in ({}, {"EP_DEBUG_TRAP": "1"}):
             assert set(variants(resolved(cfg, env=env)).values()) <= compiled, (cfg, env)
@@ -126,7 +126,7 @@ def test_benchmark_kernels_are_outside_the_product_digest():
     product = {p.name for p in jit.source_dir().rglob("*.cu")}
     assert "bench_copy.cu" not in product
     assert jit.KernelVariant.of("bench_copy.cu").bench
-    assert all(not v.bench for v in jit.all_variants())
+    assert all(not v.bench for v in tuning.all_variants())
 
 
 # ------------------------------------------------------------------------------------------ bytes
