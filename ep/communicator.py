@@ -8,7 +8,7 @@ import logging
 import warnings
 import weakref
 
-from . import envs, sizes, tuning, validation
+from . import envs, internode, sizes, tuning, validation
 from .bootstrap import Group, bind_device, make_group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchHandle, MoECommunicatorConfig
@@ -100,12 +100,18 @@ class MoECommunicator:
             if chosen not in ("gpu", "cpu"):
                 raise ConfigError(f"backend must be 'gpu' or 'cpu', got {chosen!r}")
             sizes.check_row_index_range(eff, W)
-            return knobs, eff, chosen, tuning.resolve(eff, W, knobs)
+            topo = internode.topology(eff.ranks_per_node, self._group.hosts)
+            if topo.internode and chosen == "gpu":
+                raise ConfigError(f"these {W} ranks form {topo.nodes} nodes of {topo.ranks_per_node}: the GPU "
+                                  "backend is intranode for now (its NCCL network hop is not built); run every "
+                                  "rank of a communicator on one node, or use backend='cpu'")
+            return knobs, eff, chosen, tuning.resolve(eff, W, knobs), topo
 
         # Every rank validates, then all agree, so a bad config or knob on one rank raises on every rank
         # instead of leaving the others waiting in a collective.
         try:
-            knobs, eff, self._backend, self.tuning = collective_check(self._group, check, ConfigError, "config")
+            knobs, eff, self._backend, self.tuning, self.topology = collective_check(self._group, check, ConfigError,
+                                                                                     "config")
             self._agree_on_config(eff, knobs)
             logging.getLogger("ep").setLevel(knobs.log_level)
             self.effective_config = eff
@@ -115,7 +121,7 @@ class MoECommunicator:
             self.device = -1
             if self._backend == "cpu":
                 from .cpu_backend import CpuRuntime
-                self._rt = CpuRuntime(eff, self._group, self.tuning)
+                self._rt = CpuRuntime(eff, self._group, self.tuning, self.topology)
             else:
                 self.device, self.tuning = collective_check(self._group, lambda: self._bind(eff, knobs), ConfigError,
                                                             "device")

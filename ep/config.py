@@ -132,6 +132,10 @@ class MoECommunicatorConfig:
     scale_layout ("ht", FP8 and other block-scaled payloads): how ``DispatchOutput.scales`` is laid out:
       "row_major" ``[rows, S]`` contiguous, or "mn_major": token-contiguous with the token stride padded to a
       multiple of 4 (16-byte aligned for TMA: what DeepGEMM's grouped GEMMs read without a transpose).
+    ranks_per_node [EP_RANKS_PER_NODE]: ranks per node (NVLink domain); None = the ranks of a host. Fewer
+      than the world size makes the path internode (ep.internode): the CPU backend runs it (virtual nodes
+      on one machine included, results bit-identical to one node); the GPU backend's network hop is not
+      built yet and refuses it.
     ht_tuning, ll_tuning: kernel tuning of each mode (HtTuning, LLTuning).
     """
 
@@ -149,6 +153,7 @@ class MoECommunicatorConfig:
     overlap: CommOverlapConfig = field(default_factory=CommOverlapConfig)
     shared_gpu: bool = False
     scale_layout: str = "row_major"
+    ranks_per_node: int | None = None
     ht_tuning: HtTuning = field(default_factory=HtTuning)
     ll_tuning: LLTuning = field(default_factory=LLTuning)
 
@@ -193,6 +198,8 @@ class MoECommunicatorConfig:
             raise ConfigError(f"scale_layout must be 'row_major' or 'mn_major', got {self.scale_layout!r}")
         if self.layout is DispatchLayout.TOKEN_MAJOR and self.mode != "ht":
             raise ConfigError("output_layout=TOKEN_MAJOR applies to mode='ht' (LL is expert-major by design)")
+        if self.ranks_per_node is not None:
+            positive_int("ranks_per_node", self.ranks_per_node)
         if not isinstance(self.shared_gpu, bool):
             raise ConfigError(f"shared_gpu must be a bool, got {self.shared_gpu!r}")
         if not isinstance(self.ht_tuning, HtTuning):

@@ -40,8 +40,13 @@ class CpuHandle:
 
 
 class CpuRuntime(Runtime):
-    def __init__(self, cfg: MoECommunicatorConfig, group: Group, tuning: Tuning):
+    def __init__(self, cfg: MoECommunicatorConfig, group: Group, tuning: Tuning, topology=None):
         self.cfg, self.group, self.tuning = cfg, group, tuning
+        # Across nodes the data takes the two-hop path (ep.internode); one node: one flat exchange.
+        self.two_hop = None
+        if topology is not None and topology.internode:
+            from .internode import TwoHopExchange
+            self.two_hop = TwoHopExchange(group, topology)
         self.W, self.rank = group.size, group.rank
         self.L = cfg.num_experts // self.W
         self.seq = 0
@@ -128,8 +133,11 @@ class CpuRuntime(Runtime):
             xn, scales = reference.fp8_cast(xn, round_scale=call.fp8 >= 2, ue8m0=call.fp8 == 3)
         elif call.scales is not None:   # HT: a byte payload and its scales travel as they are
             scales = arrays.to_numpy(call.scales.obj)
-        slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W, scales) for d in range(W)]
-        received = self.group.alltoall(slices, "cpu dispatch")
+        if self.two_hop is not None:
+            received = self.two_hop.dispatch(xn, ids, w, cfg.num_experts, scales)
+        else:
+            slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W, scales) for d in range(W)]
+            received = self.group.alltoall(slices, "cpu dispatch")
         token_major = cfg.layout is DispatchLayout.TOKEN_MAJOR
         if token_major:
             res = reference.dispatch_receive_token_major(received, self.rank, cfg.num_experts, W, cfg.expert_alignment)
@@ -184,7 +192,8 @@ class CpuRuntime(Runtime):
             num_tokens_per_expert_host=None if ll else [int(c) for c in res.counts],
             expert_offsets=arrays.from_numpy(res.offsets.astype(np.int64), framework),
             layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w)
-        sent = [s.token_index for s in slices]
+        routed = reference.routed_ranks(ids, cfg.num_experts, W)
+        sent = [np.nonzero(routed[:, d])[0].astype(np.int64) for d in range(W)]   # my tokens each rank got
         shape = tokens.shape[:-1] + (cfg.hidden_size,)   # what combine takes: bf16 rows
         handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(shape), ids, self.seq)
         hook = None
@@ -202,7 +211,7 @@ class CpuRuntime(Runtime):
         if call.ready is not None:   # as the GPU's last combine block does, once every row is read
             call.ready.obj[...] -= np.uint32(call.ready_target)
         partials = [reference.expert_partials(y, handle.rows[s], handle.recv_weights[s]) for s in range(self.W)]
-        back = self.group.alltoall(partials, "cpu combine")
+        back = self._return(partials)
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]
         result = reference.combine_partials(handle.num_tokens, cfg.hidden_size, parts)
         hook = self._hook("combine", [False]) if call.recv_hook else None
@@ -218,12 +227,17 @@ class CpuRuntime(Runtime):
             return arrays.from_numpy(view, call.framework, bf16=True, like=call.expert_output.obj), hook
         return arrays.from_numpy(result, call.framework, bf16=True, like=call.expert_output.obj), hook
 
+    def _return(self, payloads: list) -> list:
+        """Combine's exchange: payloads[s] goes to source rank s; returns what each expert rank sent here."""
+        if self.two_hop is not None:
+            return self.two_hop.combine(payloads)
+        return self.group.alltoall(payloads, "cpu combine")
+
     def _combine_token_major(self, call: CombineCall, handle: CpuHandle, y: np.ndarray):
         """The caller's rows are the partials: each goes back to its source, which sums them in rank order."""
         cfg = self.cfg
         w = None if call.topk_weights is None else arrays.to_numpy(call.topk_weights.obj)
-        back = self.group.alltoall([(y[handle.rows[s]], None if w is None else w[handle.rows[s]]) for s in range(self.W)],
-                                   "cpu combine")
+        back = self._return([(y[handle.rows[s]], None if w is None else w[handle.rows[s]]) for s in range(self.W)])
         parts = [(handle.sent_index[d], back[d][0]) for d in range(self.W)]
         wparts = None if w is None else [back[d][1] for d in range(self.W)]
         result, wsum = reference.combine_token_major(handle.num_tokens, cfg.hidden_size, parts, wparts, cfg.topk)

@@ -84,6 +84,8 @@ KNOBS: tuple[Knob, ...] = (
          to_field=lambda v: v or None, lo=0.0, hi=86400.0),
     Knob("EP_SHARED_GPU", bool, None, "Several ranks may share one GPU (tests: correctness only, never speed).",
          overrides="shared_gpu"),
+    Knob("EP_RANKS_PER_NODE", int, None, "Ranks per node (NVLink domain); fewer than the world size runs the internode path (CPU backend); 0 = unset (the ranks of a host).",
+         overrides="ranks_per_node", to_field=_zero_is_unset, lo=0, hi=1024),
     Knob("EP_DISPATCH_NSM", int, None, "Blocks (SMs) of the dispatch data kernels; 0 = unset.",
          overrides="overlap.dispatch_num_sms", to_field=_zero_is_unset, lo=0, hi=1024),
     Knob("EP_COMBINE_NSM", int, None, "Blocks (SMs) of the combine data kernels; 0 = unset.",
