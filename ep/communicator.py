@@ -277,29 +277,36 @@ class MoECommunicator:
                 validation.check_previous_event(self, previous_event)
             return call
         call: DispatchCall = self._validated(op, build)
-        call, runner = self._enter_async(call, asynchronous, previous_event)
-        out, state, hook = self._run(self._rt.dispatch, call)
+        (out, state, hook), event = self._launch(self._rt.dispatch, call, asynchronous, previous_event,
+                                                 (x, topk_ids, weights, scales, cumulative_counts),
+                                                 lambda result: (result[0],))
         handle = DispatchHandle(self._id, self.config.mode, state, call.num_tokens)
-        event = None
-        if asynchronous:
-            event = self._leave_async(runner, call, (x, topk_ids, weights, scales, cumulative_counts, out))
         return out, handle, hook, event
 
-    def _enter_async(self, call, asynchronous: bool, previous_event):
-        """(the call on the comm stream, its AsyncRunner) for an async op on the GPU; else (call, None)."""
+    def _launch(self, method, call, asynchronous: bool, previous_event, inputs: tuple, outputs_of):
+        """(what the runtime's ``method`` returned, the CommEvent of an async op or None). An async GPU op runs
+        on the comm stream (ep.overlap.AsyncRunner); once one has run, every op waits for the previous one."""
+        runner = self._async
         if not asynchronous or self.backend != "gpu":
-            return call, None
-        if self._async is None:
+            if runner is not None:
+                runner.before(call.stream)
+            result = self._run(method, call)
+            if runner is not None:
+                runner.after(call.stream)
+            if not asynchronous:
+                return result, None
+            from .overlap import CommEvent
+            return result, CommEvent(None, call.framework)   # the CPU backend: complete already
+        if runner is None:
             from .overlap import AsyncRunner
-            self._async = AsyncRunner(self.device)
-        self._async.enter(call.stream, previous_event)
-        return dataclasses.replace(call, stream=self._async.stream), self._async
-
-    def _leave_async(self, runner, call, used: tuple):
-        from .overlap import CommEvent, tensors_of
-        if runner is None:   # the CPU backend: complete already
-            return CommEvent(None, call.framework)
-        return runner.leave(call.framework, tensors_of(*used))
+            runner = self._async = AsyncRunner(self.device)
+        caller = call.stream
+        runner.enter(caller, previous_event)
+        call = dataclasses.replace(call, stream=runner.stream)
+        with runner.allocating(call.framework):
+            result = self._run(method, call)
+        from .overlap import tensors_of
+        return result, runner.leave(call.framework, caller, tensors_of(*inputs), tensors_of(*outputs_of(result)))
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, expert_output, handle: DispatchHandle, *, out=None, stream=None, return_recv_hook: bool = False,
@@ -340,14 +347,12 @@ class MoECommunicator:
                 validation.check_previous_event(self, previous_event)
             return call
         call: CombineCall = self._validated("combine", build)
-        call, runner = self._enter_async(call, asynchronous, previous_event)
-        result, hook = self._run(self._rt.combine, call)
+        (result, hook), event = self._launch(self._rt.combine, call, asynchronous, previous_event,
+                                             (expert_output, out, topk_weights,
+                                              None if overlap is None else overlap.counters),
+                                             lambda res: (res[0],))
         if topk_weights is not None:
             result = tuple(result)
-        event = None
-        if asynchronous:
-            event = self._leave_async(runner, call, (expert_output, out, topk_weights, result,
-                                                     None if overlap is None else overlap.counters))
         return result, hook, event
 
     def create_overlap_config(self, *, target: int = 1, framework: str | None = None):
@@ -369,7 +374,7 @@ class MoECommunicator:
             fw = framework or (arrays.TORCH if "torch" in sys.modules else arrays.CUPY)
             if fw not in (arrays.TORCH, arrays.CUPY):
                 raise ValueError(f"create_overlap_config: framework must be 'torch' or 'cupy', got {framework!r}")
-        return OverlapSignals(self, counters_array(fw, self.num_local_experts), target, fw)
+        return OverlapSignals(self, counters_array(fw, self.num_local_experts, self.device), target, fw)
 
     # ---------------------------------------------------------------------------------- lifetime
     def synchronize(self) -> None:

@@ -84,12 +84,15 @@ class CpuRuntime(Runtime):
                 f"its target {signals.target} (and {short.size - 1} more): the GPU combine would wait for the "
                 "signal until timeout_s")
 
-    def _hook(self, op: str, done: list):
-        """The CPU backend moves everything in the call: the hook only keeps the GPU's rules."""
+    def _hook(self, op: str, done: list, on_recv=None):
+        """The CPU backend moves everything in the call: the hook keeps the GPU's rules (and runs ``on_recv``
+        where the GPU's receive half would act)."""
         self.pending[op] += 1
 
         def recv():
             self.pending[op] -= 1
+            if on_recv is not None:
+                on_recv()
         return RecvHook(recv, done, op)
 
     def same_routing(self, state: CpuHandle, topk_ids) -> bool:
@@ -208,13 +211,19 @@ class CpuRuntime(Runtime):
         y = arrays.to_numpy(call.expert_output.obj).reshape(-1, cfg.hidden_size)
         if cfg.layout is DispatchLayout.TOKEN_MAJOR:
             return self._combine_token_major(call, handle, y)
-        if call.ready is not None:   # as the GPU's last combine block does, once every row is read
-            call.ready.obj[...] -= np.uint32(call.ready_target)
         partials = [reference.expert_partials(y, handle.rows[s], handle.recv_weights[s]) for s in range(self.W)]
         back = self._return(partials)
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]
         result = reference.combine_partials(handle.num_tokens, cfg.hidden_size, parts)
-        hook = self._hook("combine", [False]) if call.recv_hook else None
+
+        def release():   # as the GPU's last receive block does, once every row is read
+            if call.ready is not None:
+                call.ready.obj[...] -= np.uint32(call.ready_target)
+        if call.recv_hook:
+            hook = self._hook("combine", [False], release)
+        else:
+            hook = None
+            release()
         if call.out is not None:
             arrays.to_numpy(call.out.obj)[...] = result
             return call.out.obj, hook

@@ -64,7 +64,11 @@ def topology(ranks_per_node: int | None, hosts: list) -> Topology:
     host is a virtual node (tests of the internode path on one machine); a node never spans two hosts."""
     world = len(hosts)
     if ranks_per_node is None:
-        ranks_per_node = sum(1 for h in hosts if h == hosts[0])
+        per_host = {h: hosts.count(h) for h in hosts}
+        if len(set(per_host.values())) != 1:
+            raise ConfigError(f"ranks per host differ ({per_host}): nodes need equal numbers of ranks; launch the "
+                              "same number on every host, or set ranks_per_node")
+        ranks_per_node = per_host[hosts[0]]
     topo = Topology(world, ranks_per_node)
     for node in range(topo.nodes):
         members = topo.node_members(node)

@@ -5,15 +5,19 @@ Async ops (``MoECommunicator.dispatch_async`` / ``combine_async``): the op runs 
 stream after ``previous_event`` (default: everything queued so far on the caller's stream) and returns a
 :class:`CommEvent` the caller joins with ``current_stream_wait()`` before it reads the outputs.
 
-Memory discipline. Inputs and outputs stay referenced by the event until it is joined or found complete.
-torch: outputs are allocated on the caller's stream and every torch input and output is marked used by the
-comm stream (``record_stream``, outside CUDA graph capture), so the caching allocator never hands their
-memory out while the comm stream still works on it. CuPy: outputs come from the comm stream's pool; an async
-op waiting on the caller's stream (the default) is ordered after everything the caller did with the
-previous outputs, so reuse is safe; with an explicit ``previous_event`` the caller owns that ordering.
+Ordering. Once a communicator has run an async op, each of its ops (async or not) first waits for the end of
+its previous op, so ops run in call order whatever stream they are on.
+
+Memory discipline. The op's arrays stay referenced until the op completed. torch: outputs are allocated from
+the comm stream's pool and marked used by the caller's stream, inputs marked used by the comm stream
+(``record_stream``, outside CUDA graph capture), so the caching allocator never hands their memory out while
+a stream still works on it. CuPy (no record_stream): outputs come from the comm stream's pool; an async op
+that waits on the caller's stream (the default) is ordered after everything the caller did with earlier
+outputs; with an explicit ``previous_event`` the caller owns that ordering for memory it frees.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -29,12 +33,11 @@ class CommEvent:
     wait for the op; ``wait(stream)`` any stream; ``synchronize()`` the host; ``query()`` says whether it
     completed. On the CPU backend the op has completed when the call returns."""
 
-    __slots__ = ("_event", "_framework", "_keep")
+    __slots__ = ("_event", "_framework")
 
-    def __init__(self, event, framework: str, keep: tuple = ()):
+    def __init__(self, event, framework: str):
         self._event = event          # a CuPy event, or None (CPU backend: already complete)
         self._framework = framework
-        self._keep = keep            # the op's arrays, alive until the op is joined
 
     @property
     def ptr(self) -> int:
@@ -50,18 +53,13 @@ class CommEvent:
             import cupy
             target = arrays.resolve_stream(stream, self._framework)
             cupy.cuda.runtime.streamWaitEvent(target.ptr, self._event.ptr, 0)
-        self._keep = ()
 
     def synchronize(self) -> None:
         if self._event is not None:
             self._event.synchronize()
-        self._keep = ()
 
     def query(self) -> bool:
-        done = self._event is None or bool(self._event.done)
-        if done:
-            self._keep = ()
-        return done
+        return self._event is None or bool(self._event.done)
 
 
 def event_pointer(event, name: str = "previous_event") -> int:
@@ -93,40 +91,77 @@ def comm_stream(device: int):
 
 
 class AsyncRunner:
-    """The join logic of a communicator's async ops on its device's comm stream."""
+    """A communicator's ops once it has run an async one: they run on two streams (the caller's and the comm
+    stream), so each op's stream first waits for the end of the communicator's previous op (an event), in call
+    order, as the runtimes' device counters and buffers assume. Inside a CUDA graph capture the graph's own
+    dependencies order the ops (events from outside a capture cannot be waited on there). Async ops' arrays
+    stay referenced here until their op completed."""
 
     def __init__(self, device: int):
         import cupy
+        self.device = device
         self.stream = comm_stream(device)
         self._start = cupy.cuda.Event(disable_timing=True)
+        self._last = cupy.cuda.Event(disable_timing=True)
+        self._have_last = False
+        self._inflight: list = []    # (done event, the op's arrays)
+
+    def before(self, stream) -> None:
+        """``stream`` (about to run an op) waits for the previous op's end."""
+        if self._have_last and not stream.is_capturing():
+            import cupy
+            cupy.cuda.runtime.streamWaitEvent(stream.ptr, self._last.ptr, 0)
+
+    def after(self, stream) -> None:
+        if stream.is_capturing():
+            return
+        self._last.record(stream)
+        self._have_last = True
+        self._inflight = [(ev, keep) for ev, keep in self._inflight if not ev.done]
 
     def enter(self, caller_stream, previous_event) -> None:
-        """Order the comm stream after previous_event (or, when None, after the caller's stream so far)."""
+        """Order the comm stream after previous_event (None: after the caller's stream so far) and after the
+        previous op. During a capture the comm stream also joins the caller's stream, so it is captured too."""
         import cupy
         rt = cupy.cuda.runtime
-        if previous_event is None:
-            rt.eventRecord(self._start.ptr, caller_stream.ptr)
-            raw = self._start.ptr
-        else:
+        capturing = caller_stream.is_capturing()
+        if previous_event is not None:
             raw = event_pointer(previous_event)
-        if raw:
-            rt.streamWaitEvent(self.stream.ptr, raw, 0)
+            if raw:
+                rt.streamWaitEvent(self.stream.ptr, raw, 0)
+        # an event recorded inside the capture has made the comm stream join it; one from before has not
+        if previous_event is None or (capturing and not self.stream.is_capturing()):
+            rt.eventRecord(self._start.ptr, caller_stream.ptr)
+            rt.streamWaitEvent(self.stream.ptr, self._start.ptr, 0)
+        self.before(self.stream)
 
-    def leave(self, framework: str, arrays_used: tuple) -> CommEvent:
-        """The op's completion event; torch arrays are marked used by the comm stream."""
+    def allocating(self, framework: str):
+        """Context of the op's launch: torch allocates its outputs from the comm stream's pool (the stream that
+        writes them), so no block freed on the caller's stream with work still queued there is handed out."""
+        if framework != arrays.TORCH:
+            return contextlib.nullcontext()
+        import torch
+        return torch.cuda.stream(torch.cuda.ExternalStream(self.stream.ptr, device=self.device))
+
+    def leave(self, framework: str, caller_stream, inputs: tuple, outputs: tuple) -> CommEvent:
+        """The op's completion event. torch: inputs are marked used by the comm stream, outputs by the caller's
+        stream, so the caching allocator reuses neither early."""
         import cupy
+        capturing = self.stream.is_capturing()
         done = cupy.cuda.Event(disable_timing=True)
         done.record(self.stream)
-        if framework == arrays.TORCH:
-            _record_stream(arrays_used, self.stream.ptr)
-        return CommEvent(done, framework, arrays_used)
+        self.after(self.stream)
+        if not capturing:   # a graph's memory lives as long as the graph: nothing to hold or mark
+            if framework == arrays.TORCH:
+                _record_stream(inputs, self.stream.ptr, self.device)
+                _record_stream(outputs, caller_stream.ptr, self.device)
+            self._inflight.append((done, inputs + outputs))
+        return CommEvent(done, framework)
 
 
-def _record_stream(objs: tuple, stream_ptr: int) -> None:
+def _record_stream(objs: tuple, stream_ptr: int, device: int) -> None:
     import torch
-    if torch.cuda.is_current_stream_capturing():   # graph memory is not freed between replays
-        return
-    ext = torch.cuda.ExternalStream(stream_ptr)
+    ext = torch.cuda.ExternalStream(stream_ptr, device=device)
     for obj in objs:
         if isinstance(obj, torch.Tensor) and obj.is_cuda:
             obj.record_stream(ext)
@@ -198,17 +233,19 @@ class OverlapSignals:
         if comm.backend == "gpu" and self.framework != fw:
             raise arrays.argument_error(TypeError, "overlap", f"overlap: {self.framework} signals with {fw} "
                                                               "expert_output")
-        info = arrays.describe(self.counters, "overlap.counters", self.framework)
+        info = arrays.check_array(self.counters, "overlap", shape=(comm.num_local_experts,),
+                                  dtypes=("uint32", "int32"), device=comm.device, fw=self.framework)
         comm._rt.check_ready(self)
         return info, self.target
 
 
-def counters_array(framework: str, L: int):
-    """Zeroed [L] 32-bit counters in ``framework`` (numpy on the CPU backend)."""
+def counters_array(framework: str, L: int, device: int):
+    """Zeroed [L] 32-bit counters in ``framework`` on ``device`` (numpy on the CPU backend)."""
     if framework == arrays.TORCH:
         import torch
-        return torch.zeros(L, dtype=torch.int32, device=torch.device("cuda", torch.cuda.current_device()))
+        return torch.zeros(L, dtype=torch.int32, device=torch.device("cuda", device))
     if framework == arrays.CUPY:
         import cupy
-        return cupy.zeros(L, dtype=np.uint32)
+        with cupy.cuda.Device(device):
+            return cupy.zeros(L, dtype=np.uint32)
     return np.zeros(L, dtype=np.uint32)

@@ -40,7 +40,11 @@ class Runtime:
     gate: OpGate | None = None
 
     def open_gate(self, timeout_s: float) -> None:
-        """Collective: the node-shared op gate, or host collectives when shared memory cannot be mapped."""
+        """Collective: the node-shared op gate, or host collectives when shared memory cannot be mapped or the
+        ranks span hosts (the gate is one host's shared-memory page)."""
+        if len(set(self.group.hosts)) > 1:
+            self.gate = None
+            return
         try:
             self.gate = OpGate(self.group, timeout_s)
         except OSError as exc:

@@ -277,6 +277,16 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
         if not isinstance(overlap, OverlapSignals):
             raise arrays.argument_error(TypeError, "overlap", "overlap must be an ep.OverlapSignals from "
                                                               f"create_overlap_config, got {type(overlap).__name__}")
+        sms = comm.effective_config.overlap.combine_num_sms
+        if sms is None:
+            raise arrays.argument_error(ValueError, "overlap", "overlap: a signalled combine waits on the device for "
+                                        "the MLP's signals, so it must leave the MLP SMs: set "
+                                        "CommOverlapConfig(combine_num_sms=...) (e.g. 8-32)")
+        if comm.backend == "gpu":
+            from .runtime_base import sm_count
+            if comm.tuning.ll.combine_blocks >= sm_count():
+                raise arrays.argument_error(ValueError, "overlap", f"overlap: combine_num_sms={sms} takes every SM; "
+                                            "the MLP it waits for would never run")
         ready, target = overlap.check(comm, fw)
     wi = None
     if topk_weights is not None:

@@ -28,3 +28,5 @@ def test_virtual_nodes_split_a_host_but_a_node_never_spans_two_hosts():
         topology(3, ["a"] * 4)
     with pytest.raises(ConfigError, match="must share a host"):
         topology(None, ["a", "b", "a", "b"])   # hosts interleaved: launch ranks host by host
+    with pytest.raises(ConfigError, match="ranks per host differ"):
+        topology(None, ["a", "a", "b", "b", "b", "b"])

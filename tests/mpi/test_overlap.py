@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ep import CommEvent, InvalidStateError, OverlapSignals, PeerInputError
+from ep import CommEvent, CommOverlapConfig, InvalidStateError, OverlapSignals, PeerInputError
 
 from test_cpu_backend import (check_combine, check_dispatch, draw_inputs, expected_combine, expected_dispatch,
                               good_call, make_config, mlp, small, token_counts)
 
 MODES = ["ht", "ll"]
+
+
+def ll_overlap_config(world: int):
+    """LL with a combine SM budget: a signalled combine must leave the MLP its SMs."""
+    return make_config("ll", world=world, t_max=8, overlap=CommOverlapConfig(combine_num_sms=8))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -57,7 +62,7 @@ def _ll_round(mpi, comm, call: int):
 @pytest.mark.parametrize("target", [1, 3])
 def test_an_overlapped_combine_gives_the_plain_result_and_leaves_the_counters_ready(mpi, communicators, target):
     W, r = mpi.size, mpi.rank
-    comm = communicators(make_config("ll", world=W, t_max=8))
+    comm = communicators(ll_overlap_config(W))
     signals = comm.create_overlap_config(target=target)
     assert isinstance(signals, OverlapSignals) and signals.counters.shape == (comm.num_local_experts,)
     assert not signals.counters.any()
@@ -74,7 +79,7 @@ def test_an_overlapped_combine_gives_the_plain_result_and_leaves_the_counters_re
 
 def test_an_unsignalled_expert_raises_on_every_rank_and_nothing_moves(mpi, communicators):
     W, r = mpi.size, mpi.rank
-    comm = communicators(make_config("ll", world=W, t_max=8))
+    comm = communicators(ll_overlap_config(W))
     signals = comm.create_overlap_config(target=2)
     inp, refs, y, handle = _ll_round(mpi, comm, 0)
     signals.signal(add=2)
@@ -93,8 +98,8 @@ def test_an_unsignalled_expert_raises_on_every_rank_and_nothing_moves(mpi, commu
 
 def test_overlap_config_misuse_raises_clearly(mpi, communicators):
     W = mpi.size
-    ll = communicators(make_config("ll", world=W, t_max=8))
-    other = communicators(make_config("ll", world=W, t_max=8))
+    ll = communicators(ll_overlap_config(W))
+    other = communicators(ll_overlap_config(W))
     ht = communicators(small("ht", W))
     with mpi.checking("local argument checks"):
         with pytest.raises(ValueError, match="mode='ll'"):
@@ -114,3 +119,23 @@ def test_overlap_config_misuse_raises_clearly(mpi, communicators):
     got = ll.combine(y, handle, overlap=signals)
     with mpi.checking("combine after the misuse"):
         check_combine(got, expected_combine(ll.config, W, mpi.rank, refs, inp), inp.x.shape[0], 64)
+
+
+def test_a_signalled_combine_needs_an_sm_budget_and_a_hook_releases_the_counters(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    plain = communicators(make_config("ll", world=W, t_max=8))
+    inp, refs, y, handle = _ll_round(mpi, plain, 0)
+    signals = plain.create_overlap_config()
+    signals.signal()
+    mpi.raises(ValueError, plain.combine, y, handle, overlap=signals, match="set CommOverlapConfig\\(combine_num_sms")
+    comm = communicators(ll_overlap_config(W))
+    inp, refs, y, handle = _ll_round(mpi, comm, 1)
+    signals = comm.create_overlap_config()
+    signals.signal()
+    got, hook = comm.combine(y, handle, overlap=signals, return_recv_hook=True)
+    with mpi.checking("counters held until the receive half"):
+        assert list(signals.counters) == [1] * comm.num_local_experts
+    hook()
+    with mpi.checking("hooked overlapped combine"):
+        assert not signals.counters.any()
+        check_combine(got, expected_combine(comm.config, W, r, refs, inp), inp.x.shape[0], 64)
