@@ -39,6 +39,9 @@ def parse_args(argv):
                    help="MoECommunicatorConfig.num_sms (default: the config's, 24 for HT and every SM for LL)")
     p.add_argument("--cast", choices=("bf16", "fp8", "fp8_pow2", "fp8_ue8m0"), default="bf16",
                    help="LL: dispatch bf16, or cast to e4m3 in the kernel (fp32 / power-of-two / UE8M0 scales)")
+    p.add_argument("--dtype", choices=("bf16",) + tuple(workload.PAYLOADS), default="bf16",
+                   help="HT: dispatch bf16 rows, or a caller-quantized payload with its scales: fp8 (e4m3 + float32 "
+                        "per 128), mxfp8 (e4m3 + E8M0 per 32), nvfp4 (packed E2M1 + E4M3 per 16); combine stays bf16")
     p.add_argument("--dispatch-nsm", type=int, help="CommOverlapConfig.dispatch_num_sms")
     p.add_argument("--combine-nsm", type=int, help="CommOverlapConfig.combine_num_sms")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
@@ -138,7 +141,7 @@ def _shape(mode: str, args, sweep_name: str | None, value: int | None) -> worklo
             base[key] = getattr(args, key)
     if sweep_name in ("tokens", "experts"):
         base[sweep_name] = value
-    return workload.Shape(mode=mode, **base)
+    return workload.Shape(mode=mode, dtype=args.dtype if mode == "ht" else "bf16", **base)
 
 
 def _environment(ctx: Context) -> dict:
@@ -164,7 +167,7 @@ def _run_case(ctx: Context, shape: workload.Shape, sweep, baseline_cache: dict) 
         from . import gpu
         dev_inputs = gpu.to_device(inputs, ctx.stream)
     else:
-        dev_inputs = (inputs.x, inputs.topk_ids, inputs.weights)
+        dev_inputs = (inputs.x, inputs.topk_ids, inputs.weights, inputs.scales)
     res = ep_runs.run(ctx, shape, dev_inputs, vol)
     rows, skipped, snaps = res["rows"], list(res["skipped"]), res["snapshots"]
     base: dict = {}
@@ -177,6 +180,9 @@ def _run_case(ctx: Context, shape: workload.Shape, sweep, baseline_cache: dict) 
             base = {"ceiling": {"skipped": reason}, "nccl": {"skipped": reason}}
         elif args.no_baselines:
             base = {"ceiling": {"skipped": "--no-baselines"}, "nccl": {"skipped": "--no-baselines"}}
+        elif shape.dtype != "bf16":
+            reason = f"--dtype {shape.dtype}: the baselines move bf16 rows"
+            base = {"ceiling": {"skipped": reason}, "nccl": {"skipped": reason}}
         else:
             key = (shape, args.routing, args.drop, args.seed)
             if key in baseline_cache:

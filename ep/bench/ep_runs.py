@@ -59,7 +59,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     cast = _cast(ctx.args.cast) if shape.mode == "ll" else None
     cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm, ctx.args.owned_output,
                       ctx.shared_gpu)
-    x, ids, w = dev_inputs
+    x, ids, w, sc = dev_inputs
     gpu = ctx.backend == "gpu"
     stream = ctx.stream if gpu else None
     clock, group = ctx.clock, ctx.group
@@ -71,7 +71,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     try:
         def sec_dispatch_combine():
             m0 = clock.mark()
-            out, handle = comm.dispatch(x, ids, w, stream=stream, cast=cast)
+            out, handle = comm.dispatch(x, ids, w, sc, stream=stream, cast=cast)
             m1 = clock.mark()
             y = comm.combine(_bf16_like(comm, out.tokens), handle, stream=stream)
             m2 = clock.mark()
@@ -87,7 +87,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
 
         def sec_cached():
             m0 = clock.mark()
-            out, _ = comm.dispatch(x, ids, w, previous_handle=state["handle"], stream=stream)
+            out, _ = comm.dispatch(x, ids, w, sc, previous_handle=state["handle"], stream=stream)
             m1 = clock.mark()
             state["cached"] = out
             return {"cached dispatch": (m0, m1)}
@@ -96,6 +96,8 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
             if ctx.args.validate:
                 snaps["dispatch"] = _host(state["out"].tokens)
                 snaps["counts"] = _host(state["out"].num_tokens_per_expert)
+                if state["out"].scales is not None:
+                    snaps["dispatch scales"] = _host(state["out"].scales)
                 snaps["combine"] = _host(state["y"])
                 snaps["combine (after dispatch)"] = _host(state["y_pipeline"])
                 if "cached" in state:
@@ -160,11 +162,12 @@ def _cast(name: str | None):
 def _host_calls(comm, dev_inputs, state, stream, cast) -> dict:
     """The calls whose host time is measured: an eager dispatch, a combine of section A's handle (identity MLP,
     bf16), and (HT) a cached dispatch."""
-    x, ids, w = dev_inputs
-    calls = {"dispatch": lambda: comm.dispatch(x, ids, w, stream=stream, cast=cast)}
+    x, ids, w, sc = dev_inputs
+    calls = {"dispatch": lambda: comm.dispatch(x, ids, w, sc, stream=stream, cast=cast)}
     if comm.config.mode == "ht":
-        calls["cached dispatch"] = lambda: comm.dispatch(x, ids, w, previous_handle=state["handle"], stream=stream)
-        calls["combine"] = lambda: comm.combine(state["out"].tokens, state["handle"], stream=stream)
+        calls["cached dispatch"] = lambda: comm.dispatch(x, ids, w, sc, previous_handle=state["handle"],
+                                                         stream=stream)
+        calls["combine"] = lambda: comm.combine(_bf16_like(comm, state["out"].tokens), state["handle"], stream=stream)
     else:
         def dispatch_then_time_combine():
             out, handle = comm.dispatch(x, ids, w, stream=stream, cast=cast)
@@ -179,27 +182,29 @@ _BF16_Y: dict = {}
 
 
 def _bf16_like(comm, tokens):
-    """The expert output combine takes: the tokens themselves (bf16), or zeros of their shape after an FP8 cast."""
+    """The expert output combine takes: the tokens themselves (bf16), or bf16 zeros of their rows after an FP8
+    cast or a payload dispatch."""
     if str(tokens.dtype) in ("uint16", "bfloat16", "torch.bfloat16"):
         return tokens
-    key = (id(comm), tuple(tokens.shape), type(tokens).__module__)
+    shape = tuple(tokens.shape[:-1]) + (comm.config.hidden_size,)
+    key = (id(comm), shape, type(tokens).__module__)
     if key not in _BF16_Y:
         module = type(tokens).__module__
         if module.startswith("torch"):
             import torch
-            _BF16_Y[key] = torch.zeros(tuple(tokens.shape), dtype=torch.bfloat16, device=tokens.device)
+            _BF16_Y[key] = torch.zeros(shape, dtype=torch.bfloat16, device=tokens.device)
         elif module.startswith("cupy"):
             import cupy
-            _BF16_Y[key] = cupy.zeros(tokens.shape, np.uint16)
+            _BF16_Y[key] = cupy.zeros(shape, np.uint16)
         else:
-            _BF16_Y[key] = np.zeros(tokens.shape, np.uint16)
+            _BF16_Y[key] = np.zeros(shape, np.uint16)
     return _BF16_Y[key]
 
 
 def _dispatch_then_combine(comm, dev_inputs, stream, previous_handle=None, cast=None):
     """A graph body: dispatch (cached with ``previous_handle``), the identity MLP, combine. Returns (out, y)."""
-    x, ids, w = dev_inputs
-    out, handle = comm.dispatch(x, ids, w, previous_handle=previous_handle, stream=stream, cast=cast)
+    x, ids, w, sc = dev_inputs
+    out, handle = comm.dispatch(x, ids, w, sc, previous_handle=previous_handle, stream=stream, cast=cast)
     return out, comm.combine(_bf16_like(comm, out.tokens), handle, stream=stream)
 
 
@@ -230,7 +235,7 @@ def _ll_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list
     ctx.group.barrier()
 
     graph, (out_g, y_g) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, cast=cast))
-    x, ids, w = dev_inputs
+    x, ids, w, _ = dev_inputs
     g_disp, (out_d, handle_d) = _capture(stream, lambda: comm.dispatch(x, ids, w, stream=stream, cast=cast))
     g_comb, _ = _capture(stream, lambda: comm.combine(_bf16_like(comm, out_d.tokens), handle_d, stream=stream))
 
@@ -246,11 +251,11 @@ def _ll_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list
 
 def _ht_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list[float]]:
     """Capture a cached dispatch (section A's handle) and a cached dispatch -> combine; time their replays."""
-    x, ids, w = dev_inputs
+    x, ids, w, sc = dev_inputs
     stream, handle = ctx.stream, state["handle"]
     stream.synchronize()
     ctx.group.barrier()
-    g1, (out1, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, previous_handle=handle, stream=stream))
+    g1, (out1, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, sc, previous_handle=handle, stream=stream))
     g2, (out2, y2) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, handle))
 
     def snapshot():

@@ -52,14 +52,15 @@ class DeviceBarrier:
 
 
 def to_device(inputs, stream):
-    """(x uint16 [T,H], topk_ids int64 [T,K], weights float32 [T,K]) as CuPy arrays on ``stream``."""
+    """(x, topk_ids, weights, scales or None) as CuPy arrays on ``stream`` (scales keep their strides)."""
     import cupy
     with stream:
         x = cupy.asarray(inputs.x)
         ids = cupy.asarray(inputs.topk_ids)
         w = cupy.asarray(inputs.weights)
+        sc = None if inputs.scales is None else cupy.asfortranarray(cupy.asarray(inputs.scales))
     stream.synchronize()
-    return x, ids, w
+    return x, ids, w, sc
 
 
 def sm_count() -> int:

@@ -77,7 +77,7 @@ class TorchA2A:
         self.L = shape.experts // self.W
         self.dev = torch.device("cuda", ctx.device)
         self.ts = torch.cuda.ExternalStream(int(ctx.stream.ptr), device=self.dev)   # the bench stream
-        x, ids, w = dev_inputs
+        x, ids, w = dev_inputs[:3]
         self.x = torch.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
         self.ids = torch.from_dlpack(ids)
         self.w = torch.from_dlpack(w)

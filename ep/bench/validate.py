@@ -16,17 +16,24 @@ from .workload import Inputs, Shape
 def reference_outputs(group, shape: Shape, inputs: Inputs, cast=None):
     """(this rank's ReceivedLayout, this rank's combine output uint16 [T, H]). Collective. With an LL ``cast``
     (ep.Fp8Cast) the tokens are the cast rows and the combine's expert output is zeros (ep_runs._bf16_like)."""
-    everyone = group.allgather((inputs.x, inputs.topk_ids, inputs.weights), "bench reference")
+    everyone = group.allgather((inputs.x, inputs.topk_ids, inputs.weights,
+                                None if inputs.scales is None else np.ascontiguousarray(inputs.scales)),
+                               "bench reference")
     xs = [e[0] for e in everyone]
     ids = [e[1] for e in everyone]
     ws = [e[2] for e in everyone]
+    scales = None if inputs.scales is None else [e[3] for e in everyone]
     W = group.size
     ll = shape.mode == "ll"
     layout = DispatchLayout.EXPERT_MAJOR if ll else DispatchLayout.FLAT
     capacity = W * shape.tokens if ll else None
     if cast is not None:
-        q = [reference.fp8_cast(x, round_scale=cast.round_scale, ue8m0=cast.ue8m0)[0] for x in xs]
-        layouts = reference.dispatch_world(q, ids, ws, shape.experts, shape.hidden, 1, layout, capacity)
+        cast_rows = [reference.fp8_cast(x, round_scale=cast.round_scale, ue8m0=cast.ue8m0) for x in xs]
+        layouts = reference.dispatch_world([c[0] for c in cast_rows], ids, ws, shape.experts, shape.hidden, 1, layout,
+                                           capacity, scales=[c[1] for c in cast_rows])
+        return layouts[group.rank], np.zeros((shape.tokens, shape.hidden), np.uint16)
+    if scales is not None:   # a payload dispatch; the combine's expert output is bf16 zeros (ep_runs._bf16_like)
+        layouts = reference.dispatch_world(xs, ids, ws, shape.experts, shape.hidden, 1, layout, capacity, scales=scales)
         return layouts[group.rank], np.zeros((shape.tokens, shape.hidden), np.uint16)
     layouts = reference.dispatch_world(xs, ids, ws, shape.experts, shape.hidden, 1, layout, capacity)
     combined = reference.combine_world([lay.tokens for lay in layouts], layouts, ids, ws, shape.experts, shape.hidden)
@@ -66,15 +73,20 @@ def _counts(name: str, got, ref) -> str | None:
 
 def _ll_rows(name: str, got: np.ndarray, ref) -> str | None:
     """Rows [0, count_e) of every local expert of an EXPERT_MAJOR [L, cap, H] output."""
-    L, cap, H = ref.tokens.shape
+    return _ll_valid(name, got, ref.tokens, ref.counts)
+
+
+def _ll_valid(name: str, got: np.ndarray, want: np.ndarray, counts: np.ndarray) -> str | None:
+    """Rows [0, count_e) of every local expert of an EXPERT_MAJOR [L, cap, C] array (tokens or scales)."""
+    L, cap, C = want.shape
     got = np.asarray(got)
     if got.ndim == 2:
-        got = got.reshape(L, -1, H)
-    if got.shape[0] != L or got.shape[2] != H or got.shape[1] < int(ref.counts.max(initial=0)):
-        return f"{name}: shape {got.shape}, expected [{L}, >= {int(ref.counts.max(initial=0))}, {H}]"
+        got = got.reshape(L, -1, C)
+    if got.shape[0] != L or got.shape[2] != C or got.shape[1] < int(counts.max(initial=0)):
+        return f"{name}: shape {got.shape}, expected [{L}, >= {int(counts.max(initial=0))}, {C}]"
     for e in range(L):
-        n = int(ref.counts[e])
-        problem = first_difference(f"{name} (local expert {e}, valid rows)", got[e, :n], ref.tokens[e, :n])
+        n = int(counts[e])
+        problem = first_difference(f"{name} (local expert {e}, valid rows)", got[e, :n], want[e, :n])
         if problem:
             return problem
     return None
@@ -86,6 +98,9 @@ def check_ep(snaps: dict, ref, ref_combine: np.ndarray, mode: str) -> list[str]:
     for key, got in snaps.items():
         if key.endswith("counts"):
             problem = _counts(f"ep {key}", got, ref)
+        elif key.endswith("scales"):
+            problem = (_ll_valid(f"ep {key}", got, ref.scales, ref.counts) if mode == "ll"
+                       else first_difference(f"ep {key}", got, ref.scales))
         elif "combine" in key:
             problem = first_difference(f"ep {key}", got, ref_combine)
         elif mode == "ll":

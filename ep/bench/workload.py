@@ -1,10 +1,11 @@
 """Inputs of one benchmark case and the byte counts its bandwidths are computed from.
 
 Byte counting (stated in the report): a dispatch moves each (token, destination rank) pair once, one bf16
-row of ``H * 2`` bytes, whatever the number of that rank's experts the token names. *Logical* bytes of a
+row of ``H * 2`` bytes (with ``--dtype``, the payload row and its scales), whatever the number of that
+rank's experts the token names. *Logical* bytes of a
 rank = every pair that rank receives (its own tokens included); *physical* bytes = only the pairs from
 other ranks, the ones that cross NVLink. A combine moves the same pairs back (one bf16 partial per (token,
-rank)), so its byte counts are those of the dispatch it combines.
+rank)), so its byte counts are those of the dispatch it combines (bf16 rows also after a payload dispatch).
 """
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ HT_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8}
 LL_DEFAULTS = {"tokens": 128, "hidden": 7168, "experts": 256, "topk": 8}
 
 
+# HT payloads the bench can dispatch (--dtype): (payload bytes per row, scales per row, scale dtype), given H.
+# The scales travel with their rows (ep's HT pass-through of caller-quantized tokens).
+PAYLOADS = {
+    "fp8": (lambda H: H, lambda H: H // 128, np.float32),      # e4m3 + float32 per 128 channels
+    "mxfp8": (lambda H: H, lambda H: H // 32, np.uint8),       # e4m3 + E8M0 per 32
+    "nvfp4": (lambda H: H // 2, lambda H: H // 16, np.uint8),  # packed E2M1 + E4M3 per 16
+}
+
+
 @dataclass(frozen=True)
 class Shape:
     mode: str
@@ -26,15 +36,25 @@ class Shape:
     hidden: int
     experts: int
     topk: int
+    dtype: str = "bf16"     # HT payload: bf16, or a key of PAYLOADS
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one (token, rank) pair moves: the row and its scales."""
+        if self.dtype == "bf16":
+            return self.hidden * 2
+        width, count, sdt = PAYLOADS[self.dtype]
+        return width(self.hidden) + count(self.hidden) * np.dtype(sdt).itemsize
 
 
 @dataclass
 class Inputs:
     """One rank's inputs as NumPy arrays (the GPU path copies them to the device)."""
 
-    x: np.ndarray          # uint16 bf16 [T, H]
+    x: np.ndarray          # uint16 bf16 [T, H], or a payload's bytes uint8 [T, row]
     topk_ids: np.ndarray   # int64 [T, K], -1 = unused slot
     weights: np.ndarray    # float32 [T, K]
+    scales: np.ndarray | None = None   # the payload's scales [T, S] (column-major, as quantizers leave them)
 
 
 def make_inputs(shape: Shape, routing: str, drop: float, seed: int, rank: int) -> Inputs:
@@ -44,7 +64,15 @@ def make_inputs(shape: Shape, routing: str, drop: float, seed: int, rank: int) -
     ids = testing.routing(routing, rng, shape.tokens, shape.experts, shape.topk, drop=drop)
     x = testing.random_tokens(rng, shape.tokens, shape.hidden)
     w = testing.random_weights(rng, shape.tokens, shape.topk)
-    return Inputs(x, ids, w)
+    if shape.dtype == "bf16":
+        return Inputs(x, ids, w)
+    width, count, sdt = PAYLOADS[shape.dtype]
+    payload = rng.integers(0, 256, size=(shape.tokens, width(shape.hidden)), dtype=np.uint8)
+    if sdt == np.float32:
+        sc = rng.standard_normal((shape.tokens, count(shape.hidden))).astype(np.float32)
+    else:
+        sc = rng.integers(1, 256, size=(shape.tokens, count(shape.hidden))).astype(sdt)
+    return Inputs(payload, ids, w, np.asfortranarray(sc))
 
 
 @dataclass(frozen=True)
@@ -89,7 +117,7 @@ def volume(group, topk_ids: np.ndarray, shape: Shape) -> Volume:
     W = group.size
     mine = routed_ranks(topk_ids, shape.experts, W).sum(axis=0).astype(np.int64).tolist()
     pairs = np.array(group.allgather(mine), dtype=np.int64).reshape(W, W)
-    return Volume(pairs, shape.hidden * 2)
+    return Volume(pairs, shape.row_bytes)
 
 
 def mean_bytes(values: list[int]) -> float:

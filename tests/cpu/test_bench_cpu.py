@@ -185,3 +185,16 @@ def test_bench_refuses_ranks_that_share_a_gpu_unless_told_to():
     from ep.bench.cli import SHARED_GPU_REFUSAL
     text = SHARED_GPU_REFUSAL.format(ranks=4, gpus=1)
     assert "4 ranks share 1 GPU" in text and "--allow-shared-gpu" in text and "not ep" in text
+
+
+@pytest.mark.parametrize("dtype, row_bytes", [("fp8", 512 + 4 * 4), ("mxfp8", 512 + 16), ("nvfp4", 256 + 32)])
+def test_bench_ht_payloads_validate_and_count_their_row_and_scale_bytes(tmp_path, dtype, row_bytes):
+    out = tmp_path / f"{dtype}.json"
+    rc = cli.main(["--mode", "ht", "--backend", "cpu", "--tokens", "8", "--hidden", "512", "--experts", "4",
+                   "--topk", "2", "--iters", "2", "--warmup", "1", "--dtype", dtype, "--validate", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["validation"]["passed"] is True
+    case = doc["cases"][0]
+    assert case["shape"]["dtype"] == dtype and case["bytes"]["row_bytes"] == row_bytes
+    assert {r["op"] for r in case["rows"]} >= {"ep dispatch", "ep cached dispatch", "ep combine"}
