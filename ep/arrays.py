@@ -223,20 +223,31 @@ def empty(framework: str, shape: tuple, kind: str, stream) -> tuple[Any, int]:
     return empty_many(framework, [(shape, kind)], stream)[0]
 
 
+def dtype_of(framework: str, kind) -> Any:
+    """The dtype of ``kind`` in ``framework``: a name ("bf16" = uint16 bit patterns outside torch, "int32",
+    "int64", "float32", "uint8"), or a dtype of the framework, returned as it is (a payload's own)."""
+    if not isinstance(kind, str):
+        return kind
+    if framework == TORCH:
+        if not _TORCH_KINDS:
+            import torch
+            _TORCH_KINDS.update(bf16=torch.bfloat16, int32=torch.int32, int64=torch.int64, float32=torch.float32,
+                                uint8=torch.uint8)
+        return _TORCH_KINDS[kind]
+    return _NUMPY_KINDS[kind]
+
+
 def empty_many(framework: str, specs: list, stream) -> list[tuple[Any, int]]:
     """:func:`empty` for several ``(shape, kind)`` at once (CuPy: one stream context for all)."""
     if framework == TORCH:
         import torch
-        if not _TORCH_KINDS:
-            _TORCH_KINDS.update(bf16=torch.bfloat16, int32=torch.int32, int64=torch.int64, float32=torch.float32,
-                                uint8=torch.uint8)
         device = torch.device("cuda", torch.cuda.current_device())
         out = []
-        for shape, kind in specs:   # kind: a name above, or a dtype of the framework (a payload's own)
-            t = torch.empty(shape, dtype=_TORCH_KINDS[kind] if isinstance(kind, str) else kind, device=device)
+        for shape, kind in specs:
+            t = torch.empty(shape, dtype=dtype_of(framework, kind), device=device)
             out.append((t, t.data_ptr()))
         return out
     import cupy
     with stream:
-        arrays = [cupy.empty(shape, dtype=_NUMPY_KINDS[kind] if isinstance(kind, str) else kind) for shape, kind in specs]
+        arrays = [cupy.empty(shape, dtype=dtype_of(framework, kind)) for shape, kind in specs]
     return [(a, a.data.ptr) for a in arrays]

@@ -284,7 +284,7 @@ class HtRuntime(GpuRuntime):
         tm_ids = tm_w = None
         if self.token_major:   # the receive lists are the rows' local experts and weights
             tm_ids = recv_lists[0][:routing.n_recv]
-            tm_w = recv_lists[1][:routing.n_recv].view(_f32(framework))
+            tm_w = recv_lists[1][:routing.n_recv].view(arrays.dtype_of(framework, "float32"))
         out = DispatchOutput(
             tokens=tokens,
             num_tokens_per_expert=counts_dev,
@@ -408,12 +408,8 @@ class HtRuntime(GpuRuntime):
         prefix = handle.routing.recv_prefix
         region, wregion = self.cfg.max_tokens_per_rank * rb, self.cfg.max_tokens_per_rank * K * 4
         y, w = call.expert_output.ptr, call.topk_weights
-        start, ready, *events = self.events
         self._note_capture(stream)
-        rt.eventRecord(start.ptr, stream.ptr)
-        rt.streamWaitEvent(self.side_streams[0].ptr, start.ptr, 0)
-        self.barrier(self.side_streams[0])
-        rt.eventRecord(ready.ptr, self.side_streams[0].ptr)
+        ready = self._landing_barrier(stream)
         for step in range(1, W):
             s, cs = (rank + step) % W, self.side_streams[step].ptr
             lo, hi = prefix[s], prefix[s + 1]
@@ -424,9 +420,7 @@ class HtRuntime(GpuRuntime):
             if w is not None:
                 rt.memcpyAsync(self.wland.peer_ptrs[s] + rank * wregion, w.ptr + lo * K * 4, (hi - lo) * K * 4,
                                rt.memcpyDefault, cs)
-        for side, joined in zip(self.side_streams, events[W - 1:]):
-            rt.eventRecord(joined.ptr, side.ptr)
-            rt.streamWaitEvent(stream.ptr, joined.ptr, 0)
+        self._join_side_streams(stream)
         self.barrier(stream)
         out_w = None
         fields = dict(expert_out=y, out=out_ptr, own_partial=y + prefix[rank] * rb)
@@ -452,13 +446,9 @@ class HtRuntime(GpuRuntime):
         W, rank, rb = self.W, self.rank, self.row_bytes
         region = self.cfg.max_tokens_per_rank * rb
         prefix = routing.recv_prefix
-        start, ready, *events = self.events
-        rt.eventRecord(start.ptr, stream.ptr)
-        rt.streamWaitEvent(self.side_streams[0].ptr, start.ptr, 0)
-        self.barrier(self.side_streams[0])
-        rt.eventRecord(ready.ptr, self.side_streams[0].ptr)
+        ready = self._landing_barrier(stream)
         for step in range(1, W):
-            s, cs, reduced = (rank + step) % W, self.side_streams[step].ptr, events[step - 1]
+            s, cs, reduced = (rank + step) % W, self.side_streams[step].ptr, self.events[step + 1]
             lo, hi = prefix[s], prefix[s + 1]
             if hi == lo:
                 continue
@@ -470,7 +460,23 @@ class HtRuntime(GpuRuntime):
                            rt.memcpyDefault, cs)
         if prefix[rank + 1] > prefix[rank]:
             self._reduce(structs.update(params, item_lo=prefix[rank], item_hi=prefix[rank + 1]), stream)
-        for side, joined in zip(self.side_streams, events[W - 1:]):
+        self._join_side_streams(stream)
+
+    def _landing_barrier(self, stream):
+        """Fork side stream 0 off ``stream`` and run there the barrier after which every peer has finished
+        reading its landing buffer (its previous combine's sum). Returns the event the copies wait for."""
+        rt = self._cupy.cuda.runtime
+        start, ready = self.events[0], self.events[1]
+        rt.eventRecord(start.ptr, stream.ptr)
+        rt.streamWaitEvent(self.side_streams[0].ptr, start.ptr, 0)
+        self.barrier(self.side_streams[0])
+        rt.eventRecord(ready.ptr, self.side_streams[0].ptr)
+        return ready
+
+    def _join_side_streams(self, stream) -> None:
+        """``stream`` waits for everything queued on the side streams."""
+        rt = self._cupy.cuda.runtime
+        for side, joined in zip(self.side_streams, self.events[self.W + 1:]):
             rt.eventRecord(joined.ptr, side.ptr)
             rt.streamWaitEvent(stream.ptr, joined.ptr, 0)
 
@@ -482,14 +488,6 @@ class HtRuntime(GpuRuntime):
         self._bufs = []
         self.err.close()
         self.host.close()
-
-
-def _f32(framework: str):
-    """float32 of the caller's framework (a view dtype)."""
-    if framework == arrays.TORCH:
-        import torch
-        return torch.float32
-    return np.float32
 
 
 def _as_cupy(arr):

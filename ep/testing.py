@@ -55,6 +55,37 @@ def random_weights(rng: np.random.Generator, num_tokens: int, topk: int) -> np.n
     return (0.05 + 0.95 * rng.random((num_tokens, topk))).astype(np.float32)
 
 
+# Block-scaled formats HT dispatch carries as they are: (payload bytes per row, scales per row, scale dtype),
+# given the hidden size H.
+PAYLOAD_FORMATS = {
+    "fp8": (lambda H: H, lambda H: H // 128, np.float32),      # e4m3 + float32 per 128 channels
+    "fp8_ue8m0": (lambda H: H, lambda H: H // 512, np.int32),  # e4m3 + UE8M0 per 128, four exponents per int32
+    "mxfp8": (lambda H: H, lambda H: H // 32, np.uint8),       # e4m3 + E8M0 per 32
+    "nvfp4": (lambda H: H // 2, lambda H: H // 16, np.uint8),  # packed E2M1 + E4M3 per 16
+}
+# The payload cases the tests run: (name, format, scales passed column-major).
+PAYLOAD_CASES = [
+    ("fp8_f32_scales", "fp8", False),
+    ("fp8_f32_scales_column_major", "fp8", True),
+    ("fp8_ue8m0_int32", "fp8_ue8m0", True),
+    ("mxfp8_e8m0_bytes", "mxfp8", False),
+    ("nvfp4_e4m3_bytes", "nvfp4", True),
+]
+
+
+def random_payload(rng: np.random.Generator, num_tokens: int, hidden: int, fmt: str,
+                   column_major: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [T, row] random payload bytes, [T, S] non-zero scales) of a PAYLOAD_FORMATS format;
+    column_major: the scales as quantizers leave them (the view ``s.T.contiguous().T``)."""
+    width, count, dtype = PAYLOAD_FORMATS[fmt]
+    x = rng.integers(0, 256, size=(num_tokens, width(hidden)), dtype=np.uint8)
+    if dtype == np.float32:
+        sc = rng.standard_normal((num_tokens, count(hidden))).astype(np.float32)
+    else:
+        sc = rng.integers(1, 2 ** 30 if dtype == np.int32 else 256, size=(num_tokens, count(hidden))).astype(dtype)
+    return x, (np.ascontiguousarray(sc.T).T if column_major else sc)
+
+
 def tagged_tokens(rank: int, num_tokens: int, hidden: int) -> np.ndarray:
     """uint16 bf16 rows that encode (source rank, token index): element j of token t of rank r is the
     bf16 of r*65536... kept exact: value = r + t/4096 + j/2^20 is not exact in bf16, so instead the first

@@ -36,15 +36,12 @@ def _median_us(stream, step, iters: int, warmup: int = 3) -> float:
     return float(statistics.median(samples))
 
 
-def _inputs(comm, T: int, seed: int):
-    import cupy
-    from .. import testing
-    rng = np.random.default_rng([seed, comm.rank])
+def _inputs(comm, T: int, seed: int, stream):
+    """The bench's inputs (ep.bench.workload) of this rank for ``comm``'s shape, on the device."""
+    from . import gpu, workload
     cfg = comm.config
-    x = cupy.asarray(testing.random_tokens(rng, T, cfg.hidden_size))
-    ids = cupy.asarray(testing.uniform_routing(rng, T, cfg.num_experts, cfg.topk))
-    w = cupy.asarray(testing.random_weights(rng, T, cfg.topk))
-    return x, ids, w
+    shape = workload.Shape(cfg.mode, T, cfg.hidden_size, cfg.num_experts, cfg.topk)
+    return gpu.to_device(workload.make_inputs(shape, "uniform", 0.0, seed, comm.rank), stream)[:3]
 
 
 def ht_section(group, T: int, iters: int, gemm_m: int) -> dict:
@@ -55,7 +52,7 @@ def ht_section(group, T: int, iters: int, gemm_m: int) -> dict:
     a = cupy.random.standard_normal((gemm_m, 7168), dtype=np.float32).astype(np.float16)
     b = cupy.random.standard_normal((7168, 2048), dtype=np.float32).astype(np.float16)
     with MoECommunicator(cfg, group) as comm:
-        x, ids, w = _inputs(comm, T, 1)
+        x, ids, w = _inputs(comm, T, 1, compute)
         out, handle = comm.dispatch(x, ids, w, stream=compute)
         y = out.tokens
 
@@ -88,7 +85,7 @@ def ll_section(group, T: int, iters: int) -> dict:
     compute = cupy.cuda.Stream(non_blocking=True)
     with MoECommunicator(cfg, group) as comm:
         L = comm.num_local_experts
-        batches = [_inputs(comm, T, s) for s in (2, 3)]
+        batches = [_inputs(comm, T, s, compute) for s in (2, 3)]
         out0, _ = comm.dispatch(*batches[0], stream=compute)
         shape = out0.tokens.shape
         ys = [cupy.empty(shape, np.uint16) for _ in batches]

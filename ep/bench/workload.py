@@ -20,13 +20,8 @@ HT_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8}
 LL_DEFAULTS = {"tokens": 128, "hidden": 7168, "experts": 256, "topk": 8}
 
 
-# HT payloads the bench can dispatch (--dtype): (payload bytes per row, scales per row, scale dtype), given H.
-# The scales travel with their rows (ep's HT pass-through of caller-quantized tokens).
-PAYLOADS = {
-    "fp8": (lambda H: H, lambda H: H // 128, np.float32),      # e4m3 + float32 per 128 channels
-    "mxfp8": (lambda H: H, lambda H: H // 32, np.uint8),       # e4m3 + E8M0 per 32
-    "nvfp4": (lambda H: H // 2, lambda H: H // 16, np.uint8),  # packed E2M1 + E4M3 per 16
-}
+# HT payloads the bench can dispatch (--dtype): caller-quantized rows whose scales travel with them.
+PAYLOADS = {k: testing.PAYLOAD_FORMATS[k] for k in ("fp8", "mxfp8", "nvfp4")}
 
 
 @dataclass(frozen=True)
@@ -66,13 +61,8 @@ def make_inputs(shape: Shape, routing: str, drop: float, seed: int, rank: int) -
     w = testing.random_weights(rng, shape.tokens, shape.topk)
     if shape.dtype == "bf16":
         return Inputs(x, ids, w)
-    width, count, sdt = PAYLOADS[shape.dtype]
-    payload = rng.integers(0, 256, size=(shape.tokens, width(shape.hidden)), dtype=np.uint8)
-    if sdt == np.float32:
-        sc = rng.standard_normal((shape.tokens, count(shape.hidden))).astype(np.float32)
-    else:
-        sc = rng.integers(1, 256, size=(shape.tokens, count(shape.hidden))).astype(sdt)
-    return Inputs(payload, ids, w, np.asfortranarray(sc))
+    payload, sc = testing.random_payload(rng, shape.tokens, shape.hidden, shape.dtype, column_major=True)
+    return Inputs(payload, ids, w, sc)
 
 
 @dataclass(frozen=True)

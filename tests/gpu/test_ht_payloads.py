@@ -13,26 +13,13 @@ from gpu_cases import build, collective, make_inputs, multi_rank, to_device, to_
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 
-# (name, payload bytes per row given H, scale count given H, scale dtype, column-major scales in)
-PAYLOADS = [
-    ("fp8_f32_scales", lambda H: H, lambda H: H // 128, np.float32, False),
-    ("fp8_f32_scales_column_major", lambda H: H, lambda H: H // 128, np.float32, True),
-    ("fp8_ue8m0_int32", lambda H: H, lambda H: H // 512, np.int32, True),
-    ("mxfp8_e8m0_bytes", lambda H: H, lambda H: H // 32, np.uint8, False),
-    ("nvfp4_e4m3_bytes", lambda H: H // 2, lambda H: H // 16, np.uint8, True),
-]
+PAYLOADS = T.PAYLOAD_CASES   # (name, format, column-major scales in)
 LAYOUTS = ["flat", "expert_major", "token_major"]
 
 
-def payload_inputs(seed: int, rank: int, call: int, T_: int, width: int, count: int, dtype, column_major: bool):
-    """Random payload bytes [T, width] and scales [T, count] (every bit pattern, no zeros by construction)."""
-    rng = T.seed_for(seed, rank, 1000 + call)
-    x = rng.integers(0, 256, size=(T_, width), dtype=np.uint8)
-    if dtype == np.float32:
-        sc = rng.standard_normal((T_, count)).astype(np.float32)
-    else:
-        sc = rng.integers(1, 2 ** 30 if dtype == np.int32 else 256, size=(T_, count)).astype(dtype)
-    return x, sc
+def payload_inputs(seed: int, rank: int, call: int, T_: int, H: int, fmt: str, column_major: bool = False):
+    """Random payload bytes [T, row] and non-zero scales [T, S] of ``fmt`` (ep.testing.random_payload)."""
+    return T.random_payload(T.seed_for(seed, rank, 1000 + call), T_, H, fmt, column_major)
 
 
 def device_payload(fw: str, x: np.ndarray, sc: np.ndarray, column_major: bool, fp8: bool):
@@ -69,7 +56,8 @@ CASES = [(p, lay, sl, 2048, "cupy") for p in PAYLOADS for lay in LAYOUTS for sl 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0][0]}-{c[1]}-{c[2]}-H{c[3]}-{c[4]}" for c in CASES])
 def test_block_scaled_payloads_and_their_scales_arrive_bit_exactly(world, session_seed, case):
     multi_rank(world)
-    (name, width, count, dtype, column_major), layout, scale_layout, H, fw = case
+    (name, fmt, column_major), layout, scale_layout, H, fw = case
+    width, _, dtype = T.PAYLOAD_FORMATS[fmt]
     if fw == "torch":
         pytest.importorskip("torch")
 
@@ -82,7 +70,7 @@ def test_block_scaled_payloads_and_their_scales_arrive_bit_exactly(world, sessio
                 Tn = (128, 0, 77, 5)[(world.rank + (call == 2)) % 4]
                 _, ids, w = make_inputs(session_seed, world.rank, call if call != 1 else 0, Tn, cfg, "uniform", 0.1,
                                         True, True)
-                x, sc = payload_inputs(session_seed, world.rank, call, Tn, width(H), count(H), dtype, column_major)
+                x, sc = payload_inputs(session_seed, world.rank, call, Tn, H, fmt)
                 xd, scd = device_payload(fw, x, sc, column_major, width(H) == H)
                 _, idsd, wd = to_device(fw, np.zeros((Tn, H), np.uint16), ids, w)
                 scales = QuantScales(scales=scd) if column_major else scd
@@ -174,7 +162,7 @@ def test_one_ranks_bad_scales_raise_on_every_rank_and_the_next_call_is_bit_exact
         cfg, gpu, ref = build(world, "ht", 16, 1024, 4, 32, "flat")
         try:
             _, ids, w = make_inputs(session_seed, world.rank, 0, 32, cfg, "uniform", 0.0, True)
-            x, sc = payload_inputs(session_seed, world.rank, 0, 32, 1024, 8, np.float32, False)
+            x, sc = payload_inputs(session_seed, world.rank, 0, 32, 1024, "fp8")
             _, idsd, wd = to_device("cupy", np.zeros((32, 1024), np.uint16), ids, w)
             bad = world.rank == 0
             with pytest.raises(ValueError, match="scales: expected shape" if bad else "failed the input checks"):

@@ -567,24 +567,7 @@ def test_combine_writes_into_out(mpi, communicators, mode):
                                                "identity"), 6, 16)
 
 
-# (name, payload width in bytes per row given H, scale count given H, scale dtype, column-major scales)
-PAYLOADS = [
-    ("fp8_f32_scales", lambda H: H, lambda H: H // 128, np.float32, False),
-    ("fp8_f32_scales_column_major", lambda H: H, lambda H: H // 128, np.float32, True),
-    ("fp8_ue8m0_int32", lambda H: H, lambda H: H // 512, np.int32, True),
-    ("mxfp8_e8m0_bytes", lambda H: H, lambda H: H // 32, np.uint8, False),
-    ("nvfp4_e4m3_bytes", lambda H: H // 2, lambda H: H // 16, np.uint8, True),
-]
-
-
-def _payload_inputs(mpi, cfg, T, width, count, dtype, column_major, call=0):
-    rng = mpi.rng(call + 50)
-    x = rng.integers(0, 256, size=(T, width), dtype=np.uint8)
-    sc = rng.integers(1, 2 ** 30, size=(T, count)).astype(dtype) if dtype != np.float32 else \
-        rng.standard_normal((T, count)).astype(np.float32)
-    if column_major:   # the view callers make: x_scales.T.contiguous().T
-        sc = np.ascontiguousarray(sc.T).T
-    return x, sc
+PAYLOADS = testing.PAYLOAD_CASES   # (name, format, column-major scales)
 
 
 @pytest.mark.parametrize("layout", [FLAT, EXPERT_MAJOR, DispatchLayout.TOKEN_MAJOR], ids=lambda l: l.value)
@@ -597,10 +580,11 @@ def test_ht_byte_payloads_and_their_scales_arrive_in_the_row_order_bit_exactly(m
     cfg = make_config("ht", world=W, hidden=H, topk=3, t_max=8, layout=layout, scale_layout=scale_layout,
                       alignment=4 if layout is FLAT else 1)
     comm = communicators(cfg)
-    name, width, count, dtype, column_major = payload
+    name, fmt, column_major = payload
+    dtype = testing.PAYLOAD_FORMATS[fmt][2]
     T = token_counts(W, 8, 1)[r]
     inp = draw_inputs(mpi, cfg, T, drop=0.2)
-    x, sc = _payload_inputs(mpi, cfg, T, width(H), count(H), dtype, column_major)
+    x, sc = testing.random_payload(mpi.rng(50), T, H, fmt, column_major)
     out, handle = comm.dispatch(x, inp.ids, inp.w, scales=QuantScales(scales=sc) if column_major else sc)
     everyone = mpi.allgather((x, np.ascontiguousarray(sc)))
     with mpi.checking("payload rows and scales"):
