@@ -22,7 +22,7 @@ from .bootstrap import Group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
 from .errors import InvalidStateError
-from .hooks import RecvHook, check_pending
+from .hooks import RecvHook, check_combinable, check_pending
 from .runtime_base import Runtime
 from .tuning import Tuning
 
@@ -59,12 +59,7 @@ class CpuRuntime(Runtime):
         self.open_gate(tuning.timeout_s)
 
     def check_handle(self, state: CpuHandle) -> None:
-        if not state.received[0]:
-            raise InvalidStateError("this dispatch's receive hook has not been called yet; call hook() before "
-                                    "combining its outputs")
-        if self.cfg.mode == "ll" and self.seq - state.seq not in (0, 1):
-            raise InvalidStateError(f"LL handle is {self.seq - state.seq} dispatches old; LL keeps the last two "
-                                    "dispatches only")
+        check_combinable(state.received[0], self.seq - state.seq if self.cfg.mode == "ll" else None)
 
     def check_pending(self, op: str, hook: bool) -> None:
         check_pending(self.pending, op, hook)

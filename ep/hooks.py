@@ -1,4 +1,5 @@
-"""Receive hooks of split LL ops (``return_recv_hook=True``) and the rules every backend applies to them."""
+"""Receive hooks of split LL ops (``return_recv_hook=True``) and the rules every backend applies to them and
+to LL handles."""
 from __future__ import annotations
 
 from .errors import InvalidStateError
@@ -26,3 +27,13 @@ def check_pending(pending: dict, op: str, hook: bool) -> None:
     if not hook and pending[op]:
         raise InvalidStateError(f"an LL {op} waits for its receive hook; call it before a {op} without one (the "
                                 "receive halves run in the order of their sends)")
+
+
+def check_combinable(received: bool, age: int | None) -> None:
+    """A handle may be combined once its dispatch's receive half ran and, in LL (``age``: dispatches received
+    since, None in HT), while that dispatch is one of the last two (two buffers)."""
+    if not received:
+        raise InvalidStateError("this dispatch's receive hook has not been called yet; call hook() before "
+                                "combining its outputs")
+    if age is not None and age not in (0, 1):
+        raise InvalidStateError(f"LL handle is {age} dispatches old; LL keeps the last two dispatches only")

@@ -27,7 +27,7 @@ from .errors import EPError, InvalidStateError
 from .peer_memory import ErrorRecord, SymmetricBuffer
 from .runtime_base import GpuRuntime, load_kernels, ptr
 from .constants import LL_CHUNK_CHANNELS
-from .hooks import RecvHook, check_pending
+from .hooks import RecvHook, check_combinable, check_pending
 from .tuning import LL_PAYLOADS, LL_STATIC_SMEM, Tuning
 
 log = logging.getLogger("ep.ll")
@@ -174,12 +174,7 @@ class LLRuntime(GpuRuntime):
         return exc
 
     def check_handle(self, state: LLHandle) -> None:
-        if not state.received[0]:
-            raise InvalidStateError("this dispatch's receive hook has not been called yet; call hook() before "
-                                    "combining its outputs")
-        age = self.received - state.seq
-        if age not in (0, 1):
-            raise InvalidStateError(f"LL handle is {age} dispatches old; LL keeps the last two dispatches only")
+        check_combinable(state.received[0], self.received - state.seq)
 
     def check_pending(self, op: str, hook: bool) -> None:
         """At most two sends of an op may wait for their hook (two buffers), and an op without a hook waits for

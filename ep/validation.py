@@ -68,9 +68,9 @@ def settle(rank: int, op: str, failure: BaseException | None, outcomes: list[tup
                              f"nothing was sent and the communicator stays usable")
 
 
-def _same_framework(arr, name: str, fw: str) -> None:
+def _same_framework(arr, name: str, fw: str, like: str = "x") -> None:
     if arrays.framework_of(arr, name) != fw:
-        raise arrays.argument_error(TypeError, name, f"{name} must come from the same framework as x ({fw})")
+        raise arrays.argument_error(TypeError, name, f"{name} must come from the same framework as {like} ({fw})")
 
 
 def _stream(comm, stream, fw: str):
@@ -266,8 +266,7 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
     T = handle.num_tokens
     oi = None
     if out is not None:
-        if arrays.framework_of(out, "out") != fw:
-            raise arrays.argument_error(TypeError, "out", "out must come from the same framework as expert_output")
+        _same_framework(out, "out", fw, like="expert_output")
         oi = arrays.check_array(out, "out", shape=(T, cfg.hidden_size), dtypes=bf16, device=comm.device, fw=fw)
     _check_recv_hook(comm, "combine", return_recv_hook)
     ready, target = None, 0
@@ -293,9 +292,7 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
         from .config import DispatchLayout
         if cfg.layout is not DispatchLayout.TOKEN_MAJOR:
             raise arrays.argument_error(ValueError, "topk_weights", "topk_weights applies to the TOKEN_MAJOR layout")
-        if arrays.framework_of(topk_weights, "topk_weights") != fw:
-            raise arrays.argument_error(TypeError, "topk_weights", "topk_weights must come from the same framework "
-                                                                   "as expert_output")
+        _same_framework(topk_weights, "topk_weights", fw, like="expert_output")
         wi = arrays.check_array(topk_weights, "topk_weights", shape=(yi.shape[0], cfg.topk), dtypes=("float32",),
                                 device=comm.device, fw=fw)
     return CombineCall(expert_output=yi, state=handle._state, out=oi, num_tokens=T,
