@@ -5,7 +5,6 @@ bf16 is ``torch.bfloat16`` for torch, and ``uint16`` bit patterns for CuPy and N
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,15 +53,21 @@ BYTE_PAYLOADS = ("uint8", "int8", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fn
 SCALE_DTYPES = ("float32", "int32", "uint32") + BYTE_PAYLOADS
 
 
-@dataclass(frozen=True)
 class ArrayInfo:
-    framework: str
-    shape: tuple
-    dtype: str
-    ptr: int          # device pointer (0 for NumPy)
-    device: int       # CUDA device id, -1 on the CPU
-    obj: Any = field(default=None, compare=False, repr=False)   # the array itself
-    itemsize: int = 0
+    """One validated argument: its framework, shape, dtype name, device pointer (0 for NumPy), CUDA device
+    (-1 on the CPU), the array itself and its element size. Read-only by convention (a plain slotted class:
+    a frozen dataclass costs microseconds per argument on every op's host path)."""
+
+    __slots__ = ("framework", "shape", "dtype", "ptr", "device", "obj", "itemsize")
+
+    def __init__(self, framework: str, shape: tuple, dtype: str, ptr: int, device: int, obj: Any = None,
+                 itemsize: int = 0):
+        self.framework, self.shape, self.dtype, self.ptr = framework, shape, dtype, ptr
+        self.device, self.obj, self.itemsize = device, obj, itemsize
+
+    def __repr__(self) -> str:
+        return (f"ArrayInfo({self.framework}, shape={self.shape}, dtype={self.dtype}, ptr={self.ptr:#x}, "
+                f"device={self.device})")
 
     def strides(self) -> tuple:
         """Strides in bytes (computed when asked: hot paths never need them)."""
@@ -74,15 +79,16 @@ class ArrayInfo:
 
 def describe(arr: Any, name: str, fw: str | None = None) -> ArrayInfo:
     fw = fw or framework_of(arr, name)
-    shape = tuple(arr.shape)   # ints already (torch.Size, CuPy and NumPy tuples)
+    if fw == CUPY:
+        data = arr.data   # a MemoryPointer: its device id is cheaper than arr.device (a new Device object)
+        return ArrayInfo(fw, arr.shape, _dtype_name(arr), data.ptr, data.device_id, arr, arr.itemsize)
+    shape = tuple(arr.shape)   # ints already (torch.Size, NumPy tuples)
     if fw == TORCH:
         dev = arr.device.index if arr.device.type == "cuda" else -1
         if arr.device.type == "cuda" and dev is None:
             dev = 0
         ptr = arr.data_ptr() if arr.device.type == "cuda" else 0
         return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev, arr, arr.element_size())
-    if fw == CUPY:
-        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data.ptr, arr.device.id, arr, arr.itemsize)
     return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1, arr, arr.itemsize)
 
 
@@ -91,7 +97,8 @@ def check_array(arr: Any, name: str, *, shape: tuple, dtypes: tuple[str, ...], d
     """Validate one argument; ``shape`` entries of None accept any size; ``fw``: its framework when the caller
     knows it already; ``contiguous=False`` accepts any strides. Raises ValueError/TypeError."""
     info = describe(arr, name, fw)
-    if len(info.shape) != len(shape) or any(want is not None and got != want for got, want in zip(info.shape, shape)):
+    got = info.shape
+    if len(got) != len(shape) or (got != shape and not all(w is None or g == w for g, w in zip(got, shape))):
         pretty = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise argument_error(ValueError, name, f"{name}: expected shape {pretty}, got {info.shape}")
     if info.dtype not in dtypes:
@@ -201,7 +208,6 @@ def _torch_current_stream() -> int:
 def resolve_stream(stream: Any, framework: str):
     """The CuPy stream to launch on: ``stream`` if given (torch or CuPy stream, or a raw pointer), else the
     caller's current stream (torch's for torch inputs, CuPy's otherwise)."""
-    import cupy
     if stream is not None:
         if hasattr(stream, "cuda_stream"):          # torch.cuda.Stream
             return _external_cached(int(stream.cuda_stream))
@@ -210,6 +216,7 @@ def resolve_stream(stream: Any, framework: str):
         return stream                               # a CuPy stream
     if framework == TORCH:
         return _external_cached(_torch_current_stream())
+    import cupy
     return cupy.cuda.get_current_stream()
 
 

@@ -21,8 +21,6 @@ import secrets
 import tempfile
 import time
 
-import numpy as np
-
 from .bootstrap import Group
 from .errors import EPTimeoutError
 
@@ -68,24 +66,30 @@ class OpGate:
         if any(errors):
             bad = [r for r, e in enumerate(errors) if e]
             raise OSError(f"the op gate's shared page could not be mapped on rank(s) {bad}: {errors[bad[0]]}")
-        self._words = np.frombuffer(self._map, dtype=np.uint64).reshape(self.size, _LINE_WORDS)
+        # 8-byte words as Python ints: one aligned load or store per word, without NumPy's per-call cost.
+        self._words = memoryview(self._map).cast("Q")
+        self._columns = tuple(tuple(r * _LINE_WORDS + slot for r in range(self.size)) for slot in (0, 1))
 
-    def pass_(self, kind: int, status: int) -> list[tuple[int, int]]:
-        """Publish (kind, status) for the next op and wait for every rank's; returns [(kind, status)] by rank."""
+    def pass_(self, kind: int, status: int) -> list[tuple[int, int]] | None:
+        """Publish (kind, status) for the next op and wait for every rank's. Returns None when every rank
+        published this op's kind with status 0 (the common case), else [(kind, status)] by rank."""
         self.seq += 1
         seq, slot = self.seq, self.seq & 1
-        self._words[self.rank, slot] = np.uint64((seq << 16) | ((kind & 0xFF) << 8) | (status & 0xFF))
-        column = self._words[:, slot]
+        word = (seq << 16) | ((kind & 0xFF) << 8) | (status & 0xFF)
+        words, column = self._words, self._columns[slot]
+        words[column[self.rank]] = word
         start = time.monotonic()
         deadline = start + self.timeout_s
         sleep = 1e-5
         while True:
-            values = column.copy()
-            if int((values >> np.uint64(16)).min()) >= seq:
-                return [(int(v >> np.uint64(8)) & 0xFF, int(v) & 0xFF) for v in values]
+            values = [words[i] for i in column]
+            if values.count(word) == self.size and not status:
+                return None
+            if min(values) >> 16 >= seq:
+                return [((v >> 8) & 0xFF, v & 0xFF) for v in values]
             now = time.monotonic()
             if now > deadline:
-                late = [r for r in range(self.size) if int(values[r]) >> 16 < seq]
+                late = [r for r in range(self.size) if values[r] >> 16 < seq]
                 raise EPTimeoutError(f"rank(s) {late} did not reach op {seq} within {self.timeout_s:.1f} s (a rank "
                                      "died, or stopped calling dispatch/combine in the same order)",
                                      phase="op gate", rank=self.rank, peer=late[0])
@@ -95,7 +99,8 @@ class OpGate:
 
     def close(self) -> None:
         words, self._words = getattr(self, "_words", None), None
-        del words
+        if words is not None:
+            words.release()
         m, self._map = getattr(self, "_map", None), None
         if m is not None:
             try:

@@ -67,6 +67,7 @@ class Routing:
     num_tokens: int
     topk_ids_copy: Any       # int32 [T, K] on the device, only with EP_DEBUG_CHECKS
     dispatch_params: Any     # ht_dispatch params of this routing, per-call fields zero: each dispatch fills a copy
+    combine_params: Any = None   # ht_combine params of this routing, per-handle and per-call fields zero
 
 
 @dataclass
@@ -194,7 +195,7 @@ class HtRuntime(GpuRuntime):
         send_pos = slot_idx + 4 * n_route
         info = send_pos + 4 * n_pos
         self.exchange_seq += 1
-        params = structs.update(self.route_params, topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
+        params = self.route_params.update(topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
                                 info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
         if nchunks:
             self.k["ht_route_count"].launch(nchunks, constants.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
@@ -226,8 +227,10 @@ class HtRuntime(GpuRuntime):
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
         copy = _as_cupy(topk_ids.obj).astype(np.int32) if self.tuning.debug_checks else None
         prefix = hi[lay["recv_prefix"]:lay["recv_prefix"] + W + 1].tolist()
-        return Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
-                       int(hi[lay["n_recv_total"]]), prefix, T, copy, dispatch_params)
+        routing = Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
+                          int(hi[lay["n_recv_total"]]), prefix, T, copy, dispatch_params)
+        routing.combine_params = self._combine_params(routing)
+        return routing
 
     def dispatch(self, call: DispatchCall):
         # Everything up to a launch runs while the GPU may be idle: keep it lean.
@@ -274,8 +277,7 @@ class HtRuntime(GpuRuntime):
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = rest
         w_ptr = rows_ptr + 4 * n * K
         # The dispatch kernel writes counts and offsets from the routing's info (fresh arrays every call).
-        params = structs.update(
-            routing.dispatch_params, x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
+        params = routing.dispatch_params.update(x=x_info.ptr, weights=0 if w_info is None else w_info.ptr, out=tokens_ptr,
             recv_rows=rows_ptr, recv_w=w_ptr, counts_out=counts_ptr, expert_offsets=offsets_ptr,
             **({} if scale_fields is None else scale_fields))
         self.k["ht_dispatch"].launch(self.plan.dispatch_blocks, self.plan.dispatch_warps * 32, params,
@@ -291,9 +293,9 @@ class HtRuntime(GpuRuntime):
             num_tokens_per_expert_host=list(routing.counts_host),
             expert_offsets=offsets,
             layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w)
-        # Packed here, after the launch, while the GPU works: a combine only updates two fields.
         combine_shape = rows_shape + (H,)   # combine takes bf16 rows whatever the payload
-        return out, HtHandle(routing, recv_lists, combine_shape, self._combine_params(routing, rows_ptr, w_ptr)), None
+        combine_params = routing.combine_params.update(recv_rows=rows_ptr, recv_w=w_ptr)   # a combine adds two more
+        return out, HtHandle(routing, recv_lists, combine_shape, combine_params), None
 
     def _scale_spec(self, call: DispatchCall, rows_shape: tuple, routing: Routing) -> dict:
         """Shape and strides of the output scales (MoECommunicatorConfig.scale_layout)."""
@@ -350,11 +352,12 @@ class HtRuntime(GpuRuntime):
             out_scale_block_stride=0, out_scale_row_stride=0, out_scale_col_stride=0, scale_count=0, scale_elem=0,
             scale_slot_off=0, out_scale_block=INT_MAX, token_major=int(self.token_major))
 
-    def _combine_params(self, routing: Routing, rows_ptr: int, w_ptr: int):
-        """ht_combine params of one handle; expert_out and out are zero until a combine updates them."""
+    def _combine_params(self, routing: Routing):
+        """ht_combine params of one routing; the handle's receive lists (recv_rows, recv_w) and the call's
+        arrays (expert_out, out) are zero until a dispatch and a combine update them."""
         cfg = self.cfg
         return structs.pack(
-            structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=rows_ptr, recv_w=w_ptr, send_pos=routing.send_pos_ptr,
+            structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=0, recv_w=0, send_pos=routing.send_pos_ptr,
             info=routing.info_ptr, data_peers=ptr(self.data.table), partial_peers=ptr(self.partial_peers),
             own_partial=0, out=0, w_peers=0, own_w=0, out_w=0,
             err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens,
@@ -385,7 +388,7 @@ class HtRuntime(GpuRuntime):
             out, out_ptr = call.out.obj, call.out.ptr
         if self.token_major:
             return self._combine_token_major(call, handle, out, out_ptr)
-        params = structs.update(handle.combine_params, expert_out=call.expert_output.ptr, out=out_ptr)
+        params = handle.combine_params.update(expert_out=call.expert_output.ptr, out=out_ptr)
         if not self.combine_push:
             self._barrier_after("combine", stream)
             self._reduce(params, stream)
@@ -427,7 +430,7 @@ class HtRuntime(GpuRuntime):
         if w is not None:
             out_w, out_w_ptr = arrays.empty(call.framework, (handle.routing.num_tokens, K), "float32", stream)
             fields.update(w_peers=ptr(self.w_peers), own_w=w.ptr + prefix[rank] * K * 4, out_w=out_w_ptr)
-        params = structs.update(handle.combine_params, **fields)
+        params = handle.combine_params.update(**fields)
         self.k["ht_combine_sum"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params, stream=stream)
         self.last_op = "combine"
         return (out, out_w) if w is not None else out, None
@@ -452,14 +455,14 @@ class HtRuntime(GpuRuntime):
             lo, hi = prefix[s], prefix[s + 1]
             if hi == lo:
                 continue
-            self._reduce(structs.update(params, item_lo=lo, item_hi=hi), stream)
+            self._reduce(params.update(item_lo=lo, item_hi=hi), stream)
             rt.eventRecord(reduced.ptr, stream.ptr)
             rt.streamWaitEvent(cs, ready.ptr, 0)
             rt.streamWaitEvent(cs, reduced.ptr, 0)
             rt.memcpyAsync(self.land.peer_ptrs[s] + rank * region, self.data.ptr + s * region, (hi - lo) * rb,
                            rt.memcpyDefault, cs)
         if prefix[rank + 1] > prefix[rank]:
-            self._reduce(structs.update(params, item_lo=prefix[rank], item_hi=prefix[rank + 1]), stream)
+            self._reduce(params.update(item_lo=prefix[rank], item_hi=prefix[rank + 1]), stream)
         self._join_side_streams(stream)
 
     def _landing_barrier(self, stream):

@@ -12,7 +12,6 @@ product's digest: editing them never rebuilds a product kernel. In process, load
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import logging
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import envs
 from .errors import CompileError, EPError
+from .structs import Params
 
 log = logging.getLogger("ep.jit")
 
@@ -241,11 +241,11 @@ class Kernel:
     def label(self) -> str:
         return f"{self.variant.name}:{self.entry}"
 
-    def launch(self, grid: int, block: int, params: np.ndarray, *, smem: int = 0, stream=None) -> None:
-        """Launch with one by-value struct argument ``params`` (a one-element structured array). This runs on
-        every op's host path before the GPU has work: keep it lean."""
-        if not (isinstance(params, np.ndarray) and params.dtype.names and params.size == 1):
-            raise EPError(f"{self.label}: params must be a one-element structured array")
+    def launch(self, grid: int, block: int, params, *, smem: int = 0, stream=None) -> None:
+        """Launch with one by-value struct argument ``params`` (an ep.structs.Params). This runs on every op's
+        host path before the GPU has work: keep it lean."""
+        if type(params) is not Params:
+            raise EPError(f"{self.label}: params must be an ep.structs.Params, got {type(params).__name__}")
         if grid < 1 or block < 1:
             raise EPError(f"{self.label}: empty launch grid={grid} block={block}")
         driver = self._driver
@@ -253,10 +253,9 @@ class Kernel:
             # Opt in once to more than the default 48 KB of dynamic shared memory.
             driver.funcSetAttribute(self._fn_ptr, _MAX_DYNAMIC_SMEM_ATTR, smem)
             self._smem_limit = smem
-        argv = ctypes.c_void_p(params.ctypes.data)   # kernelParams: an array of one pointer, to the struct
-        stream_ptr = 0 if stream is None else stream.ptr
         try:
-            driver.launchKernel(self._fn_ptr, grid, 1, 1, block, 1, 1, smem, stream_ptr, ctypes.addressof(argv), 0)
+            driver.launchKernel(self._fn_ptr, grid, 1, 1, block, 1, 1, smem, 0 if stream is None else stream.ptr,
+                                params.argv, 0)
         except Exception as exc:   # CUDADriverError carries the CUDA error name
             raise EPError(f"launch of {self.label} (grid={grid}, block={block}, smem={smem}) failed: {exc}") from exc
 

@@ -97,6 +97,11 @@ class LLRuntime(GpuRuntime):
             num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts, local_experts=L, hidden=H, max_tokens=T,
             capacity=self.capacity, cnt_stride=lay.cnt_stride, meta_stride=lay.meta_stride, ids_64=0, age=0, fp8=0,
             cols_per_tile=self.plan.cols_per_tile, ready_target=0, cum_64=0, out_par=0)
+        # Per-call constants of the host path.
+        self._threads = self.plan.warps * 32
+        self._items_per_token = min(W, cfg.topk) * -(-H // LL_CHUNK_CHANNELS)
+        self._counts_ptr = (ptr(self.counts), ptr(self.counts) + 4 * L)
+        self._comb_out_ptr = (ptr(self.comb_out), ptr(self.comb_out) + self.comb_out[0].nbytes)
         cupy.cuda.runtime.deviceSynchronize()
         self.group.barrier("ll prepare")
         self.ready = True
@@ -148,11 +153,15 @@ class LLRuntime(GpuRuntime):
                 sc = sc_half.view(np.float32).reshape(L, H // 128, cap)
             scales = arrays.to_framework(sc, framework)
             scales = scales.transpose(1, 2) if framework == arrays.TORCH else scales.transpose(0, 2, 1)
+        counts = arrays.to_framework(self.counts[half], framework)
+        offsets = arrays.to_framework(self.offsets, framework)
         return {
-            "tokens": tokens, "scales": scales,
-            "counts": arrays.to_framework(self.counts[half], framework),
-            "offsets": arrays.to_framework(self.offsets, framework),
-            "comb_out": arrays.to_framework(self.comb_out[half], framework, bf16=True),
+            "tokens": tokens, "scales": scales, "counts": counts, "offsets": offsets,
+            "comb_out": arrays.to_framework(self.comb_out[half], framework, bf16=True), "comb_out_rows": {},
+            # What a dispatch into the owned buffers returns: the same immutable record every time.
+            "output": DispatchOutput(tokens=tokens, num_tokens_per_expert=counts, num_tokens_per_expert_host=None,
+                                     expert_offsets=offsets, layout=cfg.layout, scales=scales),
+            "tokens_shape": tuple(int(d) for d in tokens.shape),
         }
 
     # ------------------------------------------------------------------------------- checks
@@ -186,25 +195,33 @@ class LLRuntime(GpuRuntime):
 
     # ---------------------------------------------------------------------------- dispatch
     def dispatch(self, call: DispatchCall):
-        self.prepare()
-        cfg, plan = self.cfg, self.plan
-        T, fw, stream = call.num_tokens, call.framework, call.stream
+        if not self.ready:
+            self.prepare()
+        T, stream = call.num_tokens, call.stream
         payload = LL_PAYLOADS[call.fp8]
         half = self.sent & 1   # alternates on every rank alike (module doc of ll_dispatch.cu)
-        views = self.views(fw, payload, half)
-        cum = call.cumulative_counts
-        params = structs.update(
-            self._params, x=call.x.ptr, topk_ids=call.topk_ids.ptr,
-            weights=0 if call.weights is None else call.weights.ptr,
+        views = self.views(call.framework, payload, half)
+        cum, w = call.cumulative_counts, call.weights
+        params = self._params.update(
+            x=call.x.ptr, topk_ids=call.topk_ids.ptr, weights=0 if w is None else w.ptr,
             copy_out=0 if call.output_buffer is None else call.output_buffer.ptr,
             cum_counts=0 if cum is None else cum.ptr, cum_64=int(cum is not None and cum.dtype == "int64"),
             num_tokens=T, ids_64=int(call.topk_ids.dtype == "int64"), fp8=call.fp8, out_par=half,
-            counts_out=ptr(self.counts) + half * 4 * self.L)
-        threads = plan.warps * 32
-        blocks = self._grid(T, plan.dispatch_blocks)
-        handle = LLHandle(self.sent + 1, T, ())
+            counts_out=self._counts_ptr[half])
+        threads = self._threads
+        blocks = self._grid(T, self.plan.dispatch_blocks)
+        if call.output_buffer is None:
+            out, shape = views["output"], views["tokens_shape"]
+        else:
+            tokens = call.output_buffer.obj
+            if self.cfg.layout is DispatchLayout.FLAT:
+                tokens = tokens.reshape(self.L * self.capacity, self.cfg.hidden_size)
+            out = DispatchOutput(tokens=tokens, num_tokens_per_expert=views["counts"], num_tokens_per_expert_host=None,
+                                 expert_offsets=views["offsets"], layout=self.cfg.layout, scales=views["scales"])
+            shape = tuple(int(d) for d in tokens.shape)
+        handle = LLHandle(self.sent + 1, T, shape)
         if call.recv_hook:
-            self.k[f"ll_dispatch_send_{payload}"].launch(blocks, threads, params, smem=plan.dispatch_smem,
+            self.k[f"ll_dispatch_send_{payload}"].launch(blocks, threads, params, smem=self.plan.dispatch_smem,
                                                          stream=stream)
             handle.received = [False]
             self.pending["dispatch"] += 1
@@ -215,38 +232,32 @@ class LLRuntime(GpuRuntime):
                 self.pending["dispatch"] -= 1
             hook = RecvHook(recv, handle.received, "dispatch")
         else:
-            self.k[f"ll_dispatch_{payload}"].launch(blocks, threads, params, smem=plan.dispatch_smem, stream=stream)
+            self.k[f"ll_dispatch_{payload}"].launch(blocks, threads, params, smem=self.plan.dispatch_smem,
+                                                    stream=stream)
             self.received += 1
             hook = None
         self.sent += 1
-        if call.output_buffer is not None:
-            tokens = call.output_buffer.obj
-            if cfg.layout is DispatchLayout.FLAT:
-                tokens = tokens.reshape(self.L * self.capacity, cfg.hidden_size)
-        else:
-            tokens = views["tokens"]
-        handle.tokens_shape = tuple(int(s) for s in tokens.shape)
-        out = DispatchOutput(tokens=tokens, num_tokens_per_expert=views["counts"], num_tokens_per_expert_host=None,
-                             expert_offsets=views["offsets"], layout=cfg.layout, scales=views["scales"])
         return out, handle, hook
 
     # ----------------------------------------------------------------------------- combine
     def combine(self, call: CombineCall):
         handle: LLHandle = call.state
-        plan = self.plan
         T = handle.num_tokens
         if call.out is None:
             half = self.combines & 1
-            out = self.views(call.framework, "bf16", half)["comb_out"][:T]
-            out_ptr = ptr(self.comb_out) + half * self.comb_out[0].nbytes
+            views = self.views(call.framework, "bf16", half)
+            out = views["comb_out_rows"].get(T)
+            if out is None:   # one view per token count: slicing costs microseconds per call
+                out = views["comb_out_rows"][T] = views["comb_out"][:T]
+            out_ptr = self._comb_out_ptr[half]
         else:
             out, out_ptr = call.out.obj, call.out.ptr
         ready = call.ready
-        params = structs.update(self._params, expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T,
-                                age=self.received - handle.seq, ready=0 if ready is None else ready.ptr,
-                                ready_target=call.ready_target)
-        threads = plan.warps * 32
-        blocks = self._grid(T, plan.combine_blocks)
+        params = self._params.update(expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T,
+                                     age=self.received - handle.seq, ready=0 if ready is None else ready.ptr,
+                                     ready_target=call.ready_target)
+        threads = self._threads
+        blocks = self._grid(T, self.plan.combine_blocks)
         self.combines += 1
         if call.recv_hook:
             self.k["ll_combine_send"].launch(blocks, threads, params, stream=call.stream)
@@ -272,9 +283,7 @@ class LLRuntime(GpuRuntime):
     def _grid(self, T: int, most: int) -> int:
         """Blocks for an op of T tokens: about one work item (token, rank, 2 KB chunk) per warp, at most the
         configured count: a few tokens need few blocks, and every block costs a fence and a signal."""
-        chunks = -(-self.cfg.hidden_size // LL_CHUNK_CHANNELS)
-        items = max(T, 1) * min(self.W, self.cfg.topk) * chunks
-        return max(1, min(most, -(-items // self.plan.warps)))
+        return max(1, min(most, -(-max(T, 1) * self._items_per_token // self.plan.warps)))
 
     def close(self) -> None:
         super().close()

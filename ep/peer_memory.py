@@ -96,10 +96,11 @@ class ErrorRecord:
         self._mem = HostMapped(ERROR_RECORD.itemsize)
         self.ptr = self._mem.ptr
         self._rec = self._mem.view(ERROR_RECORD, 1)
-        self._flag = self._mem.view(np.uint32, 1, offset=ERROR_RECORD.fields["flag"][1])   # read on every call
+        # Read on every call: a ctypes word reads the memory on each .value, without NumPy's per-access cost.
+        self._flag = ctypes.c_uint32.from_address(self.ptr + ERROR_RECORD.fields["flag"][1])
 
     def raised(self) -> bool:
-        return bool(self._flag[0])
+        return self._flag.value != 0
 
     def fields(self) -> dict:
         r = self._rec[0]

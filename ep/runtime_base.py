@@ -56,9 +56,14 @@ class Runtime:
         pass
 
     def agree(self, op: str, failure: BaseException | None) -> None:
+        if self.group.size == 1:
+            return   # nobody to tell: a failing rank raises its own error
         code = 0 if failure is None else validation.abort_code(failure)
         if self.gate is not None:
-            outcomes = [(validation.OP_NAMES.get(k, f"op {k}"), c) for k, c in self.gate.pass_(validation.OP_KINDS[op], code)]
+            words = self.gate.pass_(validation.OP_KINDS[op], code)
+            if words is None:
+                return   # every rank called this op and passed its checks
+            outcomes = [(validation.OP_NAMES.get(k, f"op {k}"), c) for k, c in words]
         else:
             outcomes = self.group.allgather((op, code), "agree")
         validation.settle(self.group.rank, op, failure, outcomes)

@@ -5,6 +5,7 @@ generated from these dtypes against the C headers (NVRTC, no GPU needed).
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import numpy as np
@@ -82,70 +83,115 @@ C_STRUCTS = {
 
 
 _STRUCT_CODES = {np.dtype(np.uint64): "Q", np.dtype(np.int64): "q", np.dtype(np.uint32): "I", np.dtype(np.int32): "i"}
-_PACKERS: dict = {}
+_ARGV = struct.Struct("<Q")
 
 
-def _packer(dtype: np.dtype):
-    """(struct.Struct, or None for a dtype with sub-array fields; field names in offset order; the names a
-    caller must give; the names it may give). A precompiled struct.Struct packs a launch's params in one
-    call: field-by-field NumPy assignment is far slower on the host path."""
-    if dtype not in _PACKERS:
-        allowed = frozenset(dtype.names)
-        required = allowed - {"reserved"}
+class _Layout:
+    """How to pack one dtype: a precompiled struct.Struct for the whole record (None for a dtype with
+    sub-array fields, packed by NumPy) and one per field, at its offset in a Params buffer."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype, self.size = dtype, dtype.itemsize
+        self.allowed = frozenset(dtype.names)
+        self.required = self.allowed - {"reserved"}
+        self.fields: dict[str, tuple[struct.Struct, int]] = {}
         fmt, pos, names = "<", 0, []
         for name, (fdt, off) in sorted(dtype.fields.items(), key=lambda kv: kv[1][1]):
             code = _STRUCT_CODES.get(fdt)
-            if code is None:                 # a sub-array field: the generic path
-                _PACKERS[dtype] = (None, (), required, allowed)
-                break
-            fmt += "x" * (off - pos) + code
-            pos = off + fdt.itemsize
-            names.append(name)
-        else:
-            _PACKERS[dtype] = (struct.Struct(fmt + "x" * (dtype.itemsize - pos)), tuple(names), required, allowed)
-    return _PACKERS[dtype]
+            if code is None:
+                fmt = None
+                continue
+            self.fields[name] = (struct.Struct("<" + code), Params.OFFSET + off)
+            if fmt is not None:
+                fmt += "x" * (off - pos) + code
+                pos = off + fdt.itemsize
+                names.append(name)
+        self.whole = None if fmt is None else struct.Struct(fmt + "x" * (dtype.itemsize - pos))
+        self.names = tuple(names)
 
 
-def pack(dtype: np.dtype, **values) -> np.ndarray:
-    """A one-element (writable) record of ``dtype``; every field must be given (a forgotten field is a bug)."""
-    st, names, required, allowed = _packer(dtype)
-    if not required <= values.keys() <= allowed:
-        missing = required - values.keys()
-        extra = values.keys() - allowed
+_LAYOUTS: dict = {}
+
+
+def _layout(dtype: np.dtype) -> _Layout:
+    lay = _LAYOUTS.get(dtype)
+    if lay is None:
+        lay = _LAYOUTS[dtype] = _Layout(dtype)
+    return lay
+
+
+class Params:
+    """A kernel's by-value params struct, ready to launch: the record's bytes after one 8-byte slot holding
+    their address, so the slot's own address is the ``kernelParams`` array cuLaunchKernel takes (``argv``).
+    Nothing is converted per launch: the driver copies the bytes when the kernel is launched (or captured),
+    so a Params may be reused or changed right after. ``update`` returns a changed copy."""
+
+    OFFSET = 8
+    __slots__ = ("layout", "buf", "argv")
+
+    def __init__(self, layout: _Layout, raw: bytes):
+        self.layout = layout
+        self.buf = ctypes.create_string_buffer(self.OFFSET + layout.size)
+        self.argv = ctypes.addressof(self.buf)
+        _ARGV.pack_into(self.buf, 0, self.argv + self.OFFSET)
+        self.buf[self.OFFSET:] = raw
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layout.dtype
+
+    @property
+    def record(self) -> np.ndarray:
+        """A one-element NumPy view of the record (reading fields, tests)."""
+        return np.frombuffer(self.buf, dtype=self.layout.dtype, count=1, offset=self.OFFSET)
+
+    def tobytes(self) -> bytes:
+        return self.buf.raw[self.OFFSET:]
+
+    def __getitem__(self, name: str):
+        return self.record[name]
+
+    def update(self, **values) -> "Params":
+        """A copy with some fields replaced: a launch whose params differ from a previous one in a few fields
+        skips packing the others (a cached dispatch, a combine)."""
+        lay = self.layout
+        new = Params.__new__(Params)
+        new.layout = lay
+        new.buf = buf = ctypes.create_string_buffer(self.OFFSET + lay.size)
+        new.argv = addr = ctypes.addressof(buf)
+        ctypes.memmove(addr, self.argv, self.OFFSET + lay.size)
+        _ARGV.pack_into(buf, 0, addr + self.OFFSET)
+        fields = lay.fields
+        for name, value in values.items():
+            packer = fields.get(name)
+            if packer is None:
+                raise KeyError(f"struct fields: unknown {name!r}" if name not in lay.allowed else
+                               f"struct field {name!r} is an array: pack the record again")
+            try:
+                packer[0].pack_into(buf, packer[1], value)
+            except struct.error as exc:
+                raise OverflowError(f"struct field {name} out of range: {exc}") from exc
+        return new
+
+
+def pack(dtype: np.dtype, **values) -> Params:
+    """The params record of ``dtype``; every field must be given (a forgotten field is a bug)."""
+    lay = _layout(dtype)
+    if not lay.required <= values.keys() <= lay.allowed:
+        missing = lay.required - values.keys()
+        extra = values.keys() - lay.allowed
         raise KeyError(f"struct fields: missing {sorted(missing)}, unknown {sorted(extra)}")
-    if st is not None:
+    if lay.whole is not None:
         try:
-            raw = st.pack(*[values.get(n, 0) for n in names])
+            raw = lay.whole.pack(*[values.get(n, 0) for n in lay.names])
         except struct.error as exc:
             raise OverflowError(f"struct field out of range: {exc}") from exc
-        return np.frombuffer(bytearray(raw), dtype=dtype)
-    rec = np.zeros(1, dtype=dtype)
-    for name, value in values.items():
-        rec[name] = value
-    return rec
-
-
-_FIELD_PACKERS: dict = {}
-
-
-def update(record: np.ndarray, **values) -> np.ndarray:
-    """A copy of ``record`` (from :func:`pack`) with some fields replaced: a launch whose params differ from
-    a previous one in a few fields skips packing the others (a cached dispatch, a combine)."""
-    dtype = record.dtype
-    buf = bytearray(record)
-    for name, value in values.items():
-        key = (dtype, name)
-        packer = _FIELD_PACKERS.get(key)
-        if packer is None:
-            if name not in dtype.names:
-                raise KeyError(f"struct fields: unknown {name!r}")
-            fdt, off = dtype.fields[name]
-            packer = _FIELD_PACKERS[key] = (struct.Struct("<" + _STRUCT_CODES[fdt]), off)
-        try:
-            packer[0].pack_into(buf, packer[1], value)
-        except struct.error as exc:
-            raise OverflowError(f"struct field {name} out of range: {exc}") from exc
-    return np.frombuffer(buf, dtype=dtype)
+    else:   # sub-array fields: NumPy's assignment
+        rec = np.zeros(1, dtype=dtype)
+        for name, value in values.items():
+            rec[name] = value
+        raw = rec.tobytes()
+    return Params(lay, raw)
 
 
 def static_asserts(struct_name: str, dtype: np.dtype) -> str:

@@ -28,8 +28,8 @@ TMA_CHUNK = 16384       # bench_copy.cu kBenchTmaChunk: bytes of one bulk copy
 TMA_MAX_WARPS = 4       # 4 warps x 3 stages x 16 KB = 192 KB of the 227 KB a Hopper block can have
 
 
-def pack(src: list[int], dst: list[int], nbytes: list[int], rank: int, world: int) -> np.ndarray:
-    """One-element record; lists are per destination rank (length ``world``), unused slots zero."""
+def pack(src: list[int], dst: list[int], nbytes: list[int], rank: int, world: int) -> structs.Params:
+    """The launch params; lists are per destination rank (length ``world``), unused slots zero."""
     if not (len(src) == len(dst) == len(nbytes) == world <= MAX_WORLD_SIZE):
         raise ValueError(f"need {world} entries per list (world <= {MAX_WORLD_SIZE})")
     if any(n % 16 for n in nbytes):

@@ -96,7 +96,7 @@ def test_error_record_is_40_bytes():
 def test_pack_fills_every_field():
     rec = structs.pack(structs.BARRIER_PARAMS, sig_peers=0x1000, err=0x2000, generation=0x3000, timeout_ns=10**9,
                        flags_offset=64, rank=3, world=8)
-    assert rec.shape == (1,) and rec.dtype == structs.BARRIER_PARAMS
+    assert rec.record.shape == (1,) and rec.dtype == structs.BARRIER_PARAMS
     assert int(rec["sig_peers"][0]) == 0x1000 and int(rec["world"][0]) == 8 and int(rec["timeout_ns"][0]) == 10**9
 
 
@@ -248,7 +248,18 @@ def test_pack_writes_each_field_at_its_offset_like_numpy_does(name):
     for field, value in values.items():
         slow[field] = value
     assert fast.tobytes() == slow.tobytes()
-    fast["rank" if "rank" in dtype.names else dtype.names[0]] = 1   # launches may update a field in place
+    assert fast.record.tobytes() == slow.tobytes()
+
+
+def test_params_argv_is_the_address_of_a_pointer_to_the_record():
+    """cuLaunchKernel's kernelParams: an array of one pointer, to the struct's bytes; it survives update."""
+    import ctypes
+    values = {name: i + 1 for i, name in enumerate(structs.BARRIER_PARAMS.names)}
+    for params in (structs.pack(structs.BARRIER_PARAMS, **values),
+                   structs.pack(structs.BARRIER_PARAMS, **values).update(rank=5)):
+        target = ctypes.c_uint64.from_address(params.argv).value
+        raw = ctypes.string_at(target, structs.BARRIER_PARAMS.itemsize)
+        assert raw == params.tobytes() == params.record.tobytes()
 
 
 def _random_values(dtype, seed: int) -> dict:
@@ -267,18 +278,18 @@ def test_update_equals_packing_the_merged_fields_and_leaves_the_template_alone(n
     changed = {f: new[f] for f in dtype.names[::3]}
     template = structs.pack(dtype, **base)
     before = template.tobytes()
-    updated = structs.update(template, **changed)
+    updated = template.update(**changed)
     assert updated.tobytes() == structs.pack(dtype, **{**base, **changed}).tobytes()
     assert template.tobytes() == before
-    assert updated.dtype == dtype and updated.size == 1
+    assert updated.dtype == dtype and updated.argv != template.argv
 
 
 def test_update_refuses_unknown_fields_and_values_out_of_range():
     template = structs.pack(structs.BARRIER_PARAMS, **{n: 1 for n in structs.BARRIER_PARAMS.names})
     with pytest.raises(KeyError, match="unknown"):
-        structs.update(template, valeu=3)
+        template.update(valeu=3)
     with pytest.raises(OverflowError, match="rank"):
-        structs.update(template, rank=2**40)
+        template.update(rank=2**40)
 
 
 def test_pack_refuses_a_value_its_field_cannot_hold():
