@@ -15,6 +15,13 @@
 //   With readiness counters, the last receive block then waits for every expert's counter (experts without
 //   rows too: their signal may still be on its way) and takes ready_target off it, so the same counters and
 //   target serve the next combine, eager or replayed.
+// 0 combine-time weights (p.weights set: DeepEP-style callers give the weights to combine, not dispatch): every
+//   block first writes its tokens' weights w[t, 0..K) into the MetaRec each token sent to each destination
+//   (the rows fields untouched); the last block stores the combine seq into this rank's weights slot at
+//   every destination (release), and the send half's items start once every source's slot holds the seq.
+//   Every rank passes weights to the same combines (the op gate names it), so nobody waits for a push
+//   that never comes. A MetaRec is read by its destination's send half only, which, for every earlier
+//   combine of the same dispatch, ended before this rank's receive half of it could: no write races a read.
 // Rounding matches ep/reference.py exactly. Parity reuse is safe for the reason given in ll_dispatch.cu.
 #include "common/ll_common.cuh"
 #include "common/reduce.cuh"
@@ -85,11 +92,30 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kVecsPerLane][8]) {
     for (int e = 0; e < 8; ++e) acc[u][e] = 0.f;
 }
 
+constexpr int kWeightsDone = 10;   // state word: blocks done with the weight push
+
+// Phase 0: this rank's combine-time weights into the MetaRecs at its tokens' destinations. False when a
+// source's weights never arrived (the error record says so).
+__device__ bool ll_push_weights(const LLParams& p, u32 seq, int dpar) {
+  __shared__ int s_ok;
+  const int K = p.topk, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, nwarps = blockDim.x / kWarpSize;
+  for (int t = blockIdx.x * nwarps + warp; t < p.num_tokens; t += gridDim.x * nwarps) {
+    const u32 mask = p.send_mask[dpar * p.max_tokens + t];
+    const float w = lane < K ? p.weights[static_cast<i64>(t) * K + lane] : 0.f;
+    for (u32 m = mask; m; m &= m - 1)
+      if (lane < K) meta_w(ll_meta(p, __ffs(m) - 1, dpar, p.rank, t), K)[lane] = w;
+  }
+  if (ll_last_block(p.state + kWeightsDone, nullptr, seq) && threadIdx.x < p.world)
+    st_release_sys(ll_arrivals(p, threadIdx.x, p.wgt_cnt_offset, p.rank), static_cast<u64>(seq));
+  return ll_wait_arrivals(p, p.wgt_cnt_offset, seq, kPhaseLLCombineWeights, &s_ok);
+}
+
 __device__ void ll_combine_send_body(const LLParams& p, u32 seq, u32 dseq) {
   __shared__ int s_start[kMaxWorld + 1];
   const int W = p.world, C = (p.hidden + kChunkChannels - 1) / kChunkChannels;
   const int par = seq & 1u, dpar = dseq & 1u;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, nwarps = blockDim.x / kWarpSize;
+  const bool weights_in = p.weights == nullptr || ll_push_weights(p, seq, dpar);
   if (threadIdx.x == 0) {   // items of remote source s: [s_start[s], s_start[s + 1])
     int run = 0;
     for (int s = 0; s < W; ++s) {
@@ -99,7 +125,7 @@ __device__ void ll_combine_send_body(const LLParams& p, u32 seq, u32 dseq) {
     s_start[W] = run;
   }
   __syncthreads();
-  for (int item = blockIdx.x * nwarps + warp; item < s_start[W]; item += gridDim.x * nwarps) {
+  for (int item = blockIdx.x * nwarps + warp; weights_in && item < s_start[W]; item += gridDim.x * nwarps) {
     int s = 0;
     while (item >= s_start[s + 1]) ++s;
     const int t = (item - s_start[s]) / C, c = (item - s_start[s]) % C;

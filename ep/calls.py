@@ -48,3 +48,4 @@ class CombineCall:
     ready: ArrayInfo | None = None    # LL overlap: [L] uint32 counters an expert's rows wait for
     ready_target: int = 0
     topk_weights: ArrayInfo | None = None   # TOKEN_MAJOR: [N, K] float32 rows summed like the tokens
+    weights: ArrayInfo | None = None        # LL: [T, K] float32 combine-time weights, replacing the dispatch's

@@ -310,7 +310,7 @@ class MoECommunicator:
 
     # ----------------------------------------------------------------------------------- combine
     def combine(self, expert_output, handle: DispatchHandle, *, out=None, stream=None, return_recv_hook: bool = False,
-                overlap=None, topk_weights=None):
+                overlap=None, topk_weights=None, weights=None):
         """Sum the expert outputs of every token back on its source rank.
 
         expert_output: bf16, the shape and row order of that dispatch's ``tokens`` (bf16 also after an FP8
@@ -319,36 +319,39 @@ class MoECommunicator:
         return_recv_hook (LL): as for dispatch; returns (out, hook).
         overlap (LL): an ep.OverlapSignals from create_overlap_config: the combine reads an expert's rows
           only once its counter says they are written.
+        weights (LL): ``[T, K]`` float32 routing weights of this rank's tokens given at combine time, used
+          instead of the dispatch's (DeepEP's LL passes its weights to combine, not dispatch); every rank
+          passes them to the same combines.
         TOKEN_MAJOR: expert_output ``[N, H]`` holds each row already weighted and summed over this rank's
           experts; the result is, per source token, the sum of its rows in ascending rank order (fp32, rounded
           once). topk_weights: optional ``[N, K]`` float32 summed the same way; then returns (out, weights).
         Raises like dispatch.
         """
         result, hook, _ = self._combine(expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights,
-                                        False, None)
+                                        weights, False, None)
         return (result, hook) if return_recv_hook else result
 
     def combine_async(self, expert_output, handle: DispatchHandle, *, previous_event=None, out=None, stream=None,
-                      overlap=None, topk_weights=None):
+                      overlap=None, topk_weights=None, weights=None):
         """:meth:`combine` on the communicator's own stream, after ``previous_event`` (as for
         :meth:`dispatch_async`). Returns (out, ep.CommEvent), or ((out, weights), event) with topk_weights."""
-        result, _, event = self._combine(expert_output, handle, out, stream, False, overlap, topk_weights, True,
-                                         previous_event)
+        result, _, event = self._combine(expert_output, handle, out, stream, False, overlap, topk_weights, weights,
+                                         True, previous_event)
         return result, event
 
-    def _combine(self, expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights, asynchronous,
-                 previous_event):
+    def _combine(self, expert_output, handle, out, stream, return_recv_hook, overlap, topk_weights, weights,
+                 asynchronous, previous_event):
         self._check_usable()
 
         def build():
             call = validation.combine_call(self, expert_output, handle, out, stream, return_recv_hook, overlap,
-                                           topk_weights)
+                                           topk_weights, weights)
             if asynchronous:
                 validation.check_previous_event(self, previous_event)
             return call
-        call: CombineCall = self._validated("combine", build)
+        call: CombineCall = self._validated("combine" if weights is None else "combine with weights", build)
         (result, hook), event = self._launch(self._rt.combine, call, asynchronous, previous_event,
-                                             (expert_output, out, topk_weights,
+                                             (expert_output, out, topk_weights, weights,
                                               None if overlap is None else overlap.counters),
                                              lambda res: (res[0],))
         if topk_weights is not None:

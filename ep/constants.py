@@ -47,6 +47,7 @@ PHASES: dict[int, tuple[str, str]] = {
     6: ("kPhaseLLCombineRecv", "ll combine receive"),
     7: ("kPhaseBadExpertId", "invalid expert id"),
     8: ("kPhaseCapacity", "capacity"),
+    9: ("kPhaseLLCombineWeights", "ll combine weights"),
 }
 PHASE_NAMES = {code: text for code, (_, text) in PHASES.items()}
 PHASE_BY_C_NAME = {c_name: code for code, (c_name, _) in PHASES.items()}

@@ -206,7 +206,11 @@ class CpuRuntime(Runtime):
         y = arrays.to_numpy(call.expert_output.obj).reshape(-1, cfg.hidden_size)
         if cfg.layout is DispatchLayout.TOKEN_MAJOR:
             return self._combine_token_major(call, handle, y)
-        partials = [reference.expert_partials(y, handle.rows[s], handle.recv_weights[s]) for s in range(self.W)]
+        recv_w = handle.recv_weights
+        if call.weights is not None:   # combine-time weights: each source's go to its tokens' expert ranks first
+            w = arrays.to_numpy(call.weights.obj).astype(np.float32)
+            recv_w = self.group.alltoall([w[handle.sent_index[d]] for d in range(self.W)], "cpu combine weights")
+        partials = [reference.expert_partials(y, handle.rows[s], recv_w[s]) for s in range(self.W)]
         back = self._return(partials)
         parts = [(handle.sent_index[d], back[d]) for d in range(self.W)]
         result = reference.combine_partials(handle.num_tokens, cfg.hidden_size, parts)

@@ -93,7 +93,8 @@ class LLRuntime(GpuRuntime):
             meta_peers=ptr(self.meta.table), comb_peers=ptr(self.comb.table), sig_peers=ptr(self.sig.table),
             state=ptr(self.state), send_mask=ptr(self.send_mask), ntok=ptr(self.ntok), err=self.err.ptr,
             input_err=self.input_err.ptr, timeout_ns=self.tuning.timeout_ns, cnt_offset=lay.cnt_offset,
-            disp_cnt_offset=lay.disp_cnt_offset, comb_cnt_offset=lay.comb_cnt_offset, rank=self.rank, world=W,
+            disp_cnt_offset=lay.disp_cnt_offset, comb_cnt_offset=lay.comb_cnt_offset, wgt_cnt_offset=lay.wgt_cnt_offset,
+            rank=self.rank, world=W,
             num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts, local_experts=L, hidden=H, max_tokens=T,
             capacity=self.capacity, cnt_stride=lay.cnt_stride, meta_stride=lay.meta_stride, ids_64=0, age=0, fp8=0,
             cols_per_tile=self.plan.cols_per_tile, ready_target=0, cum_64=0, out_par=0)
@@ -254,6 +255,7 @@ class LLRuntime(GpuRuntime):
             out, out_ptr = call.out.obj, call.out.ptr
         ready = call.ready
         params = self._params.update(expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T,
+                                     weights=0 if call.weights is None else call.weights.ptr,
                                      age=self.received - handle.seq, ready=0 if ready is None else ready.ptr,
                                      ready_target=call.ready_target)
         threads = self._threads

@@ -100,6 +100,7 @@ class LLLayout:
     cnt_stride: int
     disp_cnt_offset: int
     comb_cnt_offset: int
+    wgt_cnt_offset: int
     meta_stride: int
     local_bytes: int       # state, send masks, ntok, counts, offsets, the owned combine output
 
@@ -108,7 +109,8 @@ class LLLayout:
         return self.out_bytes + self.scale_bytes + self.meta_bytes + self.comb_bytes + self.sig_bytes + self.local_bytes
 
 
-LL_STATE_WORDS = 12        # ll_common.cuh: four seqs, four blocks-done counters; ll_combine.cu: two recorded dseqs
+LL_STATE_WORDS = 12        # ll_common.cuh: four seqs, four blocks-done counters; ll_combine.cu: two recorded dseqs,
+                           # the weight push's blocks-done counter
 
 
 def ll_meta_stride(topk: int) -> int:
@@ -124,13 +126,15 @@ def ll_layout(cfg: MoECommunicatorConfig, world: int) -> LLLayout:
     cnt_offset = 0
     disp_cnt_offset = round_up(cnt_offset + 2 * world * cnt_stride, 128)
     comb_cnt_offset = disp_cnt_offset + BARRIER_SLOTS * 8
-    sig_bytes = round_up(comb_cnt_offset + BARRIER_SLOTS * 8, 4096)
+    wgt_cnt_offset = comb_cnt_offset + BARRIER_SLOTS * 8
+    sig_bytes = round_up(wgt_cnt_offset + BARRIER_SLOTS * 8, 4096)
     meta_stride = ll_meta_stride(K)
     local = (4 * LL_STATE_WORDS + 4 * 2 * T + 4 * 2 * world + 2 * 4 * L + 8 * (L + 1) + 2 * T * 2 * H)
     return LLLayout(out_bytes=2 * L * cap * 2 * H, scale_bytes=2 * L * (H // 128) * cap * 4 if H % 128 == 0 else 0,
                     meta_bytes=2 * world * T * meta_stride, comb_bytes=2 * world * T * 2 * H, sig_bytes=sig_bytes,
                     cnt_offset=cnt_offset, cnt_stride=cnt_stride, disp_cnt_offset=disp_cnt_offset,
-                    comb_cnt_offset=comb_cnt_offset, meta_stride=meta_stride, local_bytes=local)
+                    comb_cnt_offset=comb_cnt_offset, wgt_cnt_offset=wgt_cnt_offset, meta_stride=meta_stride,
+                    local_bytes=local)
 
 
 def ll_route_smem(cfg: MoECommunicatorConfig, limit: int) -> tuple[int, int]:

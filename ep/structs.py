@@ -57,7 +57,8 @@ LL_PARAMS = _struct(
     ("counts_out", _P), ("cum_counts", _P), ("ready", _P), ("out_peers", _P), ("scale_peers", _P),
     ("meta_peers", _P), ("comb_peers", _P), ("sig_peers", _P), ("state", _P), ("send_mask", _P), ("ntok", _P),
     ("err", _P), ("input_err", _P), ("timeout_ns", _U64), ("cnt_offset", _U64), ("disp_cnt_offset", _U64),
-    ("comb_cnt_offset", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I), ("num_experts", _I),
+    ("comb_cnt_offset", _U64), ("wgt_cnt_offset", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I),
+    ("topk", _I), ("num_experts", _I),
     ("local_experts", _I), ("hidden", _I), ("max_tokens", _I), ("capacity", _I), ("cnt_stride", _I),
     ("meta_stride", _I), ("ids_64", _I), ("age", _I), ("fp8", _I), ("cols_per_tile", _I),
     ("ready_target", np.uint32), ("cum_64", _I), ("out_par", _I))

@@ -25,7 +25,7 @@ KINDS = (ValueError, TypeError, CapacityError, InvalidStateError, NotImplemented
 # What a rank's failed checks raise: the exceptions the communicator shares with its peers.
 INPUT_ERRORS = (ValueError, TypeError, NotImplementedError, EPError)
 # Ops as the gate carries them.
-OP_KINDS = {"dispatch": 1, "cached dispatch": 2, "combine": 3}
+OP_KINDS = {"dispatch": 1, "cached dispatch": 2, "combine": 3, "combine with weights": 4}
 OP_NAMES = {v: k for k, v in OP_KINDS.items()}
 EARLIER = 128   # abort-code flag: the error belongs to an earlier call of the rank (found on the device)
 
@@ -253,7 +253,7 @@ def _scaled_payload(comm, x, scales, fw: str):
 
 
 def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=False,
-                 overlap=None, topk_weights=None) -> CombineCall:
+                 overlap=None, topk_weights=None, weights=None) -> CombineCall:
     cfg = comm.config
     check_handle(comm, handle, "handle")
     fw = arrays.framework_of(expert_output, "expert_output")
@@ -295,9 +295,15 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
         _same_framework(topk_weights, "topk_weights", fw, like="expert_output")
         wi = arrays.check_array(topk_weights, "topk_weights", shape=(yi.shape[0], cfg.topk), dtypes=("float32",),
                                 device=comm.device, fw=fw)
+    cw = None
+    if weights is not None:
+        _ll_only(comm, "weights")
+        _same_framework(weights, "weights", fw, like="expert_output")
+        cw = arrays.check_array(weights, "weights", shape=(T, cfg.topk), dtypes=("float32",), device=comm.device,
+                                fw=fw)
     return CombineCall(expert_output=yi, state=handle._state, out=oi, num_tokens=T,
                        stream=_stream(comm, stream, fw), framework=fw, recv_hook=return_recv_hook, ready=ready,
-                       ready_target=target, topk_weights=wi)
+                       ready_target=target, topk_weights=wi, weights=cw)
 
 
 def _checks_ids_on_host(comm) -> bool:

@@ -31,6 +31,7 @@ enum Phase : int {
   kPhaseLLCombineRecv = 6,
   kPhaseBadExpertId = 7,
   kPhaseCapacity = 8,
+  kPhaseLLCombineWeights = 9,
 };
 
 }  // namespace ep

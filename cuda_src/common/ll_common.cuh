@@ -83,21 +83,26 @@ __device__ __forceinline__ int ll_expert(const LLParams& p, int t, int k, bool r
 // The end of a send half: each block fences its writes (system scope: peers read them over NVLink) and counts
 // itself done; the last block publishes the half's seq and release-adds 1 to the arrivals of this rank in
 // every destination. So a receiver waits for one arrival per source and op, whatever the sender's grid.
-__device__ __forceinline__ void ll_finish_send(const LLParams& p, int which, u32 seq, u64 offset) {
+// ll_last_block is that count alone (done: the blocks-done word; seq_word: where the last one stores seq, or null).
+__device__ __forceinline__ bool ll_last_block(u32* done, u32* seq_word, u32 seq) {
   __shared__ int s_last;
   __syncthreads();
   if (threadIdx.x == 0) {
     fence_sys();
-    const u32 done = atomicAdd(p.state + 4 + which, 1u);
-    s_last = done == gridDim.x - 1;
+    s_last = atomicAdd(done, 1u) == gridDim.x - 1;
     if (s_last) {
-      p.state[4 + which] = 0u;
-      *reinterpret_cast<volatile u32*>(p.state + which) = seq;
+      *done = 0u;
+      if (seq_word) *reinterpret_cast<volatile u32*>(seq_word) = seq;
       fence_sys();
     }
   }
   __syncthreads();
-  if (s_last && threadIdx.x < p.world) red_add_release_sys(ll_arrivals(p, threadIdx.x, offset, p.rank), 1ull);
+  return s_last != 0;
+}
+
+__device__ __forceinline__ void ll_finish_send(const LLParams& p, int which, u32 seq, u64 offset) {
+  if (ll_last_block(p.state + 4 + which, p.state + which, seq) && threadIdx.x < p.world)
+    red_add_release_sys(ll_arrivals(p, threadIdx.x, offset, p.rank), 1ull);
 }
 
 // Every source's arrival of this op (lane s of warp 0 waits for source s); false on time-out.

@@ -138,7 +138,7 @@ struct HtCombineParams {
 struct LLParams {
   const u8* x;                // dispatch: [T, H] bf16
   const void* topk_ids;       // dispatch: [T, K] int32 / int64
-  const float* weights;       // dispatch: [T, K] or nullptr (ones)
+  const float* weights;       // dispatch: [T, K] or nullptr (ones); combine: [T, K] combine-time weights or nullptr
   const u8* expert_out;       // combine: [L * cap, H] bf16
   u8* out;                    // combine: [T, H] bf16
   u8* copy_out;               // dispatch: a caller's output_buffer [L * cap, row] the valid rows are copied to, or nullptr
@@ -161,6 +161,7 @@ struct LLParams {
   u64 cnt_offset;             // count slots [2][W] of cnt_stride bytes in the signal buffer
   u64 disp_cnt_offset;        // u64 [W] dispatch arrivals (blocks done sending) from each source
   u64 comb_cnt_offset;        // u64 [W] combine arrivals from each expert rank
+  u64 wgt_cnt_offset;         // u64 [W] combine-time weights: the last combine seq whose weights each source wrote
   i32 rank;
   i32 world;
   i32 num_tokens;

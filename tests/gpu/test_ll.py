@@ -396,3 +396,61 @@ def test_an_invalid_expert_id_is_an_unused_slot_reported_on_every_rank_in_the_ne
             ref.close()
 
     collective(world, body)
+
+
+@pytest.mark.parametrize("how", ["eager", "hook", "graph"])
+def test_combine_time_weights_replace_the_dispatchs_bit_exactly(world, session_seed, how):
+    """DeepEP's LL gives the routing weights to combine: the result is the reference's with those weights."""
+    multi_rank(world)
+    import cupy
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 64, 2048, 8, 32, "expert_major")
+        scale = expert_scale(cfg, world.size)
+        cap = world.size * 32
+        T = 32 - 7 * world.rank % 32
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 20, T, cfg, "skewed", 0.1, True, True)
+            xd, idsd, wd = to_device("cupy", x, ids, w)
+            later = cupy.empty((T, 8), cupy.float32)
+            scale_d = cupy.asarray(scale)[:, None, None]   # on the device before any capture
+            stream = cupy.cuda.Stream(non_blocking=True)
+
+            def step():
+                out, h = gpu.dispatch(xd, idsd, None if how == "hook" else wd, stream=stream)
+                f = (out.tokens.astype(cupy.uint32) << 16).view(cupy.float32).reshape(-1, cap, 2048) * scale_d
+                y = (f.view(cupy.uint32) >> 16).astype(cupy.uint16).reshape(out.tokens.shape)   # exact: powers of 2
+                if how == "hook":
+                    got, hook = gpu.combine(y, h, weights=later, return_recv_hook=True, stream=stream)
+                    hook()
+                else:
+                    got = gpu.combine(y, h, weights=later, stream=stream)
+                return got
+
+            with stream:
+                if how == "graph":
+                    step()
+                    stream.synchronize()
+                    stream.begin_capture()
+                    got = step()
+                    graph = stream.end_capture()
+            for call in range(3):    # new combine-time weights each time, every result checked
+                w2 = np.random.default_rng([session_seed, world.rank, call]).random((T, 8), np.float32) * 2 - 1
+                later.set(w2)
+                cupy.cuda.Device().synchronize()
+                world.Barrier()
+                with stream:
+                    if how == "graph":
+                        graph.launch(stream)
+                    else:
+                        got = step()
+                    stream.synchronize()
+                want, wh = ref.dispatch(x, ids, None if how == "hook" else w)
+                y_ref = to_numpy(_scaled(cupy.asarray(want.tokens), scale, cap, 2048))
+                expected = ref.combine(y_ref, wh, weights=w2)
+                assert np.array_equal(to_numpy(got), expected), f"seed={session_seed} rank={world.rank} call={call}"
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)

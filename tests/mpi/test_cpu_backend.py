@@ -1009,3 +1009,60 @@ def test_receive_hooks_are_ll_only(mpi, communicators):
     comm = communicators(small("ht", mpi.size))
     inp = draw_inputs(mpi, comm.config, 4)
     mpi.raises(ValueError, comm.dispatch, inp.x, inp.ids, return_recv_hook=True, match="mode='ll' only")
+
+
+# ================================================================================ combine-time weights
+@pytest.mark.parametrize("dispatch_weights", [False, True], ids=["none_at_dispatch", "others_at_dispatch"])
+def test_ll_combine_time_weights_replace_the_dispatchs(mpi, communicators, dispatch_weights):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=32, topk=3, t_max=8)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 1)[r], weights=dispatch_weights, drop=0.2, repeat=True)
+    later = testing.random_weights(mpi.rng(7), inp.x.shape[0], cfg.topk)     # the weights combine is given
+    everyones = mpi.allgather(later)
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    refs = expected_dispatch(cfg, W, inp)
+    with mpi.checking("dispatch"):
+        y = mlp(out.tokens, out.expert_offsets, r, comm.num_local_experts)
+    got = comm.combine(y, handle, weights=later)
+    with mpi.checking("combine with weights"):
+        ys = [mlp(R.tokens, R.offsets, d, comm.num_local_experts) for d, R in enumerate(refs)]
+        want = reference.combine_world(ys, refs, inp.idss, everyones, cfg.num_experts, 32)[r]
+        check_combine(got, want, inp.x.shape[0], 32)
+
+
+def test_ll_combine_time_weights_through_the_receive_hook(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=32, topk=2, t_max=8)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 2)[r], weights=False)
+    later = testing.random_weights(mpi.rng(8), inp.x.shape[0], cfg.topk)
+    everyones = mpi.allgather(later)
+    out, handle = comm.dispatch(inp.x, inp.ids)
+    refs = expected_dispatch(cfg, W, inp)
+    y = mlp(np.asarray(out.tokens), out.expert_offsets, r, comm.num_local_experts)
+    got, hook = comm.combine(y, handle, weights=later, return_recv_hook=True)
+    hook()
+    with mpi.checking("hooked combine with weights"):
+        ys = [mlp(R.tokens, R.offsets, d, comm.num_local_experts) for d, R in enumerate(refs)]
+        want = reference.combine_world(ys, refs, inp.idss, everyones, cfg.num_experts, 32)[r]
+        check_combine(got, want, inp.x.shape[0], 32)
+
+
+def test_combine_time_weights_are_ll_only_checked_and_given_by_every_rank_or_none(mpi, communicators):
+    W, r = mpi.size, mpi.rank
+    ht = communicators(small("ht", W))
+    inp = draw_inputs(mpi, ht.config, 4)
+    out, handle = ht.dispatch(inp.x, inp.ids, inp.w)
+    mpi.raises(ValueError, ht.combine, out.tokens, handle, weights=np.ones((4, 2), np.float32),
+               match="weights applies to mode='ll' only")
+    ht.combine(out.tokens, handle)
+    ll = communicators(small("ll", W))
+    out, handle = ll.dispatch(inp.x, inp.ids, inp.w)
+    y = np.asarray(out.tokens)
+    mpi.raises(ValueError, ll.combine, y, handle, weights=np.ones((5, 2), np.float32), match="weights: expected shape")
+    mpi.raises(TypeError, ll.combine, y, handle, weights=np.ones((4, 2), np.float64), match="weights: expected dtype")
+    if W > 1:   # one rank alone gives weights: a different op, refused everywhere before anything moves
+        mpi.raises(InvalidStateError, ll.combine, y, handle,
+                   weights=np.ones((4, 2), np.float32) if r == 0 else None, match="the ranks called different ops")
+    good_call(mpi, ll)
