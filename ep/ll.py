@@ -87,6 +87,7 @@ class LLRuntime(GpuRuntime):
                 buf.close()
             raise
         self._views: dict = {}
+        self._state_ptr = ptr(self.state)
         self._params = structs.pack(
             structs.LL_PARAMS, x=0, topk_ids=0, weights=0, expert_out=0, out=0, copy_out=0, counts_out=ptr(self.counts),
             cum_counts=0, ready=0, out_peers=ptr(self.out.table), scale_peers=ptr(self.scales.table),
@@ -254,8 +255,11 @@ class LLRuntime(GpuRuntime):
         else:
             out, out_ptr = call.out.obj, call.out.ptr
         ready = call.ready
-        params = self._params.update(expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T,
-                                     weights=0 if call.weights is None else call.weights.ptr,
+        # The kernel reads a null weights pointer as "the dispatch's weights"; combine-time weights of a rank
+        # without tokens ([0, K]: no address) still take part in the push's rendezvous, so any non-null word
+        # stands in for them (no token reads it).
+        weights = 0 if call.weights is None else (call.weights.ptr or self._state_ptr)
+        params = self._params.update(expert_out=call.expert_output.ptr, out=out_ptr, num_tokens=T, weights=weights,
                                      age=self.received - handle.seq, ready=0 if ready is None else ready.ptr,
                                      ready_target=call.ready_target)
         threads = self._threads
