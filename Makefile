@@ -29,9 +29,10 @@ venv: $(STAMP)
 
 # NOTE: the stamp lives inside the venv, so deleting the venv also forgets the install; an edited
 # pyproject.toml or setup.py reinstalls.
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py compat/pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[$(CUDA),test]'
+	$(VENV)/bin/pip install -q --no-deps -e ./compat
 	@touch $@
 
 test: venv
@@ -45,7 +46,7 @@ test: venv
 # NVLink multicast stays off for every process they start (it can take a shared host's GPUs out of service).
 test-gpu bench-gpu: PYTHON = $(GPU_PYTHON)
 test-gpu bench-gpu bench: export NCCL_NVLS_ENABLE = 0
-GPU_MPIRUN = $(MPIRUN) -x NCCL_NVLS_ENABLE=0 -x PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
+GPU_MPIRUN = $(MPIRUN) -x NCCL_NVLS_ENABLE=0 -x PYTHONPATH=$(CURDIR):$(CURDIR)/compat$${PYTHONPATH:+:$$PYTHONPATH}
 
 test-gpu:
 	@N=$$($(GPU_COUNT)); \
@@ -57,6 +58,11 @@ test-gpu:
 	  SHARE=""; if [ "$$W" -gt "$$N" ]; then SHARE="-x EP_SHARED_GPU=1 --oversubscribe"; fi; \
 	  echo "$(GPU_MPIRUN) $$SHARE -np $$W $(PYTHON) -m pytest tests/gpu -q -m mpi"; \
 	  $(GPU_MPIRUN) $$SHARE -np $$W $(PYTHON) -m pytest tests/gpu -q -m mpi -p no:cacheprovider; \
+	done; \
+	for W in 1 $(GPU_TEST_SIZES); do \
+	  SHARE=""; if [ "$$W" -gt "$$N" ]; then SHARE="-x EP_SHARED_GPU=1 --oversubscribe"; fi; \
+	  echo "$(GPU_MPIRUN) $$SHARE -x EP_BACKEND=gpu -np $$W $(PYTHON) -m pytest tests/mpi/test_deep_ep.py -q"; \
+	  $(GPU_MPIRUN) $$SHARE -x EP_BACKEND=gpu -np $$W $(PYTHON) -m pytest tests/mpi/test_deep_ep.py -q -p no:cacheprovider; \
 	done
 
 bench: venv

@@ -36,7 +36,7 @@ def collective_check(group: Group, fn, peer_error=PeerInputError, what: str = "c
     return result
 
 
-def _choose_backend(knob: str) -> str:
+def choose_backend(knob: str) -> str:
     if knob != "auto":
         return knob
     try:
@@ -96,7 +96,7 @@ class MoECommunicator:
         def check():
             knobs = envs.read()
             eff = tuning.effective_config(config, knobs)
-            chosen = backend or _choose_backend(knobs.backend)
+            chosen = backend or choose_backend(knobs.backend)
             if chosen not in ("gpu", "cpu"):
                 raise ConfigError(f"backend must be 'gpu' or 'cpu', got {chosen!r}")
             sizes.check_row_index_range(eff, W)
