@@ -27,6 +27,13 @@
 
 namespace ep {
 
+// The source of received item i: recv_prefix[s] <= i < recv_prefix[s + 1].
+__device__ __forceinline__ int source_of_item(const HtCombineParams& p, const InfoLayout& lay, int i) {
+  int s = 0;
+  while (s + 1 < p.world && p.info[lay.recv_prefix + s + 1] <= i) ++s;
+  return s;
+}
+
 __device__ __forceinline__ u32 dest_mask(const HtCombineParams& p, int t, int lane, int* my_pos) {
   *my_pos = lane < p.world ? p.send_pos[static_cast<i64>(t) * p.world + lane] : -1;
   return __ballot_sync(0xFFFFFFFFu, *my_pos >= 0);
@@ -53,8 +60,7 @@ extern "C" __global__ void __launch_bounds__(ep::kCombineReduceWarps * 32, 1) ht
   u8* my_data = reinterpret_cast<u8*>(p.data_peers[p.rank]);
   for (int j = gw; j < n_items; j += RW) {
     const int i = j < n_before ? lo + j : skip_to + (j - n_before);
-    int s = 0;
-    while (s + 1 < W && p.info[lay.recv_prefix + s + 1] <= i) ++s;
+    const int s = source_of_item(p, lay, i);
     const int pos = i - p.info[lay.recv_prefix + s];
     int row = -1;
     float w = 0.f;
@@ -69,9 +75,19 @@ extern "C" __global__ void __launch_bounds__(ep::kCombineReduceWarps * 32, 1) ht
 
 namespace ep {
 
+// Row 0 of our own block among the caller's TOKEN_MAJOR rows: with own_at_prefix the host passed row 0 of the
+// whole array and the block starts at recv_prefix[rank] (a worst-case dispatch: the host never learnt it).
+__device__ __forceinline__ i64 own_first_row(const HtCombineParams& p) {
+  return p.own_at_prefix ? p.info[InfoLayout(p.local_experts, p.world).recv_prefix + p.rank] : 0;
+}
+
 __device__ __forceinline__ const u8* partial_src(const HtCombineParams& p, int t, int d) {
-  const int pos = p.send_pos[static_cast<i64>(t) * p.world + d];
-  const u8* base = d == p.rank && p.own_partial ? p.own_partial : reinterpret_cast<const u8*>(p.partial_peers[d]);
+  i64 pos = p.send_pos[static_cast<i64>(t) * p.world + d];
+  const u8* base = reinterpret_cast<const u8*>(p.partial_peers[d]);
+  if (d == p.rank && p.own_partial) {
+    base = p.own_partial;
+    pos += own_first_row(p);
+  }
   return base + static_cast<u64>(pos) * p.row_bytes;
 }
 
@@ -83,7 +99,7 @@ __device__ __forceinline__ void sum_weights(const HtCombineParams& p, int t, u32
   float acc = 0.f;
   for (u32 m = mask; m; m &= m - 1) {
     const int d = __ffs(m) - 1;
-    const i64 pos = p.send_pos[static_cast<i64>(t) * p.world + d];
+    const i64 pos = p.send_pos[static_cast<i64>(t) * p.world + d] + (d == p.rank ? own_first_row(p) : 0);
     const float* w = d == p.rank ? p.own_w : reinterpret_cast<const float*>(p.w_peers[d]);
     acc = __fadd_rn(acc, ld_cg_f32(w + pos * p.topk + lane));
   }
@@ -136,4 +152,27 @@ extern "C" __global__ void __launch_bounds__(ep::kCombineReduceWarps * 32, 1) ht
   const int nwarps = blockDim.x / ep::kWarpSize;
   ep::gather_direct<false>(p, blockIdx.x * nwarps + threadIdx.x / ep::kWarpSize, gridDim.x * nwarps,
                            threadIdx.x % ep::kWarpSize);
+}
+
+// TOKEN_MAJOR combine of a worst-case dispatch (the host does not know where each source's block of rows
+// starts): received item i of source s (recv_prefix[s] <= i < recv_prefix[s + 1]), a row of the caller's y and,
+// with weights, a row of own_w, goes to s's landing buffers at region `rank`, row i - recv_prefix[s]; our own
+// block stays where it is (the sum reads it with own_at_prefix). One warp per row, 16-byte stores over NVLink.
+extern "C" __global__ void __launch_bounds__(ep::kCombineReduceWarps * 32, 1) ht_token_major_push(const ep::HtCombineParams p) {
+  using namespace ep;
+  const int W = p.world, K = p.topk;
+  const InfoLayout lay(p.local_experts, W);
+  const int nwarps = blockDim.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int n = p.info[lay.n_recv_total];
+  for (int i = blockIdx.x * nwarps + threadIdx.x / kWarpSize; i < n; i += gridDim.x * nwarps) {
+    const int s = source_of_item(p, lay, i);
+    if (s == p.rank) continue;
+    const u64 pos = static_cast<u64>(p.rank) * p.max_tokens + (i - p.info[lay.recv_prefix + s]);
+    const uint4* src = reinterpret_cast<const uint4*>(p.expert_out + static_cast<u64>(i) * p.row_bytes);
+    uint4* dst = reinterpret_cast<uint4*>(p.land_peers[s] + pos * p.row_bytes);
+    for (int v = lane; v < p.row_bytes / 16; v += kWarpSize) dst[v] = ld_nc_v4(src + v);
+    if (p.wland_peers && lane < K)
+      reinterpret_cast<float*>(p.wland_peers[s])[pos * K + lane] = p.own_w[static_cast<i64>(i) * K + lane];
+  }
 }

@@ -320,10 +320,18 @@ __device__ __forceinline__ void dispatch_done(u64* ctr, u32 participants) {
 }
 
 // Alignment / capacity padding rows are zero, with their scales (receiver warps gw of RW, before they expand).
-// TOKEN_MAJOR rows are received items, never padding.
+// TOKEN_MAJOR rows are received items, never padding; a worst-case output's rows past them (pad_rows) get
+// recv_rows -1 and recv_w 0 (their tokens and scales stay unspecified, as DeepEP's).
 __device__ __forceinline__ void zero_padding(const HtDispatchParams& p, int gw, int RW, int lane) {
-  if (p.token_major) return;
   const InfoLayout lay(p.local_experts, p.world);
+  if (p.token_major) {
+    const i64 from = static_cast<i64>(p.info[lay.n_recv_total]) * p.topk, to = static_cast<i64>(p.pad_rows) * p.topk;
+    for (i64 i = from + static_cast<i64>(gw) * kWarpSize + lane; i < to; i += static_cast<i64>(RW) * kWarpSize) {
+      p.recv_rows[i] = -1;
+      p.recv_w[i] = 0.f;
+    }
+    return;
+  }
   for (int e = gw; e < p.local_experts; e += RW) {
     const i64 first = static_cast<i64>(p.info[lay.base + e]) + p.info[lay.counts + e];
     const i64 last = p.info[lay.base + e + 1];
@@ -410,6 +418,13 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   __shared__ int next_chunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const u64 epoch = dispatch_epoch(p.item_ctr);
+  // A rank passed invalid expert ids: the exchange told every rank, and every rank's kernel moves nothing
+  // (the host launches none after a wait on the exchange; a worst-case dispatch, which does not wait, is
+  // refused on the host at its next call). The epoch still advances on every rank alike.
+  if (p.info[InfoLayout(p.local_experts, p.world).invalid_mask]) {
+    if (lane == 0) dispatch_done(p.item_ctr, gridDim.x * kDispatchWarps);
+    return;
+  }
   if (blockIdx.x < p.send_blocks) {
     if (threadIdx.x == 0) next_chunk = 0;
     __syncthreads();

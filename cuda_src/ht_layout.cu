@@ -73,6 +73,7 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   const int ncols = p.num_experts + p.world;
   const int L = p.local_experts, W = p.world;
   const int tid = threadIdx.x;
+  const u64 epoch = *reinterpret_cast<volatile const u64*>(p.epoch_ctr) + 1;   // the same on every rank
   if (tid == 0) s_abort = 0;
   // 1. scan per-chunk counts into chunk bases, column by column (token order within a column).
   for (int col = tid; col < ncols; col += blockDim.x) {
@@ -89,13 +90,14 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   const int bad_index = *p.bad;
   const int invalid = bad_index != 0x7FFFFFFF;
   // 2. publish totals: every peer's slot [rank] gets our rows per expert, all E of them (so every rank can
-  //    derive every rank's layout: peer_row below), and the token count for that peer.
+  //    derive every rank's layout: peer_row below), and our tokens per rank (every rank's rank_prefix), and
+  //    the token count for that peer.
   const int E = p.num_experts;
   auto slot_at = [&](int d, int s) {
     return reinterpret_cast<CountSlot*>(p.sig_peers[d] + p.cnt_offset + static_cast<u64>(s) * p.cnt_stride);
   };
-  for (int i = tid; i < W * E; i += blockDim.x) {
-    const int d = i / E, g = i % E;
+  for (int i = tid; i < W * ncols; i += blockDim.x) {
+    const int d = i / ncols, g = i % ncols;
     slot_counts(slot_at(d, p.rank))[g] = s_total[g];
   }
   if (tid < W) {
@@ -107,12 +109,13 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   __threadfence_system();
   __syncthreads();
   if (tid == 0) *p.bad = 0x7FFFFFFF;   // every thread has read it: ready for the next routing's ht_route_count
-  if (tid < W) st_release_sys(&slot_at(tid, p.rank)->epoch, p.epoch);
+  if (tid < W) st_release_sys(&slot_at(tid, p.rank)->epoch, epoch);
   // 3. wait for every source's slot in our own buffer.
-  if (tid < W && !wait_geq(&slot_at(p.rank, tid)->epoch, p.epoch, p.err, p.timeout_ns, kPhaseHtCounts, p.rank, tid))
+  if (tid < W && !wait_geq(&slot_at(p.rank, tid)->epoch, epoch, p.err, p.timeout_ns, kPhaseHtCounts, p.rank, tid))
     s_abort = 1;
   __syncthreads();
   if (s_abort) return;
+  if (tid == 0) *p.epoch_ctr = epoch;   // every thread read it before the barrier above
   // 4. derive the layouts, one rule for every rank d: each expert's rows padded to the alignment, experts
   //    stacked (FLAT) or each given d's largest padded count (EXPERT_MAJOR capacity); inside an expert the
   //    sources in rank order. Our own output's fields come from d = rank; peer_row[g] = the row in the output
@@ -162,6 +165,13 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
     info[lay.recv_prefix + W] = prefix;
     info[lay.n_recv_total] = prefix;
     info[lay.invalid_mask] = mask;
+  }
+  for (int d = tid; d < W; d += blockDim.x) {   // rank_prefix[s][d]: tokens sources 0..s send to rank d
+    int running = 0;
+    for (int s = 0; s < W; ++s) {
+      running += counts_of(s)[E + d];
+      info[lay.rank_prefix + s * W + d] = running;
+    }
   }
   __syncthreads();
   for (int e = tid; e < L; e += blockDim.x) {

@@ -26,6 +26,7 @@ class DispatchCall:
     cumulative_counts: ArrayInfo | None = None   # LL: [L] int32/int64 the call's counts are added to
     recv_hook: bool = False           # LL: launch the send half only; the returned hook launches the receive
     scales: ArrayInfo | None = None   # HT: [T, S] scales of x's rows (any strides), travelling with them
+    worst_case: bool = False          # TOKEN_MAJOR: W * T_max output rows, no host wait (CUDA-graph capturable)
 
     @property
     def num_tokens(self) -> int:

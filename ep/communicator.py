@@ -228,7 +228,8 @@ class MoECommunicator:
 
     # ---------------------------------------------------------------------------------- dispatch
     def dispatch(self, x, topk_ids, weights=None, scales=None, *, previous_handle: DispatchHandle | None = None,
-                 output_buffer=None, stream=None, cast=None, cumulative_counts=None, return_recv_hook: bool = False):
+                 output_buffer=None, stream=None, cast=None, cumulative_counts=None, return_recv_hook: bool = False,
+                 worst_case: bool = False):
         """Send every token to the ranks owning its experts; return the local experts' rows.
 
         x: ``[T, H]`` bf16 (torch.bfloat16, or uint16 bit patterns), C-contiguous, T <= max_tokens_per_rank;
@@ -244,35 +245,39 @@ class MoECommunicator:
         cumulative_counts (LL): ``[L]`` int32/int64 on the device the call's rows per expert are added to.
         return_recv_hook (LL): launch only the send half; the call also returns a hook that launches the
           receive half (call it once, before using the outputs; no SM is held in between).
+        worst_case (HT TOKEN_MAJOR, uncached): size the outputs for the most rows this rank can receive
+          (``W * max_tokens_per_rank``; rows past the received ones: topk_ids -1, weights 0) instead of waiting
+          on the host for the count exchange, so the dispatch (and its combines) can be captured in a CUDA
+          graph. Invalid topk_ids then move nothing and are reported at a later call.
         Returns (DispatchOutput, DispatchHandle), plus the hook with return_recv_hook. Raises ValueError /
         TypeError on bad input before any launch (every rank raises in that call: the peers PeerInputError,
         a ValueError), and EPTimeoutError on a time-out.
         """
         out, handle, hook, _ = self._dispatch(x, topk_ids, weights, scales, previous_handle, output_buffer, stream,
-                                              cast, cumulative_counts, return_recv_hook, None, None)
+                                              cast, cumulative_counts, return_recv_hook, None, None, worst_case)
         return (out, handle, hook) if return_recv_hook else (out, handle)
 
     def dispatch_async(self, x, topk_ids, weights=None, scales=None, *, previous_event=None,
                        previous_handle: DispatchHandle | None = None, output_buffer=None, stream=None, cast=None,
-                       cumulative_counts=None):
+                       cumulative_counts=None, worst_case: bool = False):
         """:meth:`dispatch` on the communicator's own stream, after ``previous_event`` (an ep.CommEvent, CuPy
         event or torch.cuda.Event; default: everything queued so far on ``stream``, the caller's current stream).
         Returns (DispatchOutput, DispatchHandle, ep.CommEvent): call ``event.current_stream_wait()`` before
         reading the outputs. The arrays stay referenced (and, for torch, marked used by the comm stream)
         until then; see ep.overlap. An HT dispatch without previous_handle still waits on the host for the
-        count exchange (the output sizes); a cached one, and LL, return at once."""
+        count exchange (the output sizes), unless worst_case; a cached one, and LL, return at once."""
         out, handle, _, event = self._dispatch(x, topk_ids, weights, scales, previous_handle, output_buffer, stream,
-                                               cast, cumulative_counts, False, True, previous_event)
+                                               cast, cumulative_counts, False, True, previous_event, worst_case)
         return out, handle, event
 
     def _dispatch(self, x, topk_ids, weights, scales, previous_handle, output_buffer, stream, cast, cumulative_counts,
-                  return_recv_hook, asynchronous, previous_event):
+                  return_recv_hook, asynchronous, previous_event, worst_case=False):
         self._check_usable()
         op = "dispatch" if previous_handle is None else "cached dispatch"
 
         def build():
             call = validation.dispatch_call(self, x, topk_ids, weights, scales, previous_handle, output_buffer,
-                                            stream, cast, cumulative_counts, return_recv_hook)
+                                            stream, cast, cumulative_counts, return_recv_hook, worst_case)
             if asynchronous:
                 validation.check_previous_event(self, previous_event)
             return call

@@ -290,6 +290,11 @@ class DispatchOutput:
       float32, or ``[L, capacity, H/512]`` int32 of packed UE8M0 bytes, as views of token-contiguous
       (MN-major) buffers; HT: see ``MoECommunicatorConfig.scale_layout``); None for bf16.
     topk_ids, topk_weights: TOKEN_MAJOR only: int32 / float32 ``[N, K]`` (see DispatchLayout); else None.
+    rank_prefix: TOKEN_MAJOR only: device int32 ``[W, W]``, entry ``[i, j]`` = the tokens ranks ``0..i`` send
+      to rank ``j`` (column ``rank``: where each source's block of rows ends; DeepEP's rank_prefix_matrix).
+    A ``worst_case=True`` dispatch (TOKEN_MAJOR) has ``W * max_tokens_per_rank`` rows: those past the
+    received ones have topk_ids -1 and weights 0 (their tokens and scales are unspecified), and
+    ``num_tokens_per_expert_host`` is None: nothing waits on the host.
     """
 
     tokens: Any
@@ -300,6 +305,7 @@ class DispatchOutput:
     scales: Any = None
     topk_ids: Any = None
     topk_weights: Any = None
+    rank_prefix: Any = None
 
 
 class DispatchHandle:

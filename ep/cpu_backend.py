@@ -37,6 +37,8 @@ class CpuHandle:
     topk_ids: np.ndarray  # the routing (a cached dispatch reuses it)
     seq: int
     received: list = field(default_factory=lambda: [True])   # LL hooks: [0] the receive hook ran
+    rank_prefix: np.ndarray | None = None   # TOKEN_MAJOR: int32 [W, W] (DispatchOutput.rank_prefix)
+    worst_rows: int = 0   # TOKEN_MAJOR worst case: the output's rows (W * T_max), else 0
 
 
 class CpuRuntime(Runtime):
@@ -137,8 +139,19 @@ class CpuRuntime(Runtime):
             slices = [reference.slice_for_rank(self.rank, d, xn, ids, w, cfg.num_experts, W, scales) for d in range(W)]
             received = self.group.alltoall(slices, "cpu dispatch")
         token_major = cfg.layout is DispatchLayout.TOKEN_MAJOR
+        routed = reference.routed_ranks(ids, cfg.num_experts, W)
+        worst_rows = rank_prefix = None
         if token_major:
             res = reference.dispatch_receive_token_major(received, self.rank, cfg.num_experts, W, cfg.expert_alignment)
+            previous = call.previous
+            if previous is not None:
+                rank_prefix, worst_rows = previous.rank_prefix, previous.worst_rows
+            else:
+                sent_counts = self.group.allgather(routed.sum(axis=0).astype(np.int64), "cpu rank prefix")
+                rank_prefix = np.cumsum(np.array(sent_counts).reshape(W, W), axis=0).astype(np.int32)
+                worst_rows = W * cfg.max_tokens_per_rank if call.worst_case else 0
+            if worst_rows:
+                res = reference.pad_token_major(res, worst_rows)
         else:
             layout_kind = DispatchLayout.EXPERT_MAJOR if (ll or cfg.layout is DispatchLayout.EXPERT_MAJOR) \
                 else DispatchLayout.FLAT
@@ -187,13 +200,14 @@ class CpuRuntime(Runtime):
         out = DispatchOutput(
             tokens=tokens_out,
             num_tokens_per_expert=arrays.from_numpy(res.counts.astype(np.int32), framework),
-            num_tokens_per_expert_host=None if ll else [int(c) for c in res.counts],
+            num_tokens_per_expert_host=None if ll or worst_rows else [int(c) for c in res.counts],
             expert_offsets=arrays.from_numpy(res.offsets.astype(np.int64), framework),
-            layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w)
-        routed = reference.routed_ranks(ids, cfg.num_experts, W)
+            layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w,
+            rank_prefix=None if rank_prefix is None else arrays.from_numpy(rank_prefix, framework))
         sent = [np.nonzero(routed[:, d])[0].astype(np.int64) for d in range(W)]   # my tokens each rank got
         shape = tokens.shape[:-1] + (cfg.hidden_size,)   # what combine takes: bf16 rows
-        handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(shape), ids, self.seq)
+        handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(shape), ids, self.seq,
+                           rank_prefix=rank_prefix, worst_rows=worst_rows or 0)
         hook = None
         if call.recv_hook:
             handle.received = [False]

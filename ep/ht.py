@@ -3,6 +3,12 @@
 Uncached dispatch:  ht_route_count -> ht_route_exchange -> ht_route_positions (queued), host waits once on
                     the mapped pinned epoch to size the outputs exactly, then ht_dispatch (which also writes
                     the call's counts and offsets, as for a cached dispatch).
+Worst case (TOKEN_MAJOR, worst_case=True): the same kernels without the host wait: the outputs have the
+                    most rows a rank can receive (W * T_max; ht_dispatch marks the rows past the received ones
+                    -1 / 0), and the exchange takes its epoch from a device counter, so the whole dispatch and
+                    its combines (ht_token_major_push instead of host-sized copies) replay in CUDA graphs. A
+                    rank's invalid topk_ids make every rank's ht_dispatch move nothing; the host reports them
+                    at a later call (take_input_error), once the mirror shows that exchange.
 Cached dispatch:    (ep_barrier if the previous op was a dispatch, or always with an owned output)
                     -> ht_dispatch, with the handle's layout.
 Owned output (config owned_output): ht_dispatch's senders write each token straight into its first expert
@@ -38,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, constants, sizes, structs
+from . import arrays, constants, sizes, structs, validation
 from .bootstrap import Group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchLayout, DispatchOutput, MoECommunicatorConfig
@@ -67,6 +73,8 @@ class Routing:
     num_tokens: int
     topk_ids_copy: Any       # int32 [T, K] on the device, only with EP_DEBUG_CHECKS
     dispatch_params: Any     # ht_dispatch params of this routing, per-call fields zero: each dispatch fills a copy
+    rank_prefix: Any         # int32 [W, W] device view of info's rank_prefix (TOKEN_MAJOR outputs show it)
+    worst: bool = False      # a worst-case routing: the host knows none of the counts (counts_host None)
     combine_params: Any = None   # ht_combine params of this routing, per-handle and per-call fields zero
 
 
@@ -123,6 +131,9 @@ class HtRuntime(GpuRuntime):
         # ht_dispatch's receive-item counter and done count (reset by the kernel) and its epoch, the count of
         # dispatches run (advanced by the kernel, so CUDA graph replays advance it too).
         self.item_ctr = cupy.zeros(3, np.uint64)
+        # The count exchanges run, advanced by ht_route_exchange (graph replays advance it too).
+        self.epoch_ctr = cupy.zeros(1, np.uint64)
+        self._worst_epoch = 0   # the host number of the last worst-case exchange whose topk_ids are unchecked
         # The routing kernels' scratch, kept across calls: `bad` (the first invalid slot; INT_MAX = none, reset
         # by ht_route_exchange once read), then chunk_cnt [chunks, E + W] (fully rewritten by ht_route_count).
         max_chunks = -(-cfg.max_tokens_per_rank // constants.ROUTE_CHUNK)
@@ -138,7 +149,8 @@ class HtRuntime(GpuRuntime):
         self.route_params = structs.pack(
             structs.HT_ROUTE_PARAMS, topk_ids=0, route=0, slot_idx=0, send_pos=0, chunk_cnt=bad + 4, bad=bad, info=0,
             host_epoch=self.host.ptr, host_info=self.host.ptr + 8, sig_peers=ptr(self.sig.table), err=self.err.ptr,
-            epoch=0, timeout_ns=self.timeout_ns, cnt_offset=self.layout.cnt_offset, cnt_stride=self.layout.cnt_stride,
+            epoch_ctr=ptr(self.epoch_ctr), epoch=0, timeout_ns=self.timeout_ns, cnt_offset=self.layout.cnt_offset,
+            cnt_stride=self.layout.cnt_stride,
             ids_64=0, rank=self.rank, world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts,
             local_experts=self.L, nchunks=0, alignment=cfg.expert_alignment,
             expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR))
@@ -149,12 +161,29 @@ class HtRuntime(GpuRuntime):
                           f"({dispatch_static_smem(plan.dispatch_warps)}): update dispatch_static_smem")
         self.barrier = Barrier(self.k["ep_barrier"], self.sig, self.layout.barrier_offset, self.err, self.rank,
                                self.W, self.timeout_ns)
-        self.exchange_seq = 0   # count exchanges run: uncached dispatches wait on the host, so never in a graph
+        self.exchange_seq = 0   # the host's number of its latest count exchange (published in host_epoch)
         self.last_op = None     # "dispatch" / "combine" as the host queued them, until a CUDA graph is captured
         self.graphs = False     # a graph was captured: its replays may run anywhere, so every barrier is kept
         self._cupy = cupy
         cupy.cuda.runtime.deviceSynchronize()   # the initial values above are in place before any stream uses them
         self.open_gate(tuning.timeout_s)
+
+    def take_input_error(self) -> BaseException | None:
+        """This rank's invalid topk_ids of an earlier worst-case dispatch (which moved nothing), once the host
+        mirror shows that exchange; None otherwise."""
+        epoch = self._worst_epoch
+        if not epoch or int(self.host_epoch[0]) != epoch:
+            return None
+        self._worst_epoch = 0
+        lay, hi = self.info_lay, self.host_info
+        if not int(hi[lay["invalid_mask"]]) >> self.rank & 1:
+            return None
+        flat, value, K = int(hi[lay["host_bad"]]), int(hi[lay["host_bad"] + 1]), self.cfg.topk
+        exc = arrays.argument_error(ValueError, "topk_ids", f"an earlier worst-case dispatch got topk_ids[{flat // K}, "
+                                    f"{flat % K}] = {value} outside [-1, {self.cfg.num_experts}); it moved nothing "
+                                    "on any rank")
+        exc.ep_code_flags = validation.EARLIER
+        return exc
 
     def _sym(self, nbytes: int, name: str) -> SymmetricBuffer:
         buf = SymmetricBuffer(self.group, nbytes, name)
@@ -180,21 +209,25 @@ class HtRuntime(GpuRuntime):
             self.barrier(stream)
 
     # ---------------------------------------------------------------------------------- dispatch
-    def _route_start(self, ids_ptr: int, ids_64: bool, T: int, stream) -> tuple:
+    def _route_start(self, call: DispatchCall) -> tuple:
         """Queue the routing kernels and pack the dispatch params; returns what _route_finish needs."""
-        cp = self._cupy
         W, K, E = self.W, self.cfg.topk, self.cfg.num_experts
+        T, stream, ids = call.num_tokens, call.stream, call.topk_ids
         nchunks = -(-T // constants.ROUTE_CHUNK)
-        # One allocation for the routing's arrays: they are allocated while the GPU may be idle, waiting for
-        # the host; ht_route_exchange writes every field of info.
+        # One allocation for the routing's arrays (in the caller's framework: inside a torch CUDA graph capture
+        # it comes from the graph's pool and lives as long as the graph); ht_route_exchange writes all of info.
         n_route, n_pos = max(T, 1) * K, max(T, 1) * W
-        with stream:
-            workspace = cp.empty(2 * n_route + n_pos + self.info_size, np.int32)
-        route = workspace.data.ptr
+        workspace, route = arrays.empty(call.framework, (2 * n_route + n_pos + self.info_size,), "int32", stream)
         slot_idx = route + 4 * n_route
         send_pos = slot_idx + 4 * n_route
         info = send_pos + 4 * n_pos
+        at = 2 * n_route + n_pos + self.info_lay["rank_prefix"]
+        rank_prefix = workspace[at:at + W * W].reshape(W, W)
         self.exchange_seq += 1
+        # A later exchange overwrites the host mirror: an unchecked worst-case one is checked no longer.
+        self._worst_epoch = self.exchange_seq if call.worst_case else 0
+        rows = W * self.cfg.max_tokens_per_rank if call.worst_case else 0
+        ids_ptr, ids_64 = ids.ptr, ids.dtype == "int64"
         params = self.route_params.update(topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
                                 info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
         if nchunks:
@@ -204,11 +237,24 @@ class HtRuntime(GpuRuntime):
             self.k["ht_route_positions"].launch(
                 nchunks, constants.ROUTE_CHUNK, params,
                 smem=4 * (constants.ROUTE_CHUNK // 32) * min(E + W, constants.ROUTE_POS_TILE), stream=stream)
-        return workspace, send_pos, info, T, self.exchange_seq, self._dispatch_params(route, slot_idx, send_pos, info, T)
+        dispatch_params = self._dispatch_params(route, slot_idx, send_pos, info, T, rows)
+        return workspace, send_pos, info, T, self.exchange_seq, dispatch_params, rank_prefix
+
+    def _topk_ids_copy(self, topk_ids: arrays.ArrayInfo):
+        return _as_cupy(topk_ids.obj).astype(np.int32) if self.tuning.debug_checks else None
+
+    def _route_worst(self, pending: tuple, topk_ids: arrays.ArrayInfo) -> Routing:
+        """The layout of a worst-case dispatch: device arrays only, nothing waited for."""
+        workspace, send_pos, info, T, _, dispatch_params, rank_prefix = pending
+        rows = self.W * self.cfg.max_tokens_per_rank
+        routing = Routing(workspace, send_pos, info, None, 0, 0, rows, None, T, self._topk_ids_copy(topk_ids),
+                          dispatch_params, rank_prefix, worst=True)
+        routing.combine_params = self._combine_params(routing)
+        return routing
 
     def _route_finish(self, pending: tuple, topk_ids: arrays.ArrayInfo) -> Routing:
         """Wait for the count exchange of _route_start and return the layout."""
-        workspace, send_pos, info, T, epoch, dispatch_params = pending
+        workspace, send_pos, info, T, epoch, dispatch_params, rank_prefix = pending
         W, L, K, E = self.W, self.L, self.cfg.topk, self.cfg.num_experts
         # The host bound exceeds the device bound so the kernel reports first, with rank/peer details.
         host_wait(lambda: int(self.host_epoch[0]) == epoch, 2 * self.timeout_ns / 1e9 + 1.0, "ht count exchange", self.err)
@@ -225,10 +271,10 @@ class HtRuntime(GpuRuntime):
             raise PeerInputError(f"rank(s) {bad_ranks} passed invalid topk_ids (ValueError in argument topk_ids) to "
                                  "this dispatch; nothing was sent and the communicator stays usable")
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
-        copy = _as_cupy(topk_ids.obj).astype(np.int32) if self.tuning.debug_checks else None
         prefix = hi[lay["recv_prefix"]:lay["recv_prefix"] + W + 1].tolist()
         routing = Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
-                          int(hi[lay["n_recv_total"]]), prefix, T, copy, dispatch_params)
+                          int(hi[lay["n_recv_total"]]), prefix, T, self._topk_ids_copy(topk_ids), dispatch_params,
+                          rank_prefix)
         routing.combine_params = self._combine_params(routing)
         return routing
 
@@ -240,10 +286,14 @@ class HtRuntime(GpuRuntime):
         counts_specs = [((L + 1,), "int64"), ((L,), "int32")]   # expert_offsets, num_tokens_per_expert
         previous = call.previous
         if previous is None:
-            pending = self._route_start(ids_info.ptr, ids_info.dtype == "int64", T, stream)
+            pending = self._route_start(call)
             # While the routing kernels run: the outputs whose size does not depend on the exchange.
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(framework, counts_specs, stream)
-            routing = self._route_finish(pending, ids_info)
+            if call.worst_case:
+                self._note_capture(stream)
+                routing = self._route_worst(pending, ids_info)
+            else:
+                routing = self._route_finish(pending, ids_info)
         else:
             routing = previous.routing
             self._barrier_after("dispatch", stream)
@@ -290,9 +340,10 @@ class HtRuntime(GpuRuntime):
         out = DispatchOutput(
             tokens=tokens,
             num_tokens_per_expert=counts_dev,
-            num_tokens_per_expert_host=list(routing.counts_host),
+            num_tokens_per_expert_host=None if routing.worst else list(routing.counts_host),
             expert_offsets=offsets,
-            layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w)
+            layout=cfg.layout, scales=out_scales, topk_ids=tm_ids, topk_weights=tm_w,
+            rank_prefix=routing.rank_prefix if self.token_major else None)
         combine_shape = rows_shape + (H,)   # combine takes bf16 rows whatever the payload
         combine_params = routing.combine_params.update(recv_rows=rows_ptr, recv_w=w_ptr)   # a combine adds two more
         return out, HtHandle(routing, recv_lists, combine_shape, combine_params), None
@@ -334,9 +385,9 @@ class HtRuntime(GpuRuntime):
                       scale_slot_off=sizes.round_up(call.x.shape[1] * call.x.itemsize, 16), out_scale_block=spec["block"])
         return view, fields
 
-    def _dispatch_params(self, route: int, slot_idx: int, send_pos: int, info: int, T: int):
+    def _dispatch_params(self, route: int, slot_idx: int, send_pos: int, info: int, T: int, pad_rows: int):
         """ht_dispatch params of one routing (device pointers of its arrays); the per-call fields (inputs,
-        outputs) are zero until a dispatch updates them."""
+        outputs) are zero until a dispatch updates them. pad_rows: a worst-case routing's output rows."""
         cfg = self.cfg
         return structs.pack(
             structs.HT_DISPATCH_PARAMS, x=0, weights=0, route=route, slot_idx=slot_idx,
@@ -350,7 +401,7 @@ class HtRuntime(GpuRuntime):
             max_chunks=self.layout.max_chunks, meta_stride=self.meta_stride, send_blocks=self.plan.dispatch_senders,
             send_warps=self.plan.dispatch_send_warps, scales=0, out_scales=0, scale_stride_t=0, scale_stride_c=0,
             out_scale_block_stride=0, out_scale_row_stride=0, out_scale_col_stride=0, scale_count=0, scale_elem=0,
-            scale_slot_off=0, out_scale_block=INT_MAX, token_major=int(self.token_major))
+            scale_slot_off=0, out_scale_block=INT_MAX, token_major=int(self.token_major), pad_rows=pad_rows)
 
     def _combine_params(self, routing: Routing):
         """ht_combine params of one routing; the handle's receive lists (recv_rows, recv_w) and the call's
@@ -359,10 +410,10 @@ class HtRuntime(GpuRuntime):
         return structs.pack(
             structs.HT_COMBINE_PARAMS, expert_out=0, recv_rows=0, recv_w=0, send_pos=routing.send_pos_ptr,
             info=routing.info_ptr, data_peers=ptr(self.data.table), partial_peers=ptr(self.partial_peers),
-            own_partial=0, out=0, w_peers=0, own_w=0, out_w=0,
+            own_partial=0, out=0, w_peers=0, own_w=0, out_w=0, land_peers=0, wland_peers=0,
             err=self.err.ptr, timeout_ns=self.timeout_ns, rank=self.rank, world=self.W, num_tokens=routing.num_tokens,
             topk=cfg.topk, local_experts=self.L, row_bytes=self.row_bytes, max_tokens=cfg.max_tokens_per_rank,
-            item_lo=0, item_hi=INT_MAX, skip_own=0 if self.combine_push else 1)
+            item_lo=0, item_hi=INT_MAX, skip_own=0 if self.combine_push else 1, own_at_prefix=int(routing.worst))
 
     def _owned_view(self, framework: str, rows: int):
         """The first ``rows`` rows of the owned output in the caller's framework (the whole-buffer view is made
@@ -406,12 +457,15 @@ class HtRuntime(GpuRuntime):
         """TOKEN_MAJOR: the caller's rows (and weights) are the partials. The copy engines copy each peer's
         contiguous block of them into that peer's landing buffers, after a barrier (run on a side stream) that
         says every peer has finished summing its previous combine; then a barrier and the local ordered sum."""
-        rt = self._cupy.cuda.runtime
-        stream, W, rank, rb, K = call.stream, self.W, self.rank, self.row_bytes, self.cfg.topk
-        prefix = handle.routing.recv_prefix
-        region, wregion = self.cfg.max_tokens_per_rank * rb, self.cfg.max_tokens_per_rank * K * 4
+        stream, K = call.stream, self.cfg.topk
         y, w = call.expert_output.ptr, call.topk_weights
         self._note_capture(stream)
+        if handle.routing.worst:
+            return self._combine_worst(call, handle, out, out_ptr)
+        rt = self._cupy.cuda.runtime
+        W, rank, rb = self.W, self.rank, self.row_bytes
+        prefix = handle.routing.recv_prefix
+        region, wregion = self.cfg.max_tokens_per_rank * rb, self.cfg.max_tokens_per_rank * K * 4
         ready = self._landing_barrier(stream)
         for step in range(1, W):
             s, cs = (rank + step) % W, self.side_streams[step].ptr
@@ -425,13 +479,34 @@ class HtRuntime(GpuRuntime):
                                rt.memcpyDefault, cs)
         self._join_side_streams(stream)
         self.barrier(stream)
-        out_w = None
         fields = dict(expert_out=y, out=out_ptr, own_partial=y + prefix[rank] * rb)
+        return self._sum_token_major(call, handle, out, fields, 0 if w is None else w.ptr + prefix[rank] * K * 4)
+
+    def _combine_worst(self, call: CombineCall, handle: "HtHandle", out, out_ptr: int):
+        """TOKEN_MAJOR combine of a worst-case dispatch: the host does not know where each source's block of
+        rows starts, so after a barrier (every peer has finished summing its previous combine) the
+        ht_token_major_push kernel copies every peer's block into its landing buffers, reading the blocks from
+        the routing's info; then a barrier and the sum, which finds our own block from info too."""
+        stream, y, w = call.stream, call.expert_output.ptr, call.topk_weights
+        fields = dict(expert_out=y, out=out_ptr, own_partial=y, land_peers=ptr(self.land.table),
+                      wland_peers=0 if w is None else ptr(self.wland.table), own_w=0 if w is None else w.ptr)
+        self.barrier(stream)
+        self.k["ht_token_major_push"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32,
+                                             handle.combine_params.update(**fields), stream=stream)
+        self.barrier(stream)
+        return self._sum_token_major(call, handle, out, fields, 0 if w is None else w.ptr)
+
+    def _sum_token_major(self, call: CombineCall, handle: "HtHandle", out, fields: dict, own_w: int):
+        """ht_combine_sum of a TOKEN_MAJOR combine (the partials are in place); with topk_weights, their sums
+        too. Returns what the combine returns."""
+        w, K = call.topk_weights, self.cfg.topk
+        out_w = None
         if w is not None:
-            out_w, out_w_ptr = arrays.empty(call.framework, (handle.routing.num_tokens, K), "float32", stream)
-            fields.update(w_peers=ptr(self.w_peers), own_w=w.ptr + prefix[rank] * K * 4, out_w=out_w_ptr)
+            out_w, out_w_ptr = arrays.empty(call.framework, (handle.routing.num_tokens, K), "float32", call.stream)
+            fields = dict(fields, w_peers=ptr(self.w_peers), own_w=own_w, out_w=out_w_ptr)
         params = handle.combine_params.update(**fields)
-        self.k["ht_combine_sum"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params, stream=stream)
+        self.k["ht_combine_sum"].launch(self.plan.combine_blocks, self.plan.reduce_warps * 32, params,
+                                        stream=call.stream)
         self.last_op = "combine"
         return (out, out_w) if w is not None else out, None
 

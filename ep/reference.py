@@ -21,7 +21,7 @@ same expert share a row). Rounding, in this order:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -265,6 +265,21 @@ def dispatch_receive_token_major(received: list[RankSlice], rank: int, num_exper
         start += len(sl.token_index)
     return ReceivedLayout(tokens, counts, offsets, rows, 0, DispatchLayout.TOKEN_MAJOR, scales, local,
                           np.where(mine, w, np.float32(0)).astype(np.float32))
+
+
+def pad_token_major(res: ReceivedLayout, rows: int) -> ReceivedLayout:
+    """A worst-case TOKEN_MAJOR output: ``rows`` rows, those past the received ones with topk_ids -1 and
+    weights 0 (tokens and scales zero here; the GPU leaves them unspecified)."""
+    n = res.tokens.shape[0]
+    if rows < n:
+        raise ValueError(f"{n} received rows exceed the {rows} rows of a worst-case output")
+
+    def pad(a, fill):
+        out = np.full((rows,) + a.shape[1:], fill, a.dtype)
+        out[:n] = a
+        return out
+    return replace(res, tokens=pad(res.tokens, 0), scales=None if res.scales is None else pad(res.scales, 0),
+                   topk_ids=pad(res.topk_ids, -1), topk_weights=pad(res.topk_weights, 0))
 
 
 def combine_token_major(num_tokens: int, hidden: int, parts: list[tuple[np.ndarray, np.ndarray]],

@@ -35,7 +35,8 @@ def info_layout(L: int, W: int) -> dict[str, int]:
     lay["recv_prefix"] = lay["recv_n"] + W
     lay["src_T"] = lay["recv_prefix"] + W + 1
     lay["peer_row"] = lay["src_T"] + W      # [E]: device only, the host mirror holds the fields before it
-    lay["size"] = lay["peer_row"] + W * L
+    lay["rank_prefix"] = lay["peer_row"] + W * L   # [W, W]: tokens sources 0..i send to rank j (DeepEP's matrix)
+    lay["size"] = lay["rank_prefix"] + W * W
     lay["host_bad"] = lay["peer_row"]
     lay["host_size"] = lay["peer_row"] + 2
     return lay
@@ -73,7 +74,7 @@ def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
 def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtLayout:
     T = cfg.max_tokens_per_rank
     max_chunks = -(-T // HT_CHUNK_TOKENS)
-    cnt_stride = round_up(COUNT_SLOT.itemsize + 4 * cfg.num_experts, 16)   # CountSlot, then counts[E]
+    cnt_stride = round_up(COUNT_SLOT.itemsize + 4 * (cfg.num_experts + world), 16)   # CountSlot, counts[E + W]
     barrier_offset = 0
     cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
     dflag_offset = round_up(cnt_offset + world * cnt_stride, 128)

@@ -30,7 +30,8 @@ BARRIER_PARAMS = _struct(("sig_peers", _P), ("err", _P), ("generation", _P), ("t
 
 HT_ROUTE_PARAMS = _struct(
     ("topk_ids", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("chunk_cnt", _P), ("bad", _P),
-    ("info", _P), ("host_epoch", _P), ("host_info", _P), ("sig_peers", _P), ("err", _P), ("epoch", _U64), ("timeout_ns", _U64), ("cnt_offset", _U64),
+    ("info", _P), ("host_epoch", _P), ("host_info", _P), ("sig_peers", _P), ("err", _P), ("epoch_ctr", _P),
+    ("epoch", _U64), ("timeout_ns", _U64), ("cnt_offset", _U64),
     ("cnt_stride", _I), ("ids_64", _I), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
     ("num_experts", _I), ("local_experts", _I), ("nchunks", _I), ("alignment", _I), ("expert_major", _I),
     ("reserved", _I))
@@ -44,13 +45,15 @@ HT_DISPATCH_PARAMS = _struct(
     ("out_scale_col_stride", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
     ("local_experts", _I), ("row_bytes", _I), ("slot_bytes", _I), ("max_tokens", _I), ("chunk_tokens", _I),
     ("max_chunks", _I), ("meta_stride", _I), ("send_blocks", _I), ("send_warps", _I), ("scale_count", _I),
-    ("scale_elem", _I), ("scale_slot_off", _I), ("out_scale_block", _I), ("token_major", _I))
+    ("scale_elem", _I), ("scale_slot_off", _I), ("out_scale_block", _I), ("token_major", _I), ("pad_rows", _I))
 
 HT_COMBINE_PARAMS = _struct(
     ("expert_out", _P), ("recv_rows", _P), ("recv_w", _P), ("send_pos", _P), ("info", _P), ("data_peers", _P),
     ("partial_peers", _P), ("own_partial", _P), ("out", _P), ("w_peers", _P), ("own_w", _P), ("out_w", _P),
-    ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
-    ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I), ("item_lo", _I), ("item_hi", _I), ("skip_own", _I))
+    ("land_peers", _P), ("wland_peers", _P), ("err", _P), ("timeout_ns", _U64), ("rank", _I), ("world", _I),
+    ("num_tokens", _I), ("topk", _I),
+    ("local_experts", _I), ("row_bytes", _I), ("max_tokens", _I), ("item_lo", _I), ("item_hi", _I), ("skip_own", _I),
+    ("own_at_prefix", _I))
 
 LL_PARAMS = _struct(
     ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("copy_out", _P),

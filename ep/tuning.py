@@ -157,7 +157,7 @@ HT_ENTRIES = {
     "barrier.cu": ("ep_barrier",),
     "ht_layout.cu": ("ht_route_count", "ht_route_exchange", "ht_route_positions"),
     "ht_dispatch.cu": ("ht_dispatch",),
-    "ht_combine.cu": ("ht_combine_reduce", "ht_combine_gather", "ht_combine_sum"),
+    "ht_combine.cu": ("ht_combine_reduce", "ht_combine_gather", "ht_combine_sum", "ht_token_major_push"),
 }
 LL_PAYLOADS = ("bf16", "fp8", "fp8_pow2", "fp8_ue8m0")   # cuda_src/common/fp8.cuh Fp8Mode, in order
 LL_ENTRIES = {

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import arrays, reference
 from .calls import CombineCall, DispatchCall
-from .config import DispatchHandle
+from .config import DispatchHandle, DispatchLayout
 from .errors import CapacityError, EPError, InvalidStateError
 
 
@@ -154,7 +154,8 @@ def _cast_mode(comm, cast) -> int:
 
 
 def dispatch_call(comm, x, topk_ids, weights, scales, previous_handle,
-                  output_buffer, stream, cast=None, cumulative_counts=None, return_recv_hook=False) -> DispatchCall:
+                  output_buffer, stream, cast=None, cumulative_counts=None, return_recv_hook=False,
+                  worst_case=False) -> DispatchCall:
     cfg = comm.config
     gpu = comm.backend == "gpu"
     fw = arrays.framework_of(x, "x")
@@ -215,9 +216,16 @@ def dispatch_call(comm, x, topk_ids, weights, scales, previous_handle,
         ci = arrays.check_array(cumulative_counts, "cumulative_counts", shape=(comm.num_local_experts,),
                                 dtypes=("int32", "int64"), device=dev, fw=fw)
     _check_recv_hook(comm, "dispatch", return_recv_hook)
+    if worst_case:
+        if cfg.mode != "ht" or cfg.layout is not DispatchLayout.TOKEN_MAJOR:
+            raise arrays.argument_error(ValueError, "worst_case", "worst_case applies to mode='ht' with "
+                                                                  "output_layout=TOKEN_MAJOR only")
+        if previous is not None:
+            raise arrays.argument_error(ValueError, "worst_case", "worst_case: a cached dispatch takes the layout "
+                                                                  "of its previous_handle; pass worst_case=False")
     return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
                         stream=_stream(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
-                        recv_hook=return_recv_hook, scales=si)
+                        recv_hook=return_recv_hook, scales=si, worst_case=bool(worst_case))
 
 
 def _scaled_payload(comm, x, scales, fw: str):
@@ -289,7 +297,6 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
         ready, target = overlap.check(comm, fw)
     wi = None
     if topk_weights is not None:
-        from .config import DispatchLayout
         if cfg.layout is not DispatchLayout.TOKEN_MAJOR:
             raise arrays.argument_error(ValueError, "topk_weights", "topk_weights applies to the TOKEN_MAJOR layout")
         _same_framework(topk_weights, "topk_weights", fw, like="expert_output")

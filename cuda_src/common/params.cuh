@@ -18,7 +18,7 @@ struct BarrierParams {
 };
 
 // One source's count slot in the HT count exchange (cnt_offset + source * cnt_stride of each signal
-// buffer); i32 counts[E] follow it (the source's rows per global expert).
+// buffer); i32 counts[E + W] follow it (the source's rows per global expert, then its tokens per rank).
 struct CountSlot {
   u64 epoch;              // the exchange this slot belongs to (release-stored last)
   i32 tokens_to_you;      // tokens the source sends to the slot's owner
@@ -40,7 +40,10 @@ struct HtRouteParams {
   i32* host_info;         // mapped pinned: copy of info + {bad_index, bad_value}
   const u64* sig_peers;   // [W]
   ErrorRecord* err;
-  u64 epoch;
+  u64* epoch_ctr;         // [1] exchanges run (advanced by ht_route_exchange, so CUDA graph replays advance it
+                          // too): the slots' epoch is this + 1
+  u64 epoch;              // the host's number of this launch, published in host_epoch (a replay republishes
+                          // its captured number, which no host waits for)
   u64 timeout_ns;
   u64 cnt_offset;         // byte offset of the count slots in the signal buffer
   i32 cnt_stride;         // bytes per source's count slot: CountSlot, then i32 counts[E]
@@ -106,6 +109,8 @@ struct HtDispatchParams {
   i32 scale_slot_off;     // where a slot's scales start
   i32 out_scale_block;    // rows per block of out_scales (EXPERT_MAJOR: the capacity; else INT_MAX)
   i32 token_major;        // 1: TOKEN_MAJOR output (row = received item; recv_rows hold local experts)
+  i32 pad_rows;           // TOKEN_MAJOR worst case: the output's rows; recv_rows/recv_w rows [n_recv, pad_rows)
+                          // get -1 / 0 (0: the output has exactly n_recv rows)
 };
 
 struct HtCombineParams {
@@ -121,6 +126,8 @@ struct HtCombineParams {
   const u64* w_peers;     // TOKEN_MAJOR weights: [W] where peer d's weight rows of our tokens lie, or nullptr
   const float* own_w;     // TOKEN_MAJOR weights: our own tokens' weight rows
   float* out_w;           // TOKEN_MAJOR weights: [T, K] their sums
+  const u64* land_peers;  // TOKEN_MAJOR worst case: [W] every rank's landing buffer (ht_token_major_push)
+  const u64* wland_peers; // TOKEN_MAJOR worst case: [W] every rank's weight landing buffer, or nullptr
   ErrorRecord* err;
   u64 timeout_ns;
   i32 rank;
@@ -133,6 +140,8 @@ struct HtCombineParams {
   i32 item_lo;            // reduce: the received items [item_lo, item_hi) of this launch
   i32 item_hi;
   i32 skip_own;           // reduce: 1 = leave out our own tokens (the pull gather folds them itself)
+  i32 own_at_prefix;      // TOKEN_MAJOR: 1 = own_partial / own_w point at row 0 of the caller's arrays and our
+                          // own block starts at info's recv_prefix[rank] (the host does not know it)
 };
 
 struct LLParams {
@@ -216,12 +225,12 @@ struct LLCountSlot {
 // The host mirror adds {bad flat index, bad value} after peer_row.
 struct InfoLayout {
   int invalid_mask, total_rows, capacity, n_recv_total;
-  int counts, base, src_base, recv_n, recv_prefix, src_T, peer_row, size;
+  int counts, base, src_base, recv_n, recv_prefix, src_T, peer_row, rank_prefix, size;
   __host__ __device__ constexpr InfoLayout(int L, int W)
       : invalid_mask(0), total_rows(1), capacity(2), n_recv_total(3), counts(4), base(4 + L),
         src_base(4 + L + L + 1), recv_n(4 + 2 * L + 1 + W * L), recv_prefix(4 + 2 * L + 1 + W * L + W),
         src_T(4 + 2 * L + 1 + W * L + 2 * W + 1), peer_row(4 + 2 * L + 1 + W * L + 3 * W + 1),
-        size(4 + 2 * L + 1 + W * L + 3 * W + 1 + W * L) {}
+        rank_prefix(4 + 2 * L + 1 + 2 * W * L + 3 * W + 1), size(4 + 2 * L + 1 + 2 * W * L + 3 * W + 1 + W * W) {}
 };
 
 // Per-token metadata that rides along with a dispatched token (meta buffer entry).

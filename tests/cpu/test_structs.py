@@ -146,7 +146,7 @@ def test_info_layout_offsets_match_the_c_struct(L, W):
     lay = sizes.info_layout(L, W)
     lines = [f"static_assert(ep::InfoLayout({L}, {W}).{name} == {lay[name]}, \"{name}\");"
              for name in ("invalid_mask", "total_rows", "capacity", "n_recv_total", "counts", "base", "src_base",
-                          "recv_n", "recv_prefix", "src_T", "peer_row", "size")]
+                          "recv_n", "recv_prefix", "src_T", "peer_row", "rank_prefix", "size")]
     ok, log = nvrtc_compile(PRELUDE + "\n".join(lines) + "\n")
     assert ok, log
 
@@ -157,14 +157,14 @@ def test_info_layout_offsets_match_the_c_struct(L, W):
 def test_info_layout_is_contiguous_with_the_documented_size(L, W):
     lay = sizes.info_layout(L, W)
     lengths = {"invalid_mask": 1, "total_rows": 1, "capacity": 1, "n_recv_total": 1, "counts": L, "base": L + 1,
-               "src_base": W * L, "recv_n": W, "recv_prefix": W + 1, "src_T": W, "peer_row": W * L}
+               "src_base": W * L, "recv_n": W, "recv_prefix": W + 1, "src_T": W, "peer_row": W * L, "rank_prefix": W * W}
     order = sorted(lengths, key=lambda name: lay[name])
     assert order == list(lengths), "fields in the order of InfoLayout in params.cuh"
     position = 0
     for name in order:
         assert lay[name] == position, name
         position += lengths[name]
-    assert lay["size"] == position == 4 + 2 * L + 1 + 2 * W * L + 3 * W + 1
+    assert lay["size"] == position == 4 + 2 * L + 1 + 2 * W * L + 3 * W + 1 + W * W
 
 
 # ---------------------------------------------------------------------------------- buffer arithmetic
@@ -184,7 +184,7 @@ def test_signal_regions_are_aligned_and_disjoint(mode, world):
         regions = [(lay.barrier_offset, constants.BARRIER_SLOTS * 8), (lay.cnt_offset, world * lay.cnt_stride),
                    (lay.dflag_offset, world * lay.max_chunks * 8), (lay.drange_offset, world * lay.max_chunks * 8)]
         assert lay.max_chunks == -(-1000 // constants.HT_CHUNK_TOKENS)
-        assert lay.cnt_stride >= structs.COUNT_SLOT.itemsize + 4 * cfg.num_experts
+        assert lay.cnt_stride >= structs.COUNT_SLOT.itemsize + 4 * (cfg.num_experts + world)
         assert lay.cnt_stride % 16 == 0
         assert lay.data_bytes == world * 1000 * 7168 * 2
         assert lay.meta_bytes == world * 1000 * sizes.meta_stride(8)

@@ -80,3 +80,74 @@ def test_a_graph_of_cached_dispatch_mlp_and_combine_replays_bit_exactly_between_
             ref.close()
 
     collective(world, body)
+
+
+def test_a_graph_of_worst_case_dispatch_and_combine_replays_new_routings_bit_exactly(world, session_seed):
+    """worst_case=True: an uncached TOKEN_MAJOR dispatch (routing and count exchange included) and its combine
+    captured once, replayed with new tokens, routings and weights written into the captured inputs; eager
+    calls in between. Rows past the received ones: ids -1, weights 0; rank_prefix as the reference's."""
+    multi_rank(world)
+    torch = pytest.importorskip("torch")
+
+    def body():
+        cfg, gpu, ref = build(world, "ht", 8 * world.size, 1024, 4, 64, "token_major")
+        T_mine, N = 40 + 5 * (world.rank % 4), world.size * 64
+
+        def inputs(call):
+            x, ids, w = make_inputs(session_seed, world.rank, 200 + call, T_mine, cfg, "skewed", 0.15, True, True)
+            return x, ids, w
+
+        def dev(x, ids, w):
+            return (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16), torch.from_numpy(ids).cuda(),
+                    torch.from_numpy(w).cuda())
+
+        def check(out, combined, x, ids, w, what):
+            want, want_handle = ref.dispatch(x, ids, w)
+            n = np.asarray(want.tokens).shape[0]
+            msg = f"seed={session_seed} rank={world.rank} {what}"
+            rid, rw = to_numpy(out.topk_ids), to_numpy(out.topk_weights)
+            assert rid.shape == (N, cfg.topk) and to_numpy(out.tokens).shape == (N, cfg.hidden_size), msg
+            assert np.array_equal(to_numpy(out.tokens)[:n], want.tokens), msg
+            assert np.array_equal(rid[:n], want.topk_ids) and (rid[n:] == -1).all(), msg
+            assert np.array_equal(rw[:n], want.topk_weights) and (rw[n:] == 0).all(), msg
+            assert np.array_equal(to_numpy(out.num_tokens_per_expert), want.num_tokens_per_expert), msg
+            assert np.array_equal(to_numpy(out.rank_prefix), np.asarray(want.rank_prefix)), msg
+            y = (np.asarray(want.tokens).view(np.uint16).astype(np.uint32) << 16).view(np.float32) * 2
+            y = (y.view(np.uint32) >> 16).astype(np.uint16)   # x2 is exact in bf16
+            want_y, want_w = ref.combine(y, want_handle, topk_weights=np.asarray(want.topk_weights))
+            got_y, got_w = combined
+            assert np.array_equal(to_numpy(got_y), np.asarray(want_y)), msg + " combine"
+            assert np.array_equal(to_numpy(got_w), np.asarray(want_w)), msg + " combined weights"
+
+        try:
+            x0, ids0, w0 = inputs(0)
+            xd, idsd, wd = dev(x0, ids0, w0)
+            out, handle = gpu.dispatch(xd, idsd, wd, worst_case=True)      # eager first
+            check(out, gpu.combine(out.tokens * 2, handle, topk_weights=out.topk_weights), x0, ids0, w0, "eager")
+            assert out.num_tokens_per_expert_host is None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g_out, g_handle = gpu.dispatch(xd, idsd, wd, worst_case=True)
+                g_comb = gpu.combine(g_out.tokens * 2, g_handle, topk_weights=g_out.topk_weights)
+            for call in range(1, 5):
+                x, ids, w = inputs(call)
+                for d, h in zip((xd, idsd, wd), dev(x, ids, w)):
+                    d.copy_(h)
+                graph.replay()
+                if call == 2:
+                    graph.replay()
+                torch.cuda.synchronize()
+                check(g_out, g_comb, x, ids, w, f"replay {call}")
+                if call % 2:   # eager calls in between: a host-sized dispatch and a worst-case one
+                    xe, idse, we = inputs(10 + call)
+                    e_out, e_handle = gpu.dispatch(*dev(xe, idse, we))
+                    gpu.combine(e_out.tokens, e_handle)
+                    w_out, w_handle = gpu.dispatch(*dev(xe, idse, we), worst_case=True)
+                    check(w_out, gpu.combine(w_out.tokens * 2, w_handle, topk_weights=w_out.topk_weights),
+                          xe, idse, we, f"eager after replay {call}")
+        finally:
+            torch.cuda.synchronize()
+            gpu.close()
+            ref.close()
+
+    collective(world, body)

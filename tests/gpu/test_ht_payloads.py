@@ -131,6 +131,7 @@ def test_token_major_dispatch_and_combine_match_the_reference_bit_exactly(world,
                 rid, rw = to_numpy(out.topk_ids), to_numpy(out.topk_weights)
                 assert np.array_equal(rid, np.asarray(want.topk_ids)), msg
                 assert np.array_equal(rw, np.asarray(want.topk_weights)), msg
+                assert np.array_equal(to_numpy(out.rank_prefix), np.asarray(want.rank_prefix)), msg
                 # The caller's experts: a row's output is its weighted sum over this rank's experts (any function
                 # of the row and its local slots; here sum_k w * 2^(e%3) * x, computed in float32).
                 f = bf16_to_f32(tokens)

@@ -633,6 +633,7 @@ def test_token_major_combine_sums_the_callers_rows_in_rank_order(mpi, communicat
         assert np.array_equal(np.asarray(out.expert_offsets), ref.offsets)
         assert np.array_equal(np.asarray(out.topk_ids), ref.topk_ids)
         assert np.array_equal(np.asarray(out.topk_weights), ref.topk_weights)
+        assert np.array_equal(np.asarray(out.rank_prefix), rank_prefix_of(inp.idss, cfg.num_experts, W))
     # the caller's experts: row i = sum_k w[i,k] * c_e * x_i over its local experts (any function would do)
     ys = [f32_to_bf16(bf16_to_f32(L.tokens) * np.float32(d + 2)) for d, L in enumerate(layouts)]
     ws = [np.asarray(L.topk_weights) for L in layouts]
@@ -648,6 +649,68 @@ def test_token_major_combine_sums_the_callers_rows_in_rank_order(mpi, communicat
         else:
             got_y = got
         check_combine(got_y, want[0], inp.x.shape[0], 32)
+
+
+def rank_prefix_of(idss: list, num_experts: int, W: int) -> np.ndarray:
+    """[i, j] = the tokens ranks 0..i send to rank j (each token once per rank it routes to)."""
+    sent = np.array([reference.routed_ranks(ids, num_experts, W).sum(axis=0) for ids in idss]).reshape(W, W)
+    return np.cumsum(sent, axis=0).astype(np.int32)
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["rows", "rows_and_weights"])
+def test_a_worst_case_token_major_dispatch_has_every_row_a_rank_can_receive_and_combines_the_same(mpi, communicators,
+                                                                                                   weights):
+    """worst_case: W * T_max rows (past the received ones: ids -1, weights 0), no host counts, the same
+    rank_prefix; a cached dispatch of its handle pads alike; combine ignores the rows past the received ones."""
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=32, topk=3, t_max=8, layout=DispatchLayout.TOKEN_MAJOR)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 3)[r], drop=0.2, repeat=True)
+    N = W * 8
+    layouts = reference.dispatch_world(inp.xs, inp.idss, inp.ws, cfg.num_experts, 32, 1, DispatchLayout.TOKEN_MAJOR)
+    ref = layouts[r]
+    n = ref.tokens.shape[0]
+    out, handle = comm.dispatch(inp.x, inp.ids, inp.w, worst_case=True)
+    again, _ = comm.dispatch(f32_to_bf16(bf16_to_f32(inp.x) * 2), inp.ids, previous_handle=handle)
+    with mpi.checking("worst-case TOKEN_MAJOR dispatch"):
+        for got in (out, again):
+            assert np.asarray(got.tokens).shape == (N, 32)
+            ids, w = np.asarray(got.topk_ids), np.asarray(got.topk_weights)
+            assert np.array_equal(ids[:n], ref.topk_ids) and (ids[n:] == -1).all()
+            want_w = ref.topk_weights if got is out else (ref.topk_ids >= 0).astype(np.float32)   # cached: no weights
+            assert np.array_equal(w[:n], want_w) and (w[n:] == 0).all()
+            assert got.num_tokens_per_expert_host is None
+            assert np.array_equal(np.asarray(got.num_tokens_per_expert), ref.counts)
+            assert np.array_equal(np.asarray(got.rank_prefix), rank_prefix_of(inp.idss, cfg.num_experts, W))
+        assert np.array_equal(np.asarray(out.tokens)[:n], ref.tokens)
+        assert np.array_equal(bf16_to_f32(np.asarray(again.tokens)[:n]), bf16_to_f32(ref.tokens) * 2)
+    ys = [f32_to_bf16(bf16_to_f32(L.tokens) * np.float32(d + 2)) for d, L in enumerate(layouts)]
+    ws = [np.asarray(L.topk_weights) for L in layouts]
+    y = np.concatenate([ys[r], mpi.rng(7).integers(0, 2**16, (N - n, 32), dtype=np.uint16)])   # garbage past n
+    wy = np.concatenate([ws[r], np.full((N - n, 3), np.nan, np.float32)]) if weights else None
+    got = comm.combine(y, handle, topk_weights=wy)
+    with mpi.checking("worst-case TOKEN_MAJOR combine"):
+        want = reference.combine_token_major_world(ys, layouts, inp.idss, cfg.num_experts, 32, ws if weights else None)[r]
+        if weights:
+            got, got_w = got
+            assert np.array_equal(np.asarray(got_w), want[1])
+        check_combine(got, want[0], inp.x.shape[0], 32)
+
+
+def test_worst_case_is_an_uncached_token_major_request(mpi, communicators):
+    W = mpi.size
+    flat = communicators(small("ht", W))
+    inp = draw_inputs(mpi, flat.config, 4)
+    mpi.raises(ValueError, flat.dispatch, inp.x, inp.ids, inp.w, worst_case=True, match="TOKEN_MAJOR only")
+    tm = communicators(make_config("ht", world=W, hidden=16, topk=2, t_max=8, layout=DispatchLayout.TOKEN_MAJOR))
+    inp = draw_inputs(mpi, tm.config, 4)
+    _, handle = tm.dispatch(inp.x, inp.ids, inp.w)
+    mpi.raises(ValueError, tm.dispatch, inp.x, inp.ids, previous_handle=handle, worst_case=True,
+               match="takes the layout of its previous_handle")
+    out, _ = tm.dispatch(inp.x, inp.ids, inp.w, worst_case=True)   # still usable
+    ref = reference.dispatch_world(inp.xs, inp.idss, inp.ws, tm.config.num_experts, 16, 1, DispatchLayout.TOKEN_MAJOR)
+    with mpi.checking("the call after the refusals"):
+        assert np.array_equal(np.asarray(out.tokens)[:ref[mpi.rank].tokens.shape[0]], ref[mpi.rank].tokens)
 
 
 def test_output_buffer_is_refused_in_ht(mpi, communicators):
