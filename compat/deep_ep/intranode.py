@@ -3,16 +3,17 @@
 TOKEN_MAJOR is DeepEP's receive layout: one row per (source token, this rank), rows ordered by source rank then
 source token, ``topk_ids`` local or -1 in the source's slot order, weights 0 at -1; combine sums the caller's
 rows per source token in rank order (fp32, one rounding). What this module adds:
-- one host all-gather per uncached dispatch of every rank's token count and ``num_tokens_per_rank``: it gives
-  the handle's ``rank_prefix_matrix`` exactly and lets every rank grow ep's buffers together (outside CUDA-graph
-  capture) when a batch is larger than any before (DeepEP callers never state a token maximum);
+- one host all-gather per uncached dispatch of every rank's token count and ``num_tokens_per_rank``: it lets
+  every rank grow ep's buffers together (outside CUDA-graph capture) when a batch is larger than any before
+  (DeepEP callers never state a token maximum), and gives the host the received row count;
 - counts rounded up to ``expert_alignment`` in Python (ep's rows are never padded in TOKEN_MAJOR);
-- ``num_worst_tokens`` padding (rows past the real ones: idx -1, weight 0);
+- ``num_worst_tokens``: no host wait at all (ep's worst_case dispatch on a communicator of
+  ``num_worst_tokens // R`` tokens per rank, the same on every rank), so dispatch and combine capture in CUDA
+  graphs; rows past the real ones: idx -1, weight 0;
 - a dispatch without top-k (``is_token_in_rank`` only) routes each token to one stand-in expert per rank.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ep import DispatchLayout, MoECommunicator, MoECommunicatorConfig
@@ -27,10 +28,11 @@ class HtHandle(tuple):
     to each rank), [4] is_token_in_rank; the channel matrices, recv_src_idx and send_head DeepEP keeps for its
     own kernels are None. Valid for as long as it is referenced, across later dispatches."""
 
-    def __new__(cls, rank_prefix_matrix, is_token_in_rank, comm, ep_handle, ids, num_recv, num_worst, has_topk):
+    def __new__(cls, rank_prefix_matrix, is_token_in_rank, comm, ep_handle, ids, ep_rows, num_worst, has_topk):
         self = super().__new__(cls, (rank_prefix_matrix, None, None, None, is_token_in_rank, None))
         self.comm, self.ep_handle, self.ids = comm, ep_handle, ids
-        self.num_recv, self.num_worst, self.has_topk = num_recv, num_worst, has_topk
+        # ep_rows: the rows ep's handle takes (the received rows; a worst-case one: R * its tokens per rank)
+        self.ep_rows, self.num_worst, self.has_topk = ep_rows, num_worst, has_topk
         return self
 
 
@@ -47,16 +49,19 @@ class Intranode:
         self.comms: dict = {}
         self.retired: list = []
 
-    def communicator(self, num_experts: int, hidden: int, topk: int, num_tokens: int) -> MoECommunicator:
-        key = (num_experts, hidden, topk)
+    def communicator(self, num_experts: int, hidden: int, topk: int, num_tokens: int, worst: int = 0) -> MoECommunicator:
+        """The communicator for a batch of ``num_tokens`` on this rank (collective when it is built: every rank
+        asks for the same one); ``worst``: a num_worst_tokens dispatch's, of exactly worst // R tokens per rank."""
+        key = (num_experts, hidden, topk) + ((worst,) if worst else ())
         comm = self.comms.get(key)
-        if comm is not None and comm.config.max_tokens_per_rank >= num_tokens:
+        if comm is not None and (worst or comm.config.max_tokens_per_rank >= num_tokens):
             return comm
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"deep_ep on ep: a dispatch of {num_tokens} tokens needs larger buffers, which cannot "
                                "be allocated during CUDA-graph capture; run one such batch eagerly first")
+        per_rank = worst // self.buf.group_size if worst else capacity_for(num_tokens)
         cfg = MoECommunicatorConfig(mode="ht", num_experts=num_experts, hidden_size=hidden, topk=topk,
-                                    max_tokens_per_rank=capacity_for(num_tokens), num_sms=max(self.buf.num_sms, 2),
+                                    max_tokens_per_rank=per_rank, num_sms=max(self.buf.num_sms, 2),
                                     output_layout=DispatchLayout.TOKEN_MAJOR)
         new = MoECommunicator(cfg, self.buf._group, backend=self.buf._backend)
         if comm is not None:
@@ -80,13 +85,16 @@ class Intranode:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the {R} ranks")
         plan = StreamPlan(self.buf._backend, topk_idx.device, previous_event, async_finish)
         with plan.run_on_comm():
+            # Device ops only, none of them waits on the host (no boolean indexing, no bincount): capturable.
             valid = topk_idx >= 0
             rank_of = torch.where(valid, topk_idx // (num_experts // R), R)
             ranks = torch.arange(R, device=topk_idx.device, dtype=rank_of.dtype)
             is_token_in_rank = (rank_of.unsqueeze(-1) == ranks).any(dim=1)
             num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
-            per_expert = torch.bincount(topk_idx[valid].to(torch.int64), minlength=num_experts)
-            num_tokens_per_expert = per_expert.to(torch.int32)
+            slots = torch.where(valid, topk_idx, num_experts).reshape(-1).to(torch.int64)
+            per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
+            per_expert.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+            num_tokens_per_expert = per_expert[:num_experts]
         event = plan.finish((num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
         return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
 
@@ -120,22 +128,27 @@ class Intranode:
             ranks = torch.arange(R, device=is_token_in_rank.device, dtype=torch.int64)
             ids = torch.where(is_token_in_rank, ranks, torch.full_like(ranks, -1))
             weights = None
-        wait_on_host(previous_event)     # the counts below may come from a layout still running
-        sent = [int(v) for v in num_tokens_per_rank.tolist()]
-        everyone = self.buf._group.allgather((T, sent), "deep_ep dispatch sizes")
-        comm = self.communicator(E, H, ids.shape[1], max(t for t, _ in everyone))
-        matrix = np.cumsum(np.array([s for _, s in everyone], dtype=np.int64).reshape(R, R), axis=0)
-        num_recv = int(matrix[R - 1, rank])
+        worst = int(num_worst_tokens or 0)
+        if worst:
+            if worst < R:
+                raise ValueError(f"num_worst_tokens ({worst}) must be at least the {R} ranks (it bounds every rank's "
+                                 f"tokens by num_worst_tokens // {R})")
+            comm = self.communicator(E, H, ids.shape[1], T, worst)
+            ep_rows = R * comm.config.max_tokens_per_rank
+        else:
+            wait_on_host(previous_event)     # the counts below may come from a layout still running
+            sent = [int(v) for v in num_tokens_per_rank.tolist()]
+            everyone = self.buf._group.allgather((T, sent), "deep_ep dispatch sizes")
+            comm = self.communicator(E, H, ids.shape[1], max(t for t, _ in everyone))
+            ep_rows = int(sum(s[rank] for _, s in everyone))
         plan = StreamPlan(self.buf._backend, payload.device, previous_event, async_finish)
         if plan.on_comm:
-            out, eh, _ = comm.dispatch_async(payload, ids, weights, scales, previous_event=plan.previous)
+            out, eh, _ = comm.dispatch_async(payload, ids, weights, scales, previous_event=plan.previous,
+                                             worst_case=bool(worst))
         else:
-            out, eh = comm.dispatch(payload, ids, weights, scales)
-        worst = int(num_worst_tokens or 0)
-        if worst and worst < num_recv:
-            raise ValueError(f"num_worst_tokens ({worst}) is below the {num_recv} rows this rank receives")
+            out, eh = comm.dispatch(payload, ids, weights, scales, worst_case=bool(worst))
         with plan.post():
-            prefix = torch.as_tensor(matrix.astype(np.int32), device=payload.device)
+            prefix = out.rank_prefix
             recv_x = _pad_rows(out.tokens, worst)
             recv_scales = None if scales is None else _pad_rows(out.scales, worst)
             recv_idx = recv_w = None
@@ -144,9 +157,9 @@ class Intranode:
                 recv_w = _pad_rows(out.topk_weights, worst, fill=0)
         counts = [] if worst else [-(-c // expert_alignment) * expert_alignment for c in out.num_tokens_per_expert_host]
         if not has_topk:
-            counts = [] if worst else [num_recv]
+            counts = [] if worst else [ep_rows]
         event = plan.finish((recv_x, recv_scales, recv_idx, recv_w, prefix))
-        new_handle = HtHandle(prefix, is_token_in_rank, comm, eh, ids, num_recv, worst, has_topk)
+        new_handle = HtHandle(prefix, is_token_in_rank, comm, eh, ids, ep_rows, worst, has_topk)
         recv = recv_x if scales is None else (recv_x, recv_scales)
         return recv, recv_idx, recv_w, counts, new_handle, event
 
@@ -172,7 +185,7 @@ class Intranode:
         if bias is not None:
             raise NotImplementedError("combine(bias=...): adding a bias in combine is not supported by deep_ep on ep; "
                                       "add it to the result")
-        n = handle.num_recv
+        n = handle.ep_rows
         if handle.num_worst and x.shape[0] == handle.num_worst:
             x = x[:n]
             topk_weights = None if topk_weights is None else topk_weights[:n]

@@ -222,6 +222,12 @@ def test_num_worst_tokens_pads_with_unused_rows_and_combine_takes_the_padded_row
     combined, _, _ = buf.combine(recv_x, handle)
     with mpi.checking("combine of padded rows"):
         assert np.array_equal(bits_of(combined), expected_sum_over_ranks(world))
+    # num_worst_tokens bounds every rank's tokens by num_worst_tokens // R: more raise on every rank
+    with pytest.raises(ValueError, match="exceed max_tokens_per_rank|failed the input checks"):
+        ht_dispatch(buf, world, worst=2 * mpi.size)
+    recv_x, recv_idx, recv_w, counts, handle, _ = ht_dispatch(buf, world, worst=worst)
+    with mpi.checking("the dispatch after the refusal"):
+        check_ht_dispatch(world, recv_x, recv_idx, recv_w, counts, handle, worst=worst)
 
 
 def test_ranks_with_zero_tokens_dispatch_and_combine(mpi, buffers):
@@ -435,6 +441,39 @@ def test_ll_dispatch_and_combine_capture_in_a_cuda_graph_and_replay_with_new_tok
         refs = ll_reference(world)
         with mpi.checking(f"replay {call}"):
             check_ll_combine(world, combined, expert_outputs(refs), refs)
+
+
+def test_ht_dispatch_with_num_worst_tokens_captures_in_a_cuda_graph_and_replays_new_routings(mpi, buffers):
+    """num_worst_tokens: layout, dispatch and combine wait on nothing on the host, so a CUDA graph of them
+    replays with new tokens and new routings written into the captured inputs."""
+    buf = buffers()
+    if buf._backend != "gpu":
+        pytest.skip("CUDA graphs need the GPU backend")
+    worst = 16 * mpi.size
+    first = World(mpi, device_of(buf), token_count(mpi), call=0)
+    x, ids, w = first.x.clone(), first.ids.clone(), first.w.clone()
+
+    def step():
+        ntpr, _, ntpe, itr, _ = buf.get_dispatch_layout(ids, first.E)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=ntpr, is_token_in_rank=itr, num_tokens_per_expert=ntpe, topk_idx=ids,
+            topk_weights=w, num_worst_tokens=worst)
+        combined, _, _ = buf.combine(recv_x, handle)
+        return recv_x, recv_idx, recv_w, counts, handle, combined
+    step()                       # builds the communicator outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for call in (1, 2, 3):
+        world = World(mpi, device_of(buf), token_count(mpi), call=call)   # same token count, new routing
+        x.copy_(world.x), ids.copy_(world.ids), w.copy_(world.w)
+        graph.replay()
+        torch.cuda.synchronize()
+        recv_x, recv_idx, recv_w, counts, handle, combined = outs
+        with mpi.checking(f"replay {call}"):
+            check_ht_dispatch(world, recv_x, recv_idx, recv_w, counts, handle, worst=worst)
+            assert np.array_equal(bits_of(combined), expected_sum_over_ranks(world))
 
 
 def test_internal_tensors_ignore_torch_default_dtype(mpi, buffers):
