@@ -8,7 +8,7 @@ import logging
 import warnings
 import weakref
 
-from . import envs, internode, sizes, tuning, validation
+from . import envs, internode, jit, sizes, tuning, validation
 from .bootstrap import Group, bind_device, make_group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchHandle, MoECommunicatorConfig
@@ -138,9 +138,8 @@ class MoECommunicator:
         _open.add(self)
 
     def _bind(self, eff: MoECommunicatorConfig, knobs) -> tuple[int, tuning.Tuning]:
-        from .runtime_base import sm_count
         device = bind_device(self._group, eff.shared_gpu)
-        return device, tuning.resolve(eff, self._group.size, knobs, sms=sm_count())
+        return device, tuning.resolve(eff, self._group.size, knobs, sms=jit.sm_count())
 
     def _agree_on_config(self, eff: MoECommunicatorConfig, knobs) -> None:
         mine = dict(_flat_fields(eff), backend=self._backend, debug_checks=repr(knobs.debug_checks),

@@ -209,6 +209,12 @@ def cached_cubin(variant: KernelVariant, arch: str, snapshot: envs.Snapshot | No
     return path, True
 
 
+def sm_count() -> int:
+    """SMs of the current CUDA device."""
+    import cupy
+    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+
+
 def device_arch() -> str:
     import cupy
     major, minor = cupy.cuda.Device().compute_capability[:-1], cupy.cuda.Device().compute_capability[-1]

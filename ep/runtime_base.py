@@ -138,11 +138,6 @@ def load_kernels(group: Group, wanted: Sequence[KernelSet]) -> dict:
     return kernels
 
 
-def sm_count() -> int:
-    import cupy
-    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-
-
 class Barrier:
     """ep_barrier with its generation counted on the device (so CUDA graph replays advance it too)."""
 

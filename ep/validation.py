@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import arrays, reference
+from . import arrays, jit, reference
 from .calls import CombineCall, DispatchCall
 from .config import DispatchHandle, DispatchLayout
 from .errors import CapacityError, EPError, InvalidStateError
@@ -290,8 +290,7 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
                                         "the MLP's signals, so it must leave the MLP SMs: set "
                                         "CommOverlapConfig(combine_num_sms=...) (e.g. 8-32)")
         if comm.backend == "gpu":
-            from .runtime_base import sm_count
-            if comm.tuning.ll.combine_blocks >= sm_count():
+            if comm.tuning.ll.combine_blocks >= jit.sm_count():
                 raise arrays.argument_error(ValueError, "overlap", f"overlap: combine_num_sms={sms} takes every SM; "
                                             "the MLP it waits for would never run")
         ready, target = overlap.check(comm, fw)
