@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__, bootstrap, envs
+from ..config import DispatchLayout
 from ..errors import ConfigError
 from . import ep_runs, procenv, report, timing, validate, workload
 
@@ -60,6 +61,11 @@ def parse_args(argv):
                    help="run even when ranks share a GPU (more ranks than GPUs): the figures then prove that the code "
                         "runs and is bit-exact, never its speed, and every row says so")
     p.add_argument("--no-baselines", action="store_true", help="time ep only")
+    p.add_argument("--layout", choices=("flat", "expert_major", "token_major"), default="flat",
+                   help="HT output layout (default flat); token_major is DeepEP's (one row per token and rank)")
+    p.add_argument("--worst-case", action="store_true",
+                   help="HT token_major: dispatch(worst_case=True): no host wait, W * T_max output rows; the uncached "
+                        "dispatch and its combine are also timed as CUDA-graph replays")
     p.add_argument("--owned-output", action="store_true",
                    help="HT: MoECommunicatorConfig(owned_output=True): dispatch writes into a communicator-owned output "
                         "(every section's tokens then view that one buffer)")
@@ -68,6 +74,8 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.worst_case and args.layout != "token_major":
+        p.error("--worst-case needs --layout token_major")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if not 0.0 <= args.drop < 1.0:
@@ -141,7 +149,9 @@ def _shape(mode: str, args, sweep_name: str | None, value: int | None) -> worklo
             base[key] = getattr(args, key)
     if sweep_name in ("tokens", "experts"):
         base[sweep_name] = value
-    return workload.Shape(mode=mode, dtype=args.dtype if mode == "ht" else "bf16", **base)
+    ht = mode == "ht"
+    return workload.Shape(mode=mode, dtype=args.dtype if ht else "bf16", layout=args.layout if ht else "expert_major",
+                          worst_case=args.worst_case and ht, **base)
 
 
 def _environment(ctx: Context) -> dict:
@@ -213,7 +223,9 @@ def _run_case(ctx: Context, shape: workload.Shape, sweep, baseline_cache: dict) 
         from .ep_runs import _cast
         ref, ref_combine = validate.reference_outputs(group, shape, inputs,
                                                       _cast(args.cast) if shape.mode == "ll" else None)
-        problems = validate.check_ep(snaps, ref, ref_combine, shape.mode) + validate.check_nccl(snaps, ref)
+        flat = ref if ref.layout is DispatchLayout.FLAT or "nccl dispatch" not in snaps else \
+            validate.flat_reference(group, shape, inputs)
+        problems = validate.check_ep(snaps, ref, ref_combine, shape.mode) + validate.check_nccl(snaps, flat)
         everyone = group.allgather(problems)
         case["validation"] = {"checked": True,
                               "problems": [f"rank {r}: {p}" for r, ps in enumerate(everyone) for p in ps]}

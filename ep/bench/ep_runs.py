@@ -7,7 +7,8 @@ Sections of one iteration (each after an L2 flush, a device synchronize and the 
 Then CUDA graphs, captured once and replayed once per iteration (GPU only): LL times dispatch -> (identity
 MLP: nothing) -> combine, captured after ``prepare()`` and one eager dispatch+combine; HT times a cached
 dispatch alone and a cached dispatch -> combine (A's handle; an uncached dispatch waits on the host, so it
-cannot be captured). A graph replay shows the ops without the host's Python in front of the kernels.
+cannot be captured), and with --worst-case (TOKEN_MAJOR, no host wait) the uncached dispatch alone and
+dispatch -> combine too. A graph replay shows the ops without the host's Python in front of the kernels.
 The expert MLP is the identity: combine takes the dispatch's ``tokens`` as the expert output.
 """
 from __future__ import annotations
@@ -18,16 +19,18 @@ from typing import Any
 import numpy as np
 
 from .. import MoECommunicator, MoECommunicatorConfig
-from ..config import CommOverlapConfig
+from ..config import CommOverlapConfig, DispatchLayout
 from . import report, timing
 from .workload import Shape, Volume
 
 
 def make_config(shape: Shape, num_sms: int, dispatch_nsm: int | None, combine_nsm: int | None,
                 owned_output: bool = False, shared_gpu: bool = False) -> MoECommunicatorConfig:
+    ht = shape.mode == "ht"
+    layout = {"output_layout": DispatchLayout(shape.layout)} if ht else {}
     return MoECommunicatorConfig(
         mode=shape.mode, num_experts=shape.experts, hidden_size=shape.hidden, topk=shape.topk,
-        max_tokens_per_rank=shape.tokens, num_sms=num_sms, owned_output=owned_output and shape.mode == "ht",
+        max_tokens_per_rank=shape.tokens, num_sms=num_sms, owned_output=owned_output and ht, **layout,
         overlap=CommOverlapConfig(dispatch_num_sms=dispatch_nsm, combine_num_sms=combine_nsm), shared_gpu=shared_gpu)
 
 
@@ -60,6 +63,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     cfg = make_config(shape, ctx.args.num_sms, ctx.args.dispatch_nsm, ctx.args.combine_nsm, ctx.args.owned_output,
                       ctx.shared_gpu)
     x, ids, w, sc = dev_inputs
+    worst = shape.worst_case
     gpu = ctx.backend == "gpu"
     stream = ctx.stream if gpu else None
     clock, group = ctx.clock, ctx.group
@@ -71,7 +75,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
     try:
         def sec_dispatch_combine():
             m0 = clock.mark()
-            out, handle = comm.dispatch(x, ids, w, sc, stream=stream, cast=cast)
+            out, handle = comm.dispatch(x, ids, w, sc, stream=stream, cast=cast, worst_case=worst)
             m1 = clock.mark()
             y = comm.combine(_bf16_like(comm, out.tokens), handle, stream=stream)
             m2 = clock.mark()
@@ -112,7 +116,7 @@ def run(ctx, shape: Shape, dev_inputs, vol: Volume) -> dict[str, Any]:
         else:
             skipped.append(f"{shape.mode} graph replay: GPU only (CUDA graphs); not run on the CPU backend")
         stats = timing.gather_stats(group, samples)
-        host = _host_calls(comm, dev_inputs, state, stream, cast)
+        host = _host_calls(comm, dev_inputs, state, stream, cast, worst)
         host_stats = timing.gather_stats(group, timing.host_times(clock, group, host, ctx.args.warmup,
                                                                   ctx.args.iters))
     except BaseException:
@@ -159,11 +163,11 @@ def _cast(name: str | None):
             "fp8_ue8m0": Fp8Cast(ue8m0=True)}[name]
 
 
-def _host_calls(comm, dev_inputs, state, stream, cast) -> dict:
+def _host_calls(comm, dev_inputs, state, stream, cast, worst=False) -> dict:
     """The calls whose host time is measured: an eager dispatch, a combine of section A's handle (identity MLP,
     bf16), and (HT) a cached dispatch."""
     x, ids, w, sc = dev_inputs
-    calls = {"dispatch": lambda: comm.dispatch(x, ids, w, sc, stream=stream, cast=cast)}
+    calls = {"dispatch": lambda: comm.dispatch(x, ids, w, sc, stream=stream, cast=cast, worst_case=worst)}
     if comm.config.mode == "ht":
         calls["cached dispatch"] = lambda: comm.dispatch(x, ids, w, sc, previous_handle=state["handle"],
                                                          stream=stream)
@@ -201,10 +205,12 @@ def _bf16_like(comm, tokens):
     return _BF16_Y[key]
 
 
-def _dispatch_then_combine(comm, dev_inputs, stream, previous_handle=None, cast=None):
-    """A graph body: dispatch (cached with ``previous_handle``), the identity MLP, combine. Returns (out, y)."""
+def _dispatch_then_combine(comm, dev_inputs, stream, previous_handle=None, cast=None, worst=False):
+    """A graph body: dispatch (cached with ``previous_handle``; worst_case with ``worst``), the identity MLP,
+    combine. Returns (out, y)."""
     x, ids, w, sc = dev_inputs
-    out, handle = comm.dispatch(x, ids, w, sc, previous_handle=previous_handle, stream=stream, cast=cast)
+    out, handle = comm.dispatch(x, ids, w, sc, previous_handle=previous_handle, stream=stream, cast=cast,
+                                worst_case=worst)
     return out, comm.combine(_bf16_like(comm, out.tokens), handle, stream=stream)
 
 
@@ -257,6 +263,12 @@ def _ht_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list
     ctx.group.barrier()
     g1, (out1, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, sc, previous_handle=handle, stream=stream))
     g2, (out2, y2) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, handle))
+    graphs = {"graph cached dispatch": g1, "graph cached dispatch+combine": g2}
+    worst = comm.config.layout is DispatchLayout.TOKEN_MAJOR and state["out"].num_tokens_per_expert_host is None
+    if worst:   # the uncached worst-case dispatch waits on nothing: it is captured whole
+        g3, (out3, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, sc, stream=stream, worst_case=True))
+        g4, (out4, y4) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, worst=True))
+        graphs.update({"graph dispatch": g3, "graph dispatch+combine": g4})
 
     def snapshot():
         if ctx.args.validate:
@@ -264,5 +276,10 @@ def _ht_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list
             snaps["graph cached counts"] = _host(out1.num_tokens_per_expert)
             snaps["graph cached dispatch, second graph"] = _host(out2.tokens)
             snaps["graph combine"] = _host(y2)
+            if worst:
+                snaps["graph dispatch"] = _host(out3.tokens)
+                snaps["graph counts"] = _host(out3.num_tokens_per_expert)
+                snaps["graph dispatch, second graph"] = _host(out4.tokens)
+                snaps["graph dispatch+combine"] = _host(y4)
 
-    return _time_graphs(ctx, {"graph cached dispatch": g1, "graph cached dispatch+combine": g2}, snapshot)
+    return _time_graphs(ctx, graphs, snapshot)

@@ -97,6 +97,8 @@ def format_case(case: dict, world: int) -> str:
     vol = case["bytes"]
     head = (f"{s['mode'].upper()}  T={s['tokens']} H={s['hidden']} E={s['experts']} K={s['topk']}  W={world}"
             f"  SMs={case['sms']['dispatch']}/{case['sms']['combine']}  routing={case['routing']} drop={case['drop']} seed={case['seed']}")
+    if s["mode"] == "ht" and s.get("layout", "flat") != "flat":
+        head += f"  layout={s['layout']}" + (" worst_case" if s.get("worst_case") else "")
     if s.get("dtype", "bf16") != "bf16":
         head += f"  dtype={s['dtype']} (payload + scales)"
     if case["config"].get("owned_output"):

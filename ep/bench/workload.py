@@ -32,6 +32,8 @@ class Shape:
     experts: int
     topk: int
     dtype: str = "bf16"     # HT payload: bf16, or a key of PAYLOADS
+    layout: str = "flat"    # HT output layout (a DispatchLayout value); LL is expert-major
+    worst_case: bool = False   # HT TOKEN_MAJOR: dispatch(worst_case=True), no host wait (graph-capturable)
 
     @property
     def row_bytes(self) -> int:

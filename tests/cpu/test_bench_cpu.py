@@ -110,6 +110,7 @@ def test_bench_plot_of_a_sweep(tmp_path):
     (["--sweep", "warps=1,2"], "--sweep"),
     (["--drop", "1.5"], "--drop"),
     (["--iters", "0"], "--iters"),
+    (["--worst-case"], "--worst-case needs --layout token_major"),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -198,3 +199,17 @@ def test_bench_ht_payloads_validate_and_count_their_row_and_scale_bytes(tmp_path
     case = doc["cases"][0]
     assert case["shape"]["dtype"] == dtype and case["bytes"]["row_bytes"] == row_bytes
     assert {r["op"] for r in case["rows"]} >= {"ep dispatch", "ep cached dispatch", "ep combine"}
+
+
+@pytest.mark.parametrize("layout, extra", [("expert_major", []), ("token_major", []), ("token_major", ["--worst-case"])])
+def test_bench_ht_layouts_validate_against_their_reference(tmp_path, layout, extra):
+    out = tmp_path / f"{layout}.json"
+    rc = cli.main(["--mode", "ht", "--backend", "cpu", "--tokens", "8", "--hidden", "256", "--experts", "4",
+                   "--topk", "2", "--iters", "2", "--warmup", "1", "--layout", layout, *extra, "--validate",
+                   "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["validation"]["passed"] is True
+    case = doc["cases"][0]
+    assert case["shape"]["layout"] == layout and case["shape"]["worst_case"] == bool(extra)
+    assert case["config"]["output_layout"] == layout
