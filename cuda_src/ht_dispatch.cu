@@ -420,8 +420,21 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   const u64 epoch = dispatch_epoch(p.item_ctr);
   // A rank passed invalid expert ids: the exchange told every rank, and every rank's kernel moves nothing
   // (the host launches none after a wait on the exchange; a worst-case dispatch, which does not wait, is
-  // refused on the host at its next call). The epoch still advances on every rank alike.
+  // reported by the host at a later call). Its outputs say so: every row unused (-1 / 0; TOKEN_MAJOR),
+  // zero counts and offsets. The epoch still advances on every rank alike.
   if (p.info[InfoLayout(p.local_experts, p.world).invalid_mask]) {
+    const int gw = blockIdx.x * kDispatchWarps + warp, nw = gridDim.x * kDispatchWarps;
+    if (p.token_major)
+      for (i64 i = static_cast<i64>(gw) * kWarpSize + lane; i < static_cast<i64>(p.pad_rows) * p.topk;
+           i += static_cast<i64>(nw) * kWarpSize) {
+        p.recv_rows[i] = -1;
+        p.recv_w[i] = 0.f;
+      }
+    if (p.counts_out && gw == 0)
+      for (int e = lane; e <= p.local_experts; e += kWarpSize) {
+        if (e < p.local_experts) p.counts_out[e] = 0;
+        p.expert_offsets[e] = 0;
+      }
     if (lane == 0) dispatch_done(p.item_ctr, gridDim.x * kDispatchWarps);
     return;
   }

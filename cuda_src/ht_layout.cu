@@ -13,8 +13,10 @@
 //                    The host waits on host_epoch (bounded) to size the outputs.
 // ht_route_positions grid = ceil(T/128): per-slot index within its expert and per-destination slot, in
 //                    token order, so row order never depends on timing.
-// The count slots are safe to overwrite at the next exchange: a rank only starts exchange i+1 after its
-// dispatch i finished, which waited on data every peer sent after finishing its exchange i.
+// The count slots are double-buffered by the epoch's parity: a rank writes exchange i+2's slots only after
+// its exchange i+1 saw every peer's slot of i+1, which each peer wrote after finishing exchange i (its reads
+// of the slots of i included). One buffer would not do once nothing waits between two exchanges (worst-case
+// dispatches: a dispatch that moves nothing, or a source that sends nothing, waits for no peer).
 #include "common/params.cuh"
 
 namespace ep {
@@ -94,7 +96,8 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   //    the token count for that peer.
   const int E = p.num_experts;
   auto slot_at = [&](int d, int s) {
-    return reinterpret_cast<CountSlot*>(p.sig_peers[d] + p.cnt_offset + static_cast<u64>(s) * p.cnt_stride);
+    return reinterpret_cast<CountSlot*>(p.sig_peers[d] + p.cnt_offset +
+                                        static_cast<u64>((epoch & 1) * W + s) * p.cnt_stride);
   };
   for (int i = tid; i < W * ncols; i += blockDim.x) {
     const int d = i / ncols, g = i % ncols;
@@ -108,7 +111,13 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   }
   __threadfence_system();
   __syncthreads();
-  if (tid == 0) *p.bad = 0x7FFFFFFF;   // every thread has read it: ready for the next routing's ht_route_count
+  if (tid == 0) {
+    *p.bad = 0x7FFFFFFF;   // every thread has read it: ready for the next routing's ht_route_count
+    if (invalid && p.record_invalid) {
+      const long long value = load_id(p.topk_ids, p.ids_64, bad_index);
+      record_first(p.input_err, kPhaseBadExpertId, p.rank, bad_index, static_cast<u64>(value), 0);
+    }
+  }
   if (tid < W) st_release_sys(&slot_at(tid, p.rank)->epoch, epoch);
   // 3. wait for every source's slot in our own buffer.
   if (tid < W && !wait_geq(&slot_at(p.rank, tid)->epoch, epoch, p.err, p.timeout_ns, kPhaseHtCounts, p.rank, tid))

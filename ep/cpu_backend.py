@@ -114,6 +114,18 @@ class CpuRuntime(Runtime):
                         f"[-1, {self.cfg.num_experts}); that slot was treated as unused")
         return np.where(bad, -1, ids)
 
+    def _worst_case_ids(self, ids: np.ndarray) -> np.ndarray:
+        """A worst-case dispatch, like the GPU's: if any rank's ids are invalid, nothing moves on any rank (every
+        slot unused), and the rank that passed them is told in its next call."""
+        bad = (ids < -1) | (ids >= self.cfg.num_experts)
+        if not any(self.group.allgather(bool(bad.any()), "cpu worst-case ids")):
+            return ids
+        if bad.any():
+            t, k = (int(v) for v in np.argwhere(bad)[0])
+            self._bad_id = (f"an earlier worst-case dispatch got topk_ids[{t}, {k}] = {int(ids[t, k])} outside "
+                            f"[-1, {self.cfg.num_experts}); it moved nothing on any rank")
+        return np.full_like(ids, -1)
+
     def dispatch(self, call: DispatchCall):
         cfg, W = self.cfg, self.W
         framework = call.framework
@@ -127,6 +139,8 @@ class CpuRuntime(Runtime):
         ll = cfg.mode == "ll"
         if ll:
             ids = self._ll_ids(ids)
+        elif call.worst_case:
+            ids = self._worst_case_ids(ids)
         w = None if call.weights is None else arrays.to_numpy(call.weights.obj).astype(np.float32)
         scales = None
         if call.fp8:   # LL cast: the e4m3 rows and their scales travel instead of the bf16 rows

@@ -7,8 +7,10 @@ Worst case (TOKEN_MAJOR, worst_case=True): the same kernels without the host wai
                     most rows a rank can receive (W * T_max; ht_dispatch marks the rows past the received ones
                     -1 / 0), and the exchange takes its epoch from a device counter, so the whole dispatch and
                     its combines (ht_token_major_push instead of host-sized copies) replay in CUDA graphs. A
-                    rank's invalid topk_ids make every rank's ht_dispatch move nothing; the host reports them
-                    at a later call (take_input_error), once the mirror shows that exchange.
+                    rank's invalid topk_ids make every rank's ht_dispatch move nothing (its outputs: no rows,
+                    zero counts); the exchange records them in input_err, which the next call reports
+                    (take_input_error; a graph replay's too). The count slots are double-buffered, since
+                    nothing else orders back-to-back exchanges then (cuda_src/ht_layout.cu).
 Cached dispatch:    (ep_barrier if the previous op was a dispatch, or always with an owned output)
                     -> ht_dispatch, with the handle's layout.
 Owned output (config owned_output): ht_dispatch's senders write each token straight into its first expert
@@ -133,7 +135,8 @@ class HtRuntime(GpuRuntime):
         self.item_ctr = cupy.zeros(3, np.uint64)
         # The count exchanges run, advanced by ht_route_exchange (graph replays advance it too).
         self.epoch_ctr = cupy.zeros(1, np.uint64)
-        self._worst_epoch = 0   # the host number of the last worst-case exchange whose topk_ids are unchecked
+        # This rank's first invalid topk_ids of a worst-case dispatch (sticky until take_input_error reads it).
+        self.input_err = ErrorRecord()
         # The routing kernels' scratch, kept across calls: `bad` (the first invalid slot; INT_MAX = none, reset
         # by ht_route_exchange once read), then chunk_cnt [chunks, E + W] (fully rewritten by ht_route_count).
         max_chunks = -(-cfg.max_tokens_per_rank // constants.ROUTE_CHUNK)
@@ -149,11 +152,11 @@ class HtRuntime(GpuRuntime):
         self.route_params = structs.pack(
             structs.HT_ROUTE_PARAMS, topk_ids=0, route=0, slot_idx=0, send_pos=0, chunk_cnt=bad + 4, bad=bad, info=0,
             host_epoch=self.host.ptr, host_info=self.host.ptr + 8, sig_peers=ptr(self.sig.table), err=self.err.ptr,
-            epoch_ctr=ptr(self.epoch_ctr), epoch=0, timeout_ns=self.timeout_ns, cnt_offset=self.layout.cnt_offset,
+            epoch_ctr=ptr(self.epoch_ctr), input_err=self.input_err.ptr, epoch=0, timeout_ns=self.timeout_ns, cnt_offset=self.layout.cnt_offset,
             cnt_stride=self.layout.cnt_stride,
             ids_64=0, rank=self.rank, world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts,
             local_experts=self.L, nchunks=0, alignment=cfg.expert_alignment,
-            expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR))
+            expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR), record_invalid=0)
         self.k = load_kernels(group, tuning.kernels)
         static = self.k["ht_dispatch"].static_smem
         if static > dispatch_static_smem(plan.dispatch_warps):
@@ -169,16 +172,14 @@ class HtRuntime(GpuRuntime):
         self.open_gate(tuning.timeout_s)
 
     def take_input_error(self) -> BaseException | None:
-        """This rank's invalid topk_ids of an earlier worst-case dispatch (which moved nothing), once the host
-        mirror shows that exchange; None otherwise."""
-        epoch = self._worst_epoch
-        if not epoch or int(self.host_epoch[0]) != epoch:
+        """This rank's invalid topk_ids of an earlier worst-case dispatch (eager or replayed; that dispatch moved
+        nothing on any rank), as the exchange recorded them; None otherwise."""
+        if not self.input_err.raised():
             return None
-        self._worst_epoch = 0
-        lay, hi = self.info_lay, self.host_info
-        if not int(hi[lay["invalid_mask"]]) >> self.rank & 1:
-            return None
-        flat, value, K = int(hi[lay["host_bad"]]), int(hi[lay["host_bad"] + 1]), self.cfg.topk
+        f = self.input_err.fields()
+        self.input_err.clear()
+        flat, K = int(f["peer"]), self.cfg.topk
+        value = int(np.uint64(f["observed"]).view(np.int64))
         exc = arrays.argument_error(ValueError, "topk_ids", f"an earlier worst-case dispatch got topk_ids[{flat // K}, "
                                     f"{flat % K}] = {value} outside [-1, {self.cfg.num_experts}); it moved nothing "
                                     "on any rank")
@@ -224,12 +225,11 @@ class HtRuntime(GpuRuntime):
         at = 2 * n_route + n_pos + self.info_lay["rank_prefix"]
         rank_prefix = workspace[at:at + W * W].reshape(W, W)
         self.exchange_seq += 1
-        # A later exchange overwrites the host mirror: an unchecked worst-case one is checked no longer.
-        self._worst_epoch = self.exchange_seq if call.worst_case else 0
         rows = W * self.cfg.max_tokens_per_rank if call.worst_case else 0
         ids_ptr, ids_64 = ids.ptr, ids.dtype == "int64"
         params = self.route_params.update(topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
-                                info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks)
+                                info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks,
+                                record_invalid=int(call.worst_case))
         if nchunks:
             self.k["ht_route_count"].launch(nchunks, constants.ROUTE_CHUNK, params, smem=4 * (E + W), stream=stream)
         self.k["ht_route_exchange"].launch(1, 1024, params, smem=4 * (E + W), stream=stream)
@@ -565,6 +565,7 @@ class HtRuntime(GpuRuntime):
             buf.close()
         self._bufs = []
         self.err.close()
+        self.input_err.close()
         self.host.close()
 
 

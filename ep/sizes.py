@@ -77,7 +77,7 @@ def ht_layout(cfg: MoECommunicatorConfig, world: int, combine_push: bool) -> HtL
     cnt_stride = round_up(COUNT_SLOT.itemsize + 4 * (cfg.num_experts + world), 16)   # CountSlot, counts[E + W]
     barrier_offset = 0
     cnt_offset = round_up(BARRIER_SLOTS * 8, 128)
-    dflag_offset = round_up(cnt_offset + world * cnt_stride, 128)
+    dflag_offset = round_up(cnt_offset + 2 * world * cnt_stride, 128)   # two sets of slots (epoch parity)
     drange_offset = round_up(dflag_offset + world * max_chunks * 8, 128)
     sig_bytes = round_up(drange_offset + world * max_chunks * 8, 4096)
     out_bytes = owned_output_rows(cfg, world) * row_bytes(cfg) if cfg.owned_output else 0

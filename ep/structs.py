@@ -31,10 +31,10 @@ BARRIER_PARAMS = _struct(("sig_peers", _P), ("err", _P), ("generation", _P), ("t
 HT_ROUTE_PARAMS = _struct(
     ("topk_ids", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("chunk_cnt", _P), ("bad", _P),
     ("info", _P), ("host_epoch", _P), ("host_info", _P), ("sig_peers", _P), ("err", _P), ("epoch_ctr", _P),
-    ("epoch", _U64), ("timeout_ns", _U64), ("cnt_offset", _U64),
+    ("input_err", _P), ("epoch", _U64), ("timeout_ns", _U64), ("cnt_offset", _U64),
     ("cnt_stride", _I), ("ids_64", _I), ("rank", _I), ("world", _I), ("num_tokens", _I), ("topk", _I),
     ("num_experts", _I), ("local_experts", _I), ("nchunks", _I), ("alignment", _I), ("expert_major", _I),
-    ("reserved", _I))
+    ("record_invalid", _I))
 
 HT_DISPATCH_PARAMS = _struct(
     ("x", _P), ("weights", _P), ("route", _P), ("slot_idx", _P), ("send_pos", _P), ("info", _P),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ep import DispatchLayout, MoECommunicator, MoECommunicatorConfig
+from ep import CapacityError, DispatchLayout, MoECommunicator, MoECommunicatorConfig
 
 from .streams import StreamPlan, check_stream_args, raw_event, wait_on_host
 
@@ -142,11 +142,17 @@ class Intranode:
             comm = self.communicator(E, H, ids.shape[1], max(t for t, _ in everyone))
             ep_rows = int(sum(s[rank] for _, s in everyone))
         plan = StreamPlan(self.buf._backend, payload.device, previous_event, async_finish)
-        if plan.on_comm:
-            out, eh, _ = comm.dispatch_async(payload, ids, weights, scales, previous_event=plan.previous,
-                                             worst_case=bool(worst))
-        else:
-            out, eh = comm.dispatch(payload, ids, weights, scales, worst_case=bool(worst))
+        try:
+            if plan.on_comm:
+                out, eh, _ = comm.dispatch_async(payload, ids, weights, scales, previous_event=plan.previous,
+                                                 worst_case=bool(worst))
+            else:
+                out, eh = comm.dispatch(payload, ids, weights, scales, worst_case=bool(worst))
+        except CapacityError as exc:
+            if not worst:
+                raise
+            raise CapacityError(f"num_worst_tokens={worst} allows {worst // R} tokens per rank ({R} ranks); this "
+                                f"rank has {T}: pass a larger num_worst_tokens") from exc
         with plan.post():
             prefix = out.rank_prefix
             recv_x = _pad_rows(out.tokens, worst)

@@ -42,6 +42,8 @@ struct HtRouteParams {
   ErrorRecord* err;
   u64* epoch_ctr;         // [1] exchanges run (advanced by ht_route_exchange, so CUDA graph replays advance it
                           // too): the slots' epoch is this + 1
+  ErrorRecord* input_err; // record_invalid: this rank's first invalid id is recorded here (sticky until the host
+                          // reads it), for a dispatch whose host does not wait on the exchange
   u64 epoch;              // the host's number of this launch, published in host_epoch (a replay republishes
                           // its captured number, which no host waits for)
   u64 timeout_ns;
@@ -57,7 +59,7 @@ struct HtRouteParams {
   i32 nchunks;
   i32 alignment;
   i32 expert_major;       // 1: EXPERT_MAJOR (capacity = largest padded count), 0: FLAT
-  i32 reserved;
+  i32 record_invalid;     // 1: a worst-case dispatch (no host wait): record this rank's invalid id in input_err
 };
 
 struct HtDispatchParams {

@@ -64,7 +64,7 @@ def to_device(inputs, stream):
 
 
 def sm_count() -> int:
-    return runtime_base.sm_count()
+    return jit.sm_count()
 
 
 def _driver_release() -> str | None:

@@ -101,8 +101,8 @@ def test_pack_fills_every_field():
 
 
 def test_pack_lets_reserved_default_to_zero():
-    values = {name: 1 for name in structs.HT_ROUTE_PARAMS.names if name != "reserved"}
-    rec = structs.pack(structs.HT_ROUTE_PARAMS, **values)
+    values = {name: 1 for name in structs.SIGNAL_PARAMS.names if name != "reserved"}
+    rec = structs.pack(structs.SIGNAL_PARAMS, **values)
     assert int(rec["reserved"][0]) == 0
 
 
@@ -181,7 +181,7 @@ def test_signal_regions_are_aligned_and_disjoint(mode, world):
     cfg = MoECommunicatorConfig(mode=mode, num_experts=8 * world, hidden_size=7168, topk=8, max_tokens_per_rank=1000)
     if mode == "ht":
         lay = sizes.ht_layout(cfg, world, combine_push=True)
-        regions = [(lay.barrier_offset, constants.BARRIER_SLOTS * 8), (lay.cnt_offset, world * lay.cnt_stride),
+        regions = [(lay.barrier_offset, constants.BARRIER_SLOTS * 8), (lay.cnt_offset, 2 * world * lay.cnt_stride),
                    (lay.dflag_offset, world * lay.max_chunks * 8), (lay.drange_offset, world * lay.max_chunks * 8)]
         assert lay.max_chunks == -(-1000 // constants.HT_CHUNK_TOKENS)
         assert lay.cnt_stride >= structs.COUNT_SLOT.itemsize + 4 * (cfg.num_experts + world)

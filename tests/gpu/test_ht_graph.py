@@ -151,3 +151,41 @@ def test_a_graph_of_worst_case_dispatch_and_combine_replays_new_routings_bit_exa
             ref.close()
 
     collective(world, body)
+
+
+def test_a_worst_case_dispatch_with_an_invalid_id_moves_nothing_and_a_later_call_reports_it(world, session_seed):
+    """Nothing waits on a worst-case exchange: every rank's kernels move nothing (ids -1, zero counts) and the
+    exchange's record reaches the host; the next call after it raises on every rank, then calls are exact."""
+    multi_rank(world)
+    torch = pytest.importorskip("torch")
+    from ep import PeerInputError
+
+    def body():
+        cfg, gpu, ref = build(world, "ht", 8 * world.size, 1024, 4, 32, "token_major")
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 300, 20, cfg, "uniform", 0.1, True)
+            bad = ids.copy()
+            if world.rank == 0:
+                bad[5, 2] = cfg.num_experts + 1
+
+            def dev(i):
+                return (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16), torch.from_numpy(i).cuda(),
+                        torch.from_numpy(w).cuda())
+            out, _ = gpu.dispatch(*dev(bad), worst_case=True)
+            gpu.synchronize()
+            assert (to_numpy(out.topk_ids) == -1).all() and (to_numpy(out.topk_weights) == 0).all()
+            assert (to_numpy(out.num_tokens_per_expert) == 0).all()
+            expected = ValueError if world.rank == 0 else PeerInputError
+            with pytest.raises(expected, match="earlier"):
+                gpu.dispatch(*dev(ids), worst_case=True)
+            out, handle = gpu.dispatch(*dev(ids), worst_case=True)
+            want, _ = ref.dispatch(x, ids, w)
+            n = np.asarray(want.tokens).shape[0]
+            assert np.array_equal(to_numpy(out.tokens)[:n], want.tokens)
+            assert np.array_equal(to_numpy(out.topk_ids)[:n], want.topk_ids)
+        finally:
+            torch.cuda.synchronize()
+            gpu.close()
+            ref.close()
+
+    collective(world, body)

@@ -697,6 +697,33 @@ def test_a_worst_case_token_major_dispatch_has_every_row_a_rank_can_receive_and_
         check_combine(got, want[0], inp.x.shape[0], 32)
 
 
+def test_a_worst_case_dispatch_with_an_invalid_id_moves_nothing_and_the_next_call_reports_it(mpi, communicators):
+    """As on the GPU, where nothing waits on the exchange: every rank's output is empty (ids -1, zero counts),
+    the next call raises on every rank (the culprit ValueError, the others PeerInputError), then all is well."""
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ht", world=W, hidden=16, topk=2, t_max=8, layout=DispatchLayout.TOKEN_MAJOR)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, 6)
+    ids = inp.ids.copy()
+    if r == 0:
+        ids[4, 1] = cfg.num_experts + 3
+    out, handle = comm.dispatch(inp.x, ids, inp.w, worst_case=True)
+    with mpi.checking("nothing moved"):
+        assert (np.asarray(out.topk_ids) == -1).all() and (np.asarray(out.topk_weights) == 0).all()
+        assert (np.asarray(out.num_tokens_per_expert) == 0).all() and (np.asarray(out.rank_prefix) == 0).all()
+    if r == 0:
+        expected, match = ValueError, rf"an earlier worst-case dispatch got topk_ids\[4, 1\] = {ids[4, 1]} outside"
+    else:
+        expected, match = PeerInputError, "rank 0: ValueError in argument topk_ids of an earlier call"
+    mpi.raises(expected, comm.dispatch, inp.x, inp.ids, inp.w, worst_case=True, match=match)
+    out, _ = comm.dispatch(inp.x, inp.ids, inp.w, worst_case=True)
+    ref = reference.dispatch_world(inp.xs, inp.idss, inp.ws, cfg.num_experts, 16, 1, DispatchLayout.TOKEN_MAJOR)[r]
+    with mpi.checking("the call after the report"):
+        n = ref.tokens.shape[0]
+        assert np.array_equal(np.asarray(out.tokens)[:n], ref.tokens)
+        assert np.array_equal(np.asarray(out.topk_ids)[:n], ref.topk_ids)
+
+
 def test_worst_case_is_an_uncached_token_major_request(mpi, communicators):
     W = mpi.size
     flat = communicators(small("ht", W))
