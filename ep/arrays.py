@@ -84,11 +84,8 @@ def describe(arr: Any, name: str, fw: str | None = None) -> ArrayInfo:
         return ArrayInfo(fw, arr.shape, _dtype_name(arr), data.ptr, data.device_id, arr, arr.itemsize)
     shape = tuple(arr.shape)   # ints already (torch.Size, NumPy tuples)
     if fw == TORCH:
-        dev = arr.device.index if arr.device.type == "cuda" else -1
-        if arr.device.type == "cuda" and dev is None:
-            dev = 0
-        ptr = arr.data_ptr() if arr.device.type == "cuda" else 0
-        return ArrayInfo(fw, shape, _dtype_name(arr), ptr, dev, arr, arr.element_size())
+        dev = arr.get_device() if arr.is_cuda else -1   # (arr.device.type builds a string: ~0.25 us)
+        return ArrayInfo(fw, shape, _dtype_name(arr), arr.data_ptr() if dev >= 0 else 0, dev, arr, arr.element_size())
     return ArrayInfo(fw, shape, _dtype_name(arr), 0, -1, arr, arr.itemsize)
 
 

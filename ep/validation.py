@@ -135,9 +135,9 @@ def _ll_only(comm, name: str) -> None:
 
 
 def _cast_mode(comm, cast) -> int:
-    from .config import Fp8Cast
     if cast is None:
         return 0
+    from .config import Fp8Cast
     _ll_only(comm, "cast")
     if not isinstance(cast, Fp8Cast):
         raise arrays.argument_error(TypeError, "cast", f"cast must be an ep.Fp8Cast or None, got {type(cast).__name__}")
