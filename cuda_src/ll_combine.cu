@@ -227,6 +227,42 @@ extern "C" __global__ void __launch_bounds__(ep::kLLWarps * 32, 1) ll_combine_re
   ep::ll_combine_recv_body(p, seq, ep::ll_recorded_dseq(p, seq));
 }
 
+// Where the rows of the dispatch a combine would pair with (`age`) came from, for callers that read DeepEP's
+// LL handle: src_info[l][r] = the source token of row r of local expert l (-1 past its rows), src_counts[l][s]
+// = its rows from source s (they are [sum of the lower sources' counts, + count), the sources in rank order).
+// Read from this rank's MetaRecs of that dispatch (every source writes one per token it sends here, rows per
+// slot; a repeated expert names one row). One block: a query, not a hot path.
+extern "C" __global__ void __launch_bounds__(1024) ll_row_sources(const ep::LLParams p) {
+  using namespace ep;
+  extern __shared__ int s_cnt[];   // [L][W]
+  const int W = p.world, K = p.topk, L = p.local_experts, cap = p.capacity;
+  const u32 dseq = ll_combine_dseq(p);
+  const int dpar = dseq & 1u;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, nwarps = blockDim.x / kWarpSize;
+  for (int i = threadIdx.x; i < L * W; i += blockDim.x) s_cnt[i] = 0;
+  for (i64 i = threadIdx.x; i < static_cast<i64>(L) * cap; i += blockDim.x) p.src_info[i] = -1;
+  __syncthreads();
+  for (int item = warp; item < W * p.max_tokens; item += nwarps) {
+    const int s = item / p.max_tokens, t = item % p.max_tokens;
+    if (t >= p.ntok[dpar * W + s]) continue;
+    u8* rec = ll_meta(p, p.rank, dpar, s, t);
+    const u32 tag = lane == 0 ? ld_cg_u32(&reinterpret_cast<MetaRec*>(rec)->seq) : 0u;
+    if (__shfl_sync(0xFFFFFFFFu, tag, 0) != dseq) continue;   // token t of s was not sent here
+    const int row = lane < K ? ld_cg_i32(meta_rows(rec) + lane) : -1;
+    bool first = row >= 0;
+    for (int j = 0; j < K; ++j) {
+      const int other = __shfl_sync(0xFFFFFFFFu, row, j);
+      first &= !(j < lane && other == row);
+    }
+    if (first) {
+      p.src_info[row] = t;
+      atomicAdd(&s_cnt[(row / cap) * W + s], 1);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < L * W; i += blockDim.x) p.src_counts[i] = s_cnt[i];
+}
+
 // The expert MLP's progress signal (ep.OverlapSignals.signal): counters[first + i] += add, after everything
 // the stream ran before (the expert's rows) is visible GPU-wide.
 extern "C" __global__ void __launch_bounds__(256) ll_signal_ready(const ep::SignalParams p) {

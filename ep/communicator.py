@@ -8,7 +8,7 @@ import logging
 import warnings
 import weakref
 
-from . import envs, internode, jit, sizes, tuning, validation
+from . import arrays, envs, internode, jit, sizes, tuning, validation
 from .bootstrap import Group, bind_device, make_group
 from .calls import CombineCall, DispatchCall
 from .config import DispatchHandle, MoECommunicatorConfig
@@ -284,7 +284,7 @@ class MoECommunicator:
         (out, state, hook), event = self._launch(self._rt.dispatch, call, asynchronous, previous_event,
                                                  (x, topk_ids, weights, scales, cumulative_counts),
                                                  lambda result: (result[0],))
-        handle = DispatchHandle(self._id, self.config.mode, state, call.num_tokens)
+        handle = DispatchHandle(self._id, self.config.mode, state, call.num_tokens, call.framework)
         return out, handle, hook, event
 
     def _launch(self, method, call, asynchronous: bool, previous_event, inputs: tuple, outputs_of):
@@ -362,12 +362,25 @@ class MoECommunicator:
             result = tuple(result)
         return result, hook, event
 
+    def row_sources(self, handle: DispatchHandle, *, stream=None):
+        """LL: where the rows of ``handle``'s dispatch came from, as two arrays in the dispatch's framework:
+        ``src_token`` int32 ``[L, W*T_max]``, the source token index of each row (-1 past the expert's rows),
+        and ``src_counts`` int32 ``[L, W]``, the rows of each local expert from each source: source s's rows of
+        expert l are ``[sum(src_counts[l, :s]), + src_counts[l, s])`` (sources in rank order, tokens ascending).
+        What DeepEP's LL handle encodes as src_info / layout_range. Local (no communication), queued on
+        ``stream`` after the dispatch; the handle must still be combinable (its receive hook called)."""
+        self._check_usable()
+        if self.config.mode != "ll":
+            raise arrays.argument_error(ValueError, "handle", "row_sources applies to mode='ll' only")
+        validation.check_handle(self, handle, "handle")
+        fw = handle._framework
+        return self._run(self._rt.row_sources, handle._state, fw, validation.stream_of(self, stream, fw))
+
     def create_overlap_config(self, *, target: int = 1, framework: str | None = None):
         """Readiness counters for a block-level overlapped LL combine: an ep.OverlapSignals (see there) with
         ``[L]`` zeroed counters in ``framework`` ("torch" or "cupy"; default torch when it is imported, on
         the CPU backend numpy). Pass it as ``combine(..., overlap=signals)``; the MLP signals each expert's
         counter ``target`` times once its rows are written. Not collective."""
-        from . import arrays
         from .overlap import OverlapSignals, counters_array
         self._check_usable()
         if self.config.mode != "ll":

@@ -311,13 +311,14 @@ class DispatchOutput:
 class DispatchHandle:
     """Opaque record of one dispatch: everything combine needs. Only the communicator reads it."""
 
-    __slots__ = ("_owner", "_mode", "_state", "num_tokens", "__weakref__")
+    __slots__ = ("_owner", "_mode", "_state", "num_tokens", "_framework", "__weakref__")
 
-    def __init__(self, owner: int, mode: str, state: Any, num_tokens: int):
+    def __init__(self, owner: int, mode: str, state: Any, num_tokens: int, framework: str = "numpy"):
         self._owner = owner
         self._mode = mode
         self._state = state
         self.num_tokens = num_tokens
+        self._framework = framework   # the dispatch's: where row_sources puts its arrays
 
     def __repr__(self) -> str:
         return f"DispatchHandle(mode={self._mode!r}, num_tokens={self.num_tokens})"

@@ -38,6 +38,7 @@ class CpuHandle:
     seq: int
     received: list = field(default_factory=lambda: [True])   # LL hooks: [0] the receive hook ran
     rank_prefix: np.ndarray | None = None   # TOKEN_MAJOR: int32 [W, W] (DispatchOutput.rank_prefix)
+    recv_tokens: list | None = None   # per source: the token index of each token it sent here
     worst_rows: int = 0   # TOKEN_MAJOR worst case: the output's rows (W * T_max), else 0
 
 
@@ -95,6 +96,19 @@ class CpuRuntime(Runtime):
     def same_routing(self, state: CpuHandle, topk_ids) -> bool:
         ids = arrays.to_numpy(topk_ids.obj).astype(np.int64)
         return bool(np.array_equal(ids, state.topk_ids))
+
+    def row_sources(self, state: CpuHandle, framework: str, stream):
+        """As the GPU's ll_row_sources, from the handle's receive lists."""
+        L, W = self.cfg.num_experts // self.W, self.W
+        cap = W * self.cfg.max_tokens_per_rank
+        info = np.full((L, cap), -1, np.int32)
+        counts = np.zeros((L, W), np.int32)
+        for s in range(W):
+            for rows, t in zip(state.rows[s], state.recv_tokens[s]):
+                for r in np.unique(rows[rows >= 0]):
+                    info.flat[r] = t
+                    counts[r // cap, s] += 1
+        return arrays.from_numpy(info, framework), arrays.from_numpy(counts, framework)
 
     def take_input_error(self) -> BaseException | None:
         if self._bad_id is None:
@@ -221,7 +235,8 @@ class CpuRuntime(Runtime):
         sent = [np.nonzero(routed[:, d])[0].astype(np.int64) for d in range(W)]   # my tokens each rank got
         shape = tokens.shape[:-1] + (cfg.hidden_size,)   # what combine takes: bf16 rows
         handle = CpuHandle(res.rows, [sl.weights for sl in received], sent, ids.shape[0], tuple(shape), ids, self.seq,
-                           rank_prefix=rank_prefix, worst_rows=worst_rows or 0)
+                           rank_prefix=rank_prefix, worst_rows=worst_rows or 0,
+                           recv_tokens=[np.asarray(sl.token_index) for sl in received])
         hook = None
         if call.recv_hook:
             handle.received = [False]

@@ -92,7 +92,8 @@ class LLRuntime(GpuRuntime):
             structs.LL_PARAMS, x=0, topk_ids=0, weights=0, expert_out=0, out=0, copy_out=0, counts_out=ptr(self.counts),
             cum_counts=0, ready=0, out_peers=ptr(self.out.table), scale_peers=ptr(self.scales.table),
             meta_peers=ptr(self.meta.table), comb_peers=ptr(self.comb.table), sig_peers=ptr(self.sig.table),
-            state=ptr(self.state), send_mask=ptr(self.send_mask), ntok=ptr(self.ntok), err=self.err.ptr,
+            state=ptr(self.state), send_mask=ptr(self.send_mask), ntok=ptr(self.ntok), src_info=0, src_counts=0,
+            err=self.err.ptr,
             input_err=self.input_err.ptr, timeout_ns=self.tuning.timeout_ns, cnt_offset=lay.cnt_offset,
             disp_cnt_offset=lay.disp_cnt_offset, comb_cnt_offset=lay.comb_cnt_offset, wgt_cnt_offset=lay.wgt_cnt_offset,
             rank=self.rank, world=W,
@@ -276,6 +277,14 @@ class LLRuntime(GpuRuntime):
             return out, RecvHook(recv, done, "combine")
         self.k["ll_combine"].launch(blocks, threads, params, stream=call.stream)
         return out, None
+
+    def row_sources(self, state: LLHandle, framework: str, stream):
+        """ll_row_sources for the dispatch of ``state`` (one block, after the stream's earlier work)."""
+        (info, info_ptr), (counts, counts_ptr) = arrays.empty_many(
+            framework, [((self.L, self.capacity), "int32"), ((self.L, self.W), "int32")], stream)
+        params = self._params.update(src_info=info_ptr, src_counts=counts_ptr, age=self.received - state.seq)
+        self.k["ll_row_sources"].launch(1, 1024, params, smem=4 * self.L * self.W, stream=stream)
+        return info, counts
 
     def signal_ready(self, signals, first: int, count: int, add: int, stream) -> None:
         if not self.ready:

@@ -267,6 +267,24 @@ def dispatch_receive_token_major(received: list[RankSlice], rank: int, num_exper
                           np.where(mine, w, np.float32(0)).astype(np.float32))
 
 
+def row_sources(topk_ids: list, rank: int, num_experts: int, world_size: int, capacity: int):
+    """Where the EXPERT_MAJOR rows of ``rank`` come from, given every rank's topk_ids: (src_token int32
+    [L, capacity], the source token of each row, -1 past the expert's rows; src_counts int32 [L, W], the rows
+    of each local expert from each source). Expert e's rows are its sources' tokens naming e (once each), by
+    source rank, then token index."""
+    L = num_experts // world_size
+    src_token = np.full((L, capacity), -1, np.int32)
+    src_counts = np.zeros((L, world_size), np.int32)
+    for l in range(L):
+        e, row = rank * L + l, 0
+        for s, ids in enumerate(topk_ids):
+            tokens = np.nonzero((np.asarray(ids) == e).any(axis=1))[0]
+            src_token[l, row:row + len(tokens)] = tokens
+            src_counts[l, s] = len(tokens)
+            row += len(tokens)
+    return src_token, src_counts
+
+
 def pad_token_major(res: ReceivedLayout, rows: int) -> ReceivedLayout:
     """A worst-case TOKEN_MAJOR output: ``rows`` rows, those past the received ones with topk_ids -1 and
     weights 0 (tokens and scales zero here; the GPU leaves them unspecified)."""

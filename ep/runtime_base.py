@@ -86,6 +86,10 @@ class Runtime:
     def same_routing(self, state, topk_ids) -> bool:
         raise NotImplementedError
 
+    def row_sources(self, state, framework: str, stream):
+        """LL: (src_token [L, cap] int32, src_counts [L, W] int32) of a handle's dispatch (communicator doc)."""
+        raise NotImplementedError
+
     def signal_ready(self, signals, first: int, count: int, add: int, stream) -> None:
         """OverlapSignals.signal: add ``add`` to counters [first, first + count) after ``stream``'s work."""
         raise NotImplementedError

@@ -58,7 +58,7 @@ HT_COMBINE_PARAMS = _struct(
 LL_PARAMS = _struct(
     ("x", _P), ("topk_ids", _P), ("weights", _P), ("expert_out", _P), ("out", _P), ("copy_out", _P),
     ("counts_out", _P), ("cum_counts", _P), ("ready", _P), ("out_peers", _P), ("scale_peers", _P),
-    ("meta_peers", _P), ("comb_peers", _P), ("sig_peers", _P), ("state", _P), ("send_mask", _P), ("ntok", _P),
+    ("meta_peers", _P), ("comb_peers", _P), ("sig_peers", _P), ("state", _P), ("send_mask", _P), ("ntok", _P), ("src_info", _P), ("src_counts", _P),
     ("err", _P), ("input_err", _P), ("timeout_ns", _U64), ("cnt_offset", _U64), ("disp_cnt_offset", _U64),
     ("comb_cnt_offset", _U64), ("wgt_cnt_offset", _U64), ("rank", _I), ("world", _I), ("num_tokens", _I),
     ("topk", _I), ("num_experts", _I),

@@ -162,7 +162,7 @@ HT_ENTRIES = {
 LL_PAYLOADS = ("bf16", "fp8", "fp8_pow2", "fp8_ue8m0")   # cuda_src/common/fp8.cuh Fp8Mode, in order
 LL_ENTRIES = {
     "ll_dispatch.cu": tuple(f"ll_dispatch{half}_{m}" for m in LL_PAYLOADS for half in ("", "_send", "_recv")),
-    "ll_combine.cu": ("ll_combine", "ll_combine_send", "ll_combine_recv", "ll_signal_ready"),
+    "ll_combine.cu": ("ll_combine", "ll_combine_send", "ll_combine_recv", "ll_signal_ready", "ll_row_sources"),
 }
 
 

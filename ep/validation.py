@@ -73,6 +73,12 @@ def _same_framework(arr, name: str, fw: str, like: str = "x") -> None:
         raise arrays.argument_error(TypeError, name, f"{name} must come from the same framework as {like} ({fw})")
 
 
+def stream_of(comm, stream, fw: str):
+    """The stream an op of ``fw`` arrays runs on: ``stream`` resolved, or the caller's current one (None on
+    the CPU backend)."""
+    return _stream(comm, stream, fw)
+
+
 def _stream(comm, stream, fw: str):
     if comm.backend != "gpu":
         if stream is not None:

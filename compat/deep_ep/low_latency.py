@@ -2,9 +2,10 @@
 
 ep's LL matches DeepEP's contract where callers depend on it: ``recv_x [L, R*T_max, H]`` (bf16, or e4m3 with
 per-128-channel scales, float32 or packed UE8M0, token-contiguous), ``recv_count [L]``, weights given at combine
-time, a receive hook, no host synchronization (CUDA-graph capturable), two dispatches alive at once. Differences:
-rows are ordered by source rank then source token (deterministic, where DeepEP's order is set by atomics), and
-the handle's ``src_info`` / ``layout_range`` slots ([0], [1]) are None. One ep LL communicator serves each
+time, a receive hook, no host synchronization (CUDA-graph capturable), two dispatches alive at once. Rows are
+ordered by source rank then source token (deterministic, where DeepEP's order is set by atomics). The handle's
+``src_info`` / ``layout_range`` ([0], [1]) are computed on the device when first read (ep's row_sources: one
+small kernel, off the hot path), while the handle can still be combined. One ep LL communicator serves each
 (T_max, hidden, experts, top-k) a Buffer meets.
 """
 from __future__ import annotations
@@ -43,14 +44,37 @@ def _truthy(value) -> bool:
 
 
 class LLHandle(tuple):
-    """DeepEP's 5-tuple LL handle (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts);
-    src_info and layout_range are None (ep keeps the routing on the device in its own form)."""
+    """DeepEP's 5-tuple LL handle (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts).
+    src_info int32 [L, R*T_max] (the source token of each row) and layout_range int64 [L, R] (per source rank
+    ``begin << 32 | count``) are computed when first read, on the current stream (ep keeps the routing on the
+    device in its own form); reading them needs the receive hook called and at most one newer dispatch."""
 
     def __new__(cls, num_max_tokens, hidden, num_experts, comm, ep_handle, parity, num_tokens, topk):
         self = super().__new__(cls, (None, None, num_max_tokens, hidden, num_experts))
         self.comm, self.ep_handle, self.parity = comm, ep_handle, parity
         self.num_tokens, self.topk = num_tokens, topk
+        self._sources = None
         return self
+
+    def _row_sources(self) -> tuple:
+        if self._sources is None:
+            src_info, counts = self.comm.row_sources(self.ep_handle)
+            counts = counts.to(torch.int64)
+            begin = torch.cumsum(counts, dim=1) - counts
+            self._sources = (src_info, (begin << 32) | counts)
+        return self._sources
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            wanted = range(5)[index]
+            return tuple(self)[index] if 0 in wanted or 1 in wanted else super().__getitem__(index)
+        if index in (0, 1, -5, -4):
+            return self._row_sources()[index % 5]
+        return super().__getitem__(index)
+
+    def __iter__(self):
+        yield from self._row_sources()
+        yield from super().__getitem__(slice(2, 5))
 
 
 class LowLatency:

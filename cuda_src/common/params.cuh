@@ -166,6 +166,8 @@ struct LLParams {
                               // each half's blocks done
   u32* send_mask;             // local: [2][T_max] ranks each own token went to
   i32* ntok;                  // local: [2][W] tokens of each source this dispatch (by dispatch parity)
+  i32* src_info;              // ll_row_sources: [L][cap] source token of each row (-1 past the expert's rows)
+  i32* src_counts;            // ll_row_sources: [L][W] rows of each local expert from each source
   ErrorRecord* err;
   ErrorRecord* input_err;     // invalid expert ids (treated as -1) are reported here, not as a time-out
   u64 timeout_ns;

@@ -455,3 +455,34 @@ def test_combine_time_weights_replace_the_dispatchs_bit_exactly(world, session_s
             ref.close()
 
     collective(world, body)
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "hook"])
+def test_row_sources_name_each_rows_source_token_as_the_reference_says(world, session_seed, hook):
+    """row_sources (DeepEP's src_info / layout_range) of a dispatch one newer dispatch ago, from the MetaRecs."""
+    multi_rank(world)
+    from ep import reference
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 8 * world.size, 1024, 4, 32, "expert_major")
+        try:
+            T = 32 - 5 * world.rank % 32
+            x, ids, w = make_inputs(session_seed, world.rank, 40, T, cfg, "skewed", 0.1, True, True)
+            xd, idsd, wd = to_device("cupy", x, ids, w)
+            if hook:
+                _, h, recv = gpu.dispatch(xd, idsd, wd, return_recv_hook=True)
+                recv()
+            else:
+                _, h = gpu.dispatch(xd, idsd, wd)
+            gpu.dispatch(xd, idsd, wd)   # one newer dispatch: h can still be combined, and asked
+            src_token, src_counts = gpu.row_sources(h)
+            want_token, want_counts = reference.row_sources(world.allgather(ids), world.rank, cfg.num_experts,
+                                                            world.size, world.size * 32)
+            msg = f"seed={session_seed} rank={world.rank}"
+            assert np.array_equal(to_numpy(src_token), want_token), msg
+            assert np.array_equal(to_numpy(src_counts), want_counts), msg
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)

@@ -509,6 +509,35 @@ def test_an_invalid_ll_expert_id_is_an_unused_slot_reported_on_every_rank_in_the
     good_call(mpi, comm)
 
 
+@pytest.mark.parametrize("hook", [False, True], ids=["plain", "hook"])
+def test_ll_row_sources_name_each_rows_source_token_and_each_sources_rows(mpi, communicators, hook):
+    """row_sources: per local expert, the source token of every row and the rows from every source (DeepEP's
+    src_info / layout_range); refused before the receive hook, for HT, and for a handle too old to combine."""
+    W, r = mpi.size, mpi.rank
+    cfg = make_config("ll", world=W, hidden=16, topk=3, t_max=8)
+    comm = communicators(cfg)
+    inp = draw_inputs(mpi, cfg, token_counts(W, 8, 1)[r], drop=0.2, repeat=True)
+    if hook:
+        out, handle, recv = comm.dispatch(inp.x, inp.ids, inp.w, return_recv_hook=True)
+        mpi.raises(InvalidStateError, comm.row_sources, handle, match="receive hook")
+        recv()
+    else:
+        out, handle = comm.dispatch(inp.x, inp.ids, inp.w)
+    src_token, src_counts = comm.row_sources(handle)
+    with mpi.checking("row sources"):
+        want_token, want_counts = reference.row_sources(inp.idss, r, cfg.num_experts, W, W * 8)
+        assert np.array_equal(np.asarray(src_token), want_token)
+        assert np.array_equal(np.asarray(src_counts), want_counts)
+        assert np.array_equal(np.asarray(src_counts).sum(axis=1), np.asarray(out.num_tokens_per_expert))
+    for _ in range(2):   # two newer dispatches: the handle can no longer be combined, nor asked
+        comm.dispatch(inp.x, inp.ids, inp.w)
+    mpi.raises(InvalidStateError, comm.row_sources, handle)
+    ht = communicators(small("ht", W))
+    hinp = draw_inputs(mpi, ht.config, 4)
+    _, hh = ht.dispatch(hinp.x, hinp.ids, hinp.w)
+    mpi.raises(ValueError, ht.row_sources, hh, match="mode='ll' only")
+
+
 def test_debug_checks_make_ll_check_expert_ids_in_the_call(mpi, communicators, monkeypatch):
     monkeypatch.setenv("EP_DEBUG_CHECKS", "1")
     W, r = mpi.size, mpi.rank

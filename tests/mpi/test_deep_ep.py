@@ -310,6 +310,24 @@ def check_ll_rows(recv_x, count, ref):
         assert np.array_equal(got[e, :c], ref.tokens[e, :c]), f"rows of local expert {e}"
 
 
+def check_ll_handle(world, handle, recv_x, count):
+    """DeepEP's LL handle: src_info [L, R*T_max] = the source token of each row; layout_range [L, R] = per source
+    rank begin << 32 | count, the rows of that rank (its tokens naming the expert, ascending)."""
+    src_info, layout_range = handle[0], handle[1]
+    assert src_info.dtype == torch.int32 and tuple(src_info.shape) == (EXPERTS_PER_RANK, world.R * T_MAX)
+    assert layout_range.dtype == torch.int64 and tuple(layout_range.shape) == (EXPERTS_PER_RANK, world.R)
+    si, lr, x, n_e = src_info.cpu().numpy(), layout_range.cpu().numpy(), bits_of(recv_x), count.cpu().numpy()
+    for le in range(EXPERTS_PER_RANK):
+        e = world.rank * EXPERTS_PER_RANK + le
+        assert (lr[le] & 0xFFFFFFFF).sum() == n_e[le]
+        for j in range(world.R):
+            begin, n = int(lr[le, j] >> 32), int(lr[le, j] & 0xFFFFFFFF)
+            tokens = np.nonzero((world.idss[j] == e).any(axis=1))[0]
+            assert n == len(tokens) and np.array_equal(si[le, begin:begin + n], tokens), f"expert {le} source {j}"
+            assert np.array_equal(x[le, begin:begin + n], world.xs[j][tokens]), f"rows of expert {le} source {j}"
+    assert tuple(handle)[2:] == (T_MAX, H, world.E)
+
+
 @pytest.mark.parametrize("mode", ["plain", "out", "zero_copy", "async"])
 def test_ll_bf16_dispatch_and_weighted_combine_as_vllm_calls_them(mpi, buffers, mode):
     buf = ll_buffer(buffers, mpi)
@@ -329,6 +347,7 @@ def test_ll_bf16_dispatch_and_weighted_combine_as_vllm_calls_them(mpi, buffers, 
         with mpi.checking("LL dispatch"):
             check_ll_rows(recv_x, count, refs[mpi.rank])
             assert np.array_equal(stats.cpu().numpy(), total), "cumulative stats"
+            check_ll_handle(world, handle, recv_x, count)
         ys = expert_outputs(refs)
         y = to_torch(ys[mpi.rank], world.device)
         out = None
