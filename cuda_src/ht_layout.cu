@@ -113,8 +113,9 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
   __syncthreads();
   if (tid == 0) {
     *p.bad = 0x7FFFFFFF;   // every thread has read it: ready for the next routing's ht_route_count
-    if (invalid && p.record_invalid) {
-      const long long value = load_id(p.topk_ids, p.ids_64, bad_index);
+    if (invalid && p.record_invalid) {   // the id as given (load_id narrows int64 ids)
+      const long long value = p.ids_64 ? static_cast<const long long*>(p.topk_ids)[bad_index]
+                                       : static_cast<const int*>(p.topk_ids)[bad_index];
       record_first(p.input_err, kPhaseBadExpertId, p.rank, bad_index, static_cast<u64>(value), 0);
     }
   }
@@ -171,14 +172,21 @@ extern "C" __global__ void __launch_bounds__(1024) ht_route_exchange(const ep::H
       info[lay.recv_prefix + s] = prefix;
       prefix += sl->tokens_to_you;
     }
+    if (mask) {   // nothing moves in this call: nothing is received (a worst-case combine then pushes nothing)
+      for (int s = 0; s <= W; ++s) info[lay.recv_prefix + s] = 0;
+      for (int s = 0; s < W; ++s) info[lay.recv_n + s] = 0;
+      prefix = 0;
+    }
     info[lay.recv_prefix + W] = prefix;
     info[lay.n_recv_total] = prefix;
     info[lay.invalid_mask] = mask;
   }
+  bool any_invalid = false;
+  for (int s = 0; s < W; ++s) any_invalid |= slot_at(p.rank, s)->invalid != 0;
   for (int d = tid; d < W; d += blockDim.x) {   // rank_prefix[s][d]: tokens sources 0..s send to rank d
     int running = 0;
     for (int s = 0; s < W; ++s) {
-      running += counts_of(s)[E + d];
+      running += any_invalid ? 0 : counts_of(s)[E + d];
       info[lay.rank_prefix + s * W + d] = running;
     }
   }
@@ -213,6 +221,7 @@ extern "C" __global__ void __launch_bounds__(ep::kRouteChunk) ht_route_positions
   // kRoutePosTile so shared memory stays small for any E.
   extern __shared__ u32 s_bits[];   // [kRouteWarps][tile]
   constexpr int kRouteWarps = kRouteChunk / kWarpSize;
+  const bool invalid = p.info[InfoLayout(p.local_experts, p.world).invalid_mask] != 0;   // the exchange's verdict
   const int ncols = p.num_experts + p.world;
   const int tile = min(ncols, kRoutePosTile);
   const int K = p.topk;
@@ -252,8 +261,9 @@ extern "C" __global__ void __launch_bounds__(ep::kRouteChunk) ht_route_positions
       }
       for (int d = 0; d < p.world; ++d) {
         const int col = p.num_experts + d;
-        if (col >= lo && col < hi)
-          p.send_pos[static_cast<long long>(t) * p.world + d] = mask >> d & 1u ? base[col] + before(col - lo) : -1;
+        if (col >= lo && col < hi)   // a call with invalid ids moves nothing: its combine sums nothing either
+          p.send_pos[static_cast<long long>(t) * p.world + d] =
+              (mask >> d & 1u) && !invalid ? base[col] + before(col - lo) : -1;
       }
     }
     __syncthreads();   // the next tile reuses s_bits

@@ -3,7 +3,7 @@
 // Buffers: comb[par][d][t][H] bf16 on the SOURCE rank: the partial of its token t from expert rank d;
 // sig arrivals u64 [d]. par = combine seq & 1 (device counter, graph safe). The dispatch it pairs with is
 // the last received dispatch's seq - age (age 0 or 1, from the host), parity dpar; its MetaRecs and per-source T live in this
-// rank's meta[dpar] and ntok[dpar] (the dispatch's receive phase stored T), its masks in send_mask[dpar].
+// rank's meta[dpar] and ntok[dpar] (the dispatch's send half stored T, ll_bases), its masks in send_mask[dpar].
 // 1 send: every (remote source s, token t, chunk c) with a MetaRec of that dispatch here:
 //   acc = 0; for k = 0..K-1 with rows[k] >= 0: acc = fl32(acc + fl32(w[k] * y[rows[k]])) (no FMA), and
 //   bf16(acc) goes to comb[par][rank][t] on s. With readiness counters (overlap), a row is read only once
@@ -254,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(1024) ll_row_sources(const ep::LLPa
       const int other = __shfl_sync(0xFFFFFFFFu, row, j);
       first &= !(j < lane && other == row);
     }
-    if (first) {
+    if (first && row < L * cap) {
       p.src_info[row] = t;
       atomicAdd(&s_cnt[(row / cap) * W + s], 1);
     }

@@ -30,8 +30,8 @@ def check_pending(pending: dict, op: str, hook: bool) -> None:
 
 
 def check_combinable(received: bool, age: int | None) -> None:
-    """A handle may be combined once its dispatch's receive half ran and, in LL (``age``: dispatches received
-    since, None in HT), while that dispatch is one of the last two (two buffers)."""
+    """A handle may be combined once its dispatch's receive half ran and, in LL (``age``: dispatches sent
+    since, None in HT), while that dispatch is one of the last two sent (two buffers)."""
     if not received:
         raise InvalidStateError("this dispatch's receive hook has not been called yet; call hook() before "
                                 "combining its outputs")

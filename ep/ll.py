@@ -9,7 +9,8 @@ every row straight into this rank's symmetric output (cuda_src/ll_dispatch.cu).
 Lifetime rules (documented in the README):
 - the communicator-owned dispatch output and combine output (each double-buffered) stay valid while their op
   is one of the last two;
-- a handle can be combined while at most one newer dispatch has been received (age 0 or 1);
+- a handle can be combined while at most one newer dispatch has been sent (age 0 or 1): a newer send half
+  rewrites the older dispatch's metadata of that parity, even before its hook is called;
 - with ``return_recv_hook=True`` at most two dispatches (or combines) may wait for their hook.
 """
 from __future__ import annotations
@@ -186,7 +187,9 @@ class LLRuntime(GpuRuntime):
         return exc
 
     def check_handle(self, state: LLHandle) -> None:
-        check_combinable(state.received[0], self.received - state.seq)
+        # Age in dispatches SENT since: a newer dispatch's send half (hook not called yet) already rewrote this
+        # parity's MetaRecs, masks and token counts. (The kernels' age counts receives: where the device finds it.)
+        check_combinable(state.received[0], self.sent - state.seq)
 
     def check_pending(self, op: str, hook: bool) -> None:
         """At most two sends of an op may wait for their hook (two buffers), and an op without a hook waits for

@@ -17,8 +17,9 @@ struct BarrierParams {
   i32 world;
 };
 
-// One source's count slot in the HT count exchange (cnt_offset + source * cnt_stride of each signal
-// buffer); i32 counts[E + W] follow it (the source's rows per global expert, then its tokens per rank).
+// One source's count slot in the HT count exchange (cnt_offset + ((epoch & 1) * W + source) * cnt_stride of
+// each signal buffer: two sets, by the exchange's parity); i32 counts[E + W] follow it (the source's rows per
+// global expert, then its tokens per rank).
 struct CountSlot {
   u64 epoch;              // the exchange this slot belongs to (release-stored last)
   i32 tokens_to_you;      // tokens the source sends to the slot's owner

@@ -174,7 +174,7 @@ def test_a_worst_case_dispatch_with_an_invalid_id_moves_nothing_and_a_later_call
             out, _ = gpu.dispatch(*dev(bad), worst_case=True)
             gpu.synchronize()
             assert (to_numpy(out.topk_ids) == -1).all() and (to_numpy(out.topk_weights) == 0).all()
-            assert (to_numpy(out.num_tokens_per_expert) == 0).all()
+            assert (to_numpy(out.num_tokens_per_expert) == 0).all() and (to_numpy(out.rank_prefix) == 0).all()
             expected = ValueError if world.rank == 0 else PeerInputError
             with pytest.raises(expected, match="earlier"):
                 gpu.dispatch(*dev(ids), worst_case=True)

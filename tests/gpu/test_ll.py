@@ -486,3 +486,31 @@ def test_row_sources_name_each_rows_source_token_as_the_reference_says(world, se
             ref.close()
 
     collective(world, body)
+
+
+def test_a_handle_two_sends_old_is_refused_even_before_the_newest_hook_runs(world, session_seed):
+    """Dispatch n, n + 1, then n + 2 with its hook not yet called: n + 2's send half already rewrote n's parity
+    (metadata, masks, token counts), so combining n, or asking its row sources, raises on every rank."""
+    multi_rank(world)
+    from ep import InvalidStateError
+
+    def body():
+        cfg, gpu, ref = build(world, "ll", 8 * world.size, 1024, 4, 16, "expert_major")
+        try:
+            x, ids, w = make_inputs(session_seed, world.rank, 50, 16, cfg, "uniform", 0.0, True)
+            xd, idsd, wd = to_device("cupy", x, ids, w)
+            out, h = gpu.dispatch(xd, idsd, wd)
+            gpu.dispatch(xd, idsd, wd)
+            out2, h2, recv = gpu.dispatch(xd, idsd, wd, return_recv_hook=True)
+            with pytest.raises(InvalidStateError, match="dispatches old"):
+                gpu.combine(out.tokens, h)
+            with pytest.raises(InvalidStateError, match="dispatches old"):
+                gpu.row_sources(h)
+            recv()
+            want, wh = ref.dispatch(x, ids, w)
+            assert np.array_equal(to_numpy(gpu.combine(out2.tokens, h2)), ref.combine(want.tokens, wh))
+        finally:
+            gpu.close()
+            ref.close()
+
+    collective(world, body)
