@@ -245,15 +245,9 @@ extern "C" __global__ void __launch_bounds__(1024) ll_row_sources(const ep::LLPa
   for (int item = warp; item < W * p.max_tokens; item += nwarps) {
     const int s = item / p.max_tokens, t = item % p.max_tokens;
     if (t >= p.ntok[dpar * W + s]) continue;
-    u8* rec = ll_meta(p, p.rank, dpar, s, t);
-    const u32 tag = lane == 0 ? ld_cg_u32(&reinterpret_cast<MetaRec*>(rec)->seq) : 0u;
-    if (__shfl_sync(0xFFFFFFFFu, tag, 0) != dseq) continue;   // token t of s was not sent here
-    const int row = lane < K ? ld_cg_i32(meta_rows(rec) + lane) : -1;
-    bool first = row >= 0;
-    for (int j = 0; j < K; ++j) {
-      const int other = __shfl_sync(0xFFFFFFFFu, row, j);
-      first &= !(j < lane && other == row);
-    }
+    int row;
+    bool first;
+    if (!rec_rows(ll_meta(p, p.rank, dpar, s, t), dseq, K, lane, &row, &first)) continue;   // not sent here
     if (first && row < L * cap) {
       p.src_info[row] = t;
       atomicAdd(&s_cnt[(row / cap) * W + s], 1);

@@ -244,15 +244,9 @@ __device__ void ll_expand(const LLParams& p, u32 seq, int gw, int RW, int lane, 
     int src = 0;
     while (item >= s_start[src + 1]) ++src;
     const int t = (item - s_start[src]) / C, c = (item - s_start[src]) % C;
-    u8* rec = ll_meta(p, p.rank, par, src, t);
-    const u32 tag = lane == 0 ? ld_cg_u32(&reinterpret_cast<MetaRec*>(rec)->seq) : 0u;
-    if (__shfl_sync(0xFFFFFFFFu, tag, 0) != seq) continue;   // token t of src was not sent here
-    const int row = lane < K ? ld_cg_i32(meta_rows(rec) + lane) : -1;
-    bool first_of_row = row >= 0;
-    for (int j = 0; j < K; ++j) {
-      const int other = __shfl_sync(0xFFFFFFFFu, row, j);
-      first_of_row &= !(j < lane && other == row);
-    }
+    int row;
+    bool first_of_row;
+    if (!rec_rows(ll_meta(p, p.rank, par, src, t), seq, K, lane, &row, &first_of_row)) continue;   // not sent here
     const u32 distinct = __ballot_sync(0xFFFFFFFFu, first_of_row);
     const int first_row = __shfl_sync(0xFFFFFFFFu, row, __ffs(distinct) - 1);
     const u32 targets = to_caller ? distinct : (distinct & (distinct - 1u));

@@ -52,6 +52,23 @@ __device__ __forceinline__ u8* ll_meta(const LLParams& p, int rank, int par, int
          (static_cast<u64>(par * p.world + src) * p.max_tokens + t) * p.meta_stride;
 }
 
+// Warp-collective read of a MetaRec: false when it is not of dispatch `seq` (the token was not sent here);
+// else lane k < K holds slot k's row here (-1: another rank's expert or unused) and whether it is the first
+// slot naming that row (a repeated expert names one row).
+__device__ __forceinline__ bool rec_rows(u8* rec, u32 seq, int K, int lane, int* row, bool* first) {
+  const u32 tag = lane == 0 ? ld_cg_u32(&reinterpret_cast<MetaRec*>(rec)->seq) : 0u;
+  if (__shfl_sync(0xFFFFFFFFu, tag, 0) != seq) return false;
+  const int r = lane < K ? ld_cg_i32(meta_rows(rec) + lane) : -1;
+  bool f = r >= 0;
+  for (int j = 0; j < K; ++j) {
+    const int other = __shfl_sync(0xFFFFFFFFu, r, j);
+    f &= !(j < lane && other == r);
+  }
+  *row = r;
+  *first = f;
+  return true;
+}
+
 // The dispatch output and scales are double-buffered: two micro-batches may be in flight (receive hooks),
 // and a dispatch's rows stay valid while it is one of the last two. The half is the host's (out_par, the
 // same on every rank: every rank makes the same calls), not the device sequence's parity, so the outputs a
