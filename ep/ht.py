@@ -240,19 +240,24 @@ class HtRuntime(GpuRuntime):
         dispatch_params = self._dispatch_params(route, slot_idx, send_pos, info, T, rows)
         return workspace, send_pos, info, T, self.exchange_seq, dispatch_params, rank_prefix
 
-    def _topk_ids_copy(self, topk_ids: arrays.ArrayInfo):
-        return _as_cupy(topk_ids.obj).astype(np.int32) if self.tuning.debug_checks else None
+    def _topk_ids_copy(self, topk_ids: arrays.ArrayInfo, stream):
+        """EP_DEBUG_CHECKS: the routing's ids, copied on the dispatch's stream (a worst-case dispatch may be
+        inside a CUDA-graph capture of that stream)."""
+        if not self.tuning.debug_checks:
+            return None
+        with stream:
+            return _as_cupy(topk_ids.obj).astype(np.int32)
 
-    def _route_worst(self, pending: tuple, topk_ids: arrays.ArrayInfo) -> Routing:
+    def _route_worst(self, pending: tuple, topk_ids: arrays.ArrayInfo, stream) -> Routing:
         """The layout of a worst-case dispatch: device arrays only, nothing waited for."""
         workspace, send_pos, info, T, _, dispatch_params, rank_prefix = pending
         rows = self.W * self.cfg.max_tokens_per_rank
-        routing = Routing(workspace, send_pos, info, None, 0, 0, rows, None, T, self._topk_ids_copy(topk_ids),
-                          dispatch_params, rank_prefix, worst=True)
+        routing = Routing(workspace, send_pos, info, None, 0, 0, rows, None, T,
+                          self._topk_ids_copy(topk_ids, stream), dispatch_params, rank_prefix, worst=True)
         routing.combine_params = self._combine_params(routing)
         return routing
 
-    def _route_finish(self, pending: tuple, topk_ids: arrays.ArrayInfo) -> Routing:
+    def _route_finish(self, pending: tuple, topk_ids: arrays.ArrayInfo, stream) -> Routing:
         """Wait for the count exchange of _route_start and return the layout."""
         workspace, send_pos, info, T, epoch, dispatch_params, rank_prefix = pending
         W, L, K, E = self.W, self.L, self.cfg.topk, self.cfg.num_experts
@@ -273,8 +278,8 @@ class HtRuntime(GpuRuntime):
         counts = hi[lay["counts"]:lay["counts"] + L].tolist()
         prefix = hi[lay["recv_prefix"]:lay["recv_prefix"] + W + 1].tolist()
         routing = Routing(workspace, send_pos, info, counts, int(hi[lay["total_rows"]]), int(hi[lay["capacity"]]),
-                          int(hi[lay["n_recv_total"]]), prefix, T, self._topk_ids_copy(topk_ids), dispatch_params,
-                          rank_prefix)
+                          int(hi[lay["n_recv_total"]]), prefix, T, self._topk_ids_copy(topk_ids, stream),
+                          dispatch_params, rank_prefix)
         routing.combine_params = self._combine_params(routing)
         return routing
 
@@ -291,9 +296,9 @@ class HtRuntime(GpuRuntime):
             (offsets, offsets_ptr), (counts_dev, counts_ptr) = arrays.empty_many(framework, counts_specs, stream)
             if call.worst_case:
                 self._note_capture(stream)
-                routing = self._route_worst(pending, ids_info)
+                routing = self._route_worst(pending, ids_info, stream)
             else:
-                routing = self._route_finish(pending, ids_info)
+                routing = self._route_finish(pending, ids_info, stream)
         else:
             routing = previous.routing
             self._barrier_after("dispatch", stream)
