@@ -192,6 +192,17 @@ def _external_cached(handle: int):
     return s
 
 
+def allocating_on(stream, framework: str):
+    """Context in which torch allocates from ``stream``'s pool: an op launched on a stream the caller named,
+    not torch's current one, so a block it still uses is never handed to the current stream's work once the
+    caller drops it (the caching allocator tracks blocks by the stream they were allocated on)."""
+    import contextlib
+    if framework != TORCH or stream is None or stream.ptr == _torch_current_stream():
+        return contextlib.nullcontext()
+    import torch
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr))
+
+
 def _torch_current_stream() -> int:
     """torch's current stream on the current device, as a raw handle. torch.cuda.current_stream() builds a
     Python Stream object on every call; the raw query is what it calls underneath."""

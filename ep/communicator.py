@@ -281,20 +281,25 @@ class MoECommunicator:
                 validation.check_previous_event(self, previous_event)
             return call
         call: DispatchCall = self._validated(op, build)
-        (out, state, hook), event = self._launch(self._rt.dispatch, call, asynchronous, previous_event,
+        (out, state, hook), event = self._launch(self._rt.dispatch, call, asynchronous, previous_event, stream,
                                                  (x, topk_ids, weights, scales, cumulative_counts),
                                                  lambda result: (result[0],))
         handle = DispatchHandle(self._id, self.config.mode, state, call.num_tokens, call.framework)
         return out, handle, hook, event
 
-    def _launch(self, method, call, asynchronous: bool, previous_event, inputs: tuple, outputs_of):
+    def _launch(self, method, call, asynchronous: bool, previous_event, named_stream, inputs: tuple, outputs_of):
         """(what the runtime's ``method`` returned, the CommEvent of an async op or None). An async GPU op runs
-        on the comm stream (ep.overlap.AsyncRunner); once one has run, every op waits for the previous one."""
+        on the comm stream (ep.overlap.AsyncRunner); once one has run, every op waits for the previous one.
+        ``named_stream``: the caller's stream= (torch then allocates the outputs from that stream's pool)."""
         runner = self._async
         if not asynchronous or self.backend != "gpu":
             if runner is not None:
                 runner.before(call.stream)
-            result = self._run(method, call)
+            if named_stream is not None and self.backend == "gpu":
+                with arrays.allocating_on(call.stream, call.framework):
+                    result = self._run(method, call)
+            else:
+                result = self._run(method, call)
             if runner is not None:
                 runner.after(call.stream)
             if not asynchronous:
@@ -354,7 +359,7 @@ class MoECommunicator:
                 validation.check_previous_event(self, previous_event)
             return call
         call: CombineCall = self._validated("combine" if weights is None else "combine with weights", build)
-        (result, hook), event = self._launch(self._rt.combine, call, asynchronous, previous_event,
+        (result, hook), event = self._launch(self._rt.combine, call, asynchronous, previous_event, stream,
                                              (expert_output, out, topk_weights, weights,
                                               None if overlap is None else overlap.counters),
                                              lambda res: (res[0],))
