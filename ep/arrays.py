@@ -200,7 +200,16 @@ def allocating_on(stream, framework: str):
     if framework != TORCH or stream is None or stream.ptr == _torch_current_stream():
         return contextlib.nullcontext()
     import torch
-    return torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr))
+    torch_stream = _TORCH_EXTERNAL.get(stream.ptr)
+    if torch_stream is None:
+        if len(_TORCH_EXTERNAL) > 1024:
+            _TORCH_EXTERNAL.clear()
+        torch_stream = _TORCH_EXTERNAL[stream.ptr] = torch.cuda.ExternalStream(
+            stream.ptr, device=torch.device("cuda", torch.cuda.current_device()))
+    return torch.cuda.stream(torch_stream)
+
+
+_TORCH_EXTERNAL: dict = {}   # raw stream -> torch.cuda.ExternalStream (building one costs microseconds)
 
 
 def _torch_current_stream() -> int:
@@ -221,7 +230,10 @@ def resolve_stream(stream: Any, framework: str):
             return _external_cached(int(stream.cuda_stream))
         if isinstance(stream, int):
             return _external_cached(stream)
-        return stream                               # a CuPy stream
+        import cupy
+        if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
+            return stream
+        return _external_cached(int(stream.ptr))    # another object naming a stream by its pointer
     if framework == TORCH:
         return _external_cached(_torch_current_stream())
     import cupy

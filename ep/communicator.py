@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -379,7 +380,10 @@ class MoECommunicator:
             raise arrays.argument_error(ValueError, "handle", "row_sources applies to mode='ll' only")
         validation.check_handle(self, handle, "handle")
         fw = handle._framework
-        return self._run(self._rt.row_sources, handle._state, fw, validation.stream_of(self, stream, fw))
+        s = validation.stream_of(self, stream, fw)
+        named = stream is not None and self.backend == "gpu"
+        with arrays.allocating_on(s, fw) if named else contextlib.nullcontext():
+            return self._run(self._rt.row_sources, handle._state, fw, s)
 
     def create_overlap_config(self, *, target: int = 1, framework: str | None = None):
         """Readiness counters for a block-level overlapped LL combine: an ep.OverlapSignals (see there) with

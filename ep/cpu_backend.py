@@ -58,6 +58,7 @@ class CpuRuntime(Runtime):
         self.ll_comb = None     # [2, T_max, H]: alternating, like the GPU's
         self.combines = 0
         self.pending = {"dispatch": 0, "combine": 0}   # sends waiting for their hook, as on GPUs
+        self.waiting = {"dispatch": [], "combine": []}
         self._bad_id: str | None = None
         self.open_gate(tuning.timeout_s)
 
@@ -91,7 +92,7 @@ class CpuRuntime(Runtime):
             self.pending[op] -= 1
             if on_recv is not None:
                 on_recv()
-        return RecvHook(recv, done, op)
+        return RecvHook(recv, done, op, self.waiting[op])
 
     def same_routing(self, state: CpuHandle, topk_ids) -> bool:
         ids = arrays.to_numpy(topk_ids.obj).astype(np.int64)

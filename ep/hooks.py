@@ -6,16 +6,23 @@ from .errors import InvalidStateError
 
 
 class RecvHook:
-    """Launches the receive half of an LL op once, on the stream of its send half (``hook()``)."""
+    """Launches the receive half of an LL op once, on the stream of its send half (``hook()``). ``waiting``:
+    the op's hooks not called yet, oldest first (shared by them): the receive halves find their op by a device
+    sequence number, so they must run in the order of their sends."""
 
-    __slots__ = ("_launch", "_done", "what")
+    __slots__ = ("_launch", "_done", "what", "_waiting")
 
-    def __init__(self, launch, done: list, what: str):
-        self._launch, self._done, self.what = launch, done, what
+    def __init__(self, launch, done: list, what: str, waiting: list):
+        self._launch, self._done, self.what, self._waiting = launch, done, what, waiting
+        waiting.append(done)
 
     def __call__(self) -> None:
         if self._done[0]:
             raise InvalidStateError(f"the receive hook of this {self.what} was already called")
+        if self._waiting[0] is not self._done:
+            raise InvalidStateError(f"an older LL {self.what} still waits for its receive hook; call the hooks in the "
+                                    f"order of their {self.what}es")
+        self._waiting.pop(0)
         self._done[0] = True
         self._launch()
 

@@ -269,7 +269,8 @@ class HtRuntime(GpuRuntime):
         if invalid:
             self.last_op = None   # the exchange was a rendezvous of every rank, and nothing else was launched
             if invalid >> self.rank & 1:
-                flat, value = int(hi[lay["host_bad"]]), int(hi[lay["host_bad"] + 1])
+                flat = int(hi[lay["host_bad"]])   # the mirror's value is narrowed to int32: read the id as given
+                value = int(_as_cupy(topk_ids.obj)[flat // K, flat % K].item())
                 raise arrays.argument_error(ValueError, "topk_ids", f"topk_ids[{flat // K}, {flat % K}] = {value} is "
                                                                     f"outside [-1, {E}); nothing was sent")
             bad_ranks = [r for r in range(W) if invalid >> r & 1]

@@ -53,6 +53,7 @@ class LLRuntime(GpuRuntime):
         self.sent = 0            # dispatch send halves issued
         self.received = 0        # dispatch receive halves issued
         self.pending = {"dispatch": 0, "combine": 0}   # sends waiting for their hook
+        self.waiting = {"dispatch": [], "combine": []}   # their hooks' done flags, oldest first (RecvHook)
         self.combines = 0        # combines issued (the owned combine output alternates too)
         self.open_gate(tuning.timeout_s)
 
@@ -236,7 +237,7 @@ class LLRuntime(GpuRuntime):
                 self.k[f"ll_dispatch_recv_{payload}"].launch(blocks, threads, params, stream=stream)
                 self.received += 1
                 self.pending["dispatch"] -= 1
-            hook = RecvHook(recv, handle.received, "dispatch")
+            hook = RecvHook(recv, handle.received, "dispatch", self.waiting["dispatch"])
         else:
             self.k[f"ll_dispatch_{payload}"].launch(blocks, threads, params, smem=self.plan.dispatch_smem,
                                                     stream=stream)
@@ -277,7 +278,7 @@ class LLRuntime(GpuRuntime):
             def recv():
                 self.k["ll_combine_recv"].launch(blocks, threads, params, stream=call.stream)
                 self.pending["combine"] -= 1
-            return out, RecvHook(recv, done, "combine")
+            return out, RecvHook(recv, done, "combine", self.waiting["combine"])
         self.k["ll_combine"].launch(blocks, threads, params, stream=call.stream)
         return out, None
 

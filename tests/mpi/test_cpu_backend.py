@@ -1102,6 +1102,7 @@ def test_ll_receive_hooks_give_the_plain_results_in_two_interleaved_micro_batche
     out_b, hb, hook_b = comm.dispatch(b.x, b.ids, b.w, return_recv_hook=True)
     mpi.raises(InvalidStateError, comm.dispatch, a.x, a.ids, a.w, return_recv_hook=True, match="two LL dispatches")
     mpi.raises(InvalidStateError, comm.combine, np.asarray(out_a.tokens), ha, match="receive hook has not been called")
+    mpi.raises(InvalidStateError, hook_b, match="call the hooks in the order")   # the receive halves go in send order
     hook_a()
     mpi.raises(InvalidStateError, hook_a, match="already called")
     refs_a = expected_dispatch(cfg, W, a)
