@@ -424,12 +424,7 @@ extern "C" __global__ void __launch_bounds__(ep::kDispatchWarps * 32, 1) ht_disp
   // zero counts and offsets. The epoch still advances on every rank alike.
   if (p.info[InfoLayout(p.local_experts, p.world).invalid_mask]) {
     const int gw = blockIdx.x * kDispatchWarps + warp, nw = gridDim.x * kDispatchWarps;
-    if (p.token_major)
-      for (i64 i = static_cast<i64>(gw) * kWarpSize + lane; i < static_cast<i64>(p.pad_rows) * p.topk;
-           i += static_cast<i64>(nw) * kWarpSize) {
-        p.recv_rows[i] = -1;
-        p.recv_w[i] = 0.f;
-      }
+    if (p.token_major) zero_padding(p, gw, nw, lane);   // the exchange received nothing: every row is padding
     if (p.counts_out && gw == 0)
       for (int e = lane; e <= p.local_experts; e += kWarpSize) {
         if (e < p.local_experts) p.counts_out[e] = 0;

@@ -5,6 +5,8 @@ bf16 is ``torch.bfloat16`` for torch, and ``uint16`` bit patterns for CuPy and N
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import numpy as np
@@ -183,33 +185,34 @@ class _RawStream:
 _EXTERNAL: dict = {}   # raw handle -> CuPy stream object wrapping it (a wrapper costs microseconds to build)
 
 
-def _external_cached(handle: int):
-    s = _EXTERNAL.get(handle)
+def _cached(table: dict, handle: int, make):
+    """``table[handle]``, made by ``make(handle)`` on first use (a wrapper costs microseconds to build; the
+    table is emptied past 1024 streams)."""
+    s = table.get(handle)
     if s is None:
-        if len(_EXTERNAL) > 1024:
-            _EXTERNAL.clear()
-        s = _EXTERNAL[handle] = _external(handle)
+        if len(table) > 1024:
+            table.clear()
+        s = table[handle] = make(handle)
     return s
+
+
+def _external_cached(handle: int):
+    return _cached(_EXTERNAL, handle, _external)
 
 
 def allocating_on(stream, framework: str):
     """Context in which torch allocates from ``stream``'s pool: an op launched on a stream the caller named,
     not torch's current one, so a block it still uses is never handed to the current stream's work once the
-    caller drops it (the caching allocator tracks blocks by the stream they were allocated on)."""
-    import contextlib
+    caller drops it (the caching allocator tracks blocks by the stream they were allocated on). None: no
+    stream was named (or the CPU backend): nothing changes."""
     if framework != TORCH or stream is None or stream.ptr == _torch_current_stream():
         return contextlib.nullcontext()
     import torch
-    torch_stream = _TORCH_EXTERNAL.get(stream.ptr)
-    if torch_stream is None:
-        if len(_TORCH_EXTERNAL) > 1024:
-            _TORCH_EXTERNAL.clear()
-        torch_stream = _TORCH_EXTERNAL[stream.ptr] = torch.cuda.ExternalStream(
-            stream.ptr, device=torch.device("cuda", torch.cuda.current_device()))
-    return torch.cuda.stream(torch_stream)
+    return torch.cuda.stream(_cached(_TORCH_EXTERNAL, stream.ptr, lambda handle: torch.cuda.ExternalStream(
+        handle, device=torch.device("cuda", torch.cuda.current_device()))))
 
 
-_TORCH_EXTERNAL: dict = {}   # raw stream -> torch.cuda.ExternalStream (building one costs microseconds)
+_TORCH_EXTERNAL: dict = {}   # raw stream -> torch.cuda.ExternalStream
 
 
 def _torch_current_stream() -> int:

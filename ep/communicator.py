@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -296,10 +295,7 @@ class MoECommunicator:
         if not asynchronous or self.backend != "gpu":
             if runner is not None:
                 runner.before(call.stream)
-            if named_stream is not None and self.backend == "gpu":
-                with arrays.allocating_on(call.stream, call.framework):
-                    result = self._run(method, call)
-            else:
+            with arrays.allocating_on(call.stream if named_stream is not None else None, call.framework):
                 result = self._run(method, call)
             if runner is not None:
                 runner.after(call.stream)
@@ -381,8 +377,7 @@ class MoECommunicator:
         validation.check_handle(self, handle, "handle")
         fw = handle._framework
         s = validation.stream_of(self, stream, fw)
-        named = stream is not None and self.backend == "gpu"
-        with arrays.allocating_on(s, fw) if named else contextlib.nullcontext():
+        with arrays.allocating_on(s if stream is not None else None, fw):
             return self._run(self._rt.row_sources, handle._state, fw, s)
 
     def create_overlap_config(self, *, target: int = 1, framework: str | None = None):

@@ -119,26 +119,26 @@ class CpuRuntime(Runtime):
         self._bad_id = None
         return exc
 
+    def _invalid_slots(self, ids: np.ndarray, call: str, outcome: str) -> np.ndarray:
+        """The slots of ``ids`` outside [-1, E); the first is kept for the next call to report (take_input_error)."""
+        bad = (ids < -1) | (ids >= self.cfg.num_experts)
+        if bad.any():
+            t, k = (int(v) for v in np.argwhere(bad)[0])
+            self._bad_id = (f"an earlier {call} got topk_ids[{t}, {k}] = {int(ids[t, k])} outside "
+                            f"[-1, {self.cfg.num_experts}); {outcome}")
+        return bad
+
     def _ll_ids(self, ids: np.ndarray) -> np.ndarray:
         """LL: invalid ids are treated as unused; the first one is reported in the next call."""
-        bad = (ids < -1) | (ids >= self.cfg.num_experts)
-        if not bad.any():
-            return ids
-        t, k = (int(v) for v in np.argwhere(bad)[0])
-        self._bad_id = (f"an earlier LL dispatch got topk_ids[{t}, {k}] = {int(ids[t, k])} outside "
-                        f"[-1, {self.cfg.num_experts}); that slot was treated as unused")
-        return np.where(bad, -1, ids)
+        bad = self._invalid_slots(ids, "LL dispatch", "that slot was treated as unused")
+        return np.where(bad, -1, ids) if bad.any() else ids
 
     def _worst_case_ids(self, ids: np.ndarray) -> np.ndarray:
         """A worst-case dispatch, like the GPU's: if any rank's ids are invalid, nothing moves on any rank (every
         slot unused), and the rank that passed them is told in its next call."""
-        bad = (ids < -1) | (ids >= self.cfg.num_experts)
+        bad = self._invalid_slots(ids, "worst-case dispatch", "it moved nothing on any rank")
         if not any(self.group.allgather(bool(bad.any()), "cpu worst-case ids")):
             return ids
-        if bad.any():
-            t, k = (int(v) for v in np.argwhere(bad)[0])
-            self._bad_id = (f"an earlier worst-case dispatch got topk_ids[{t}, {k}] = {int(ids[t, k])} outside "
-                            f"[-1, {self.cfg.num_experts}); it moved nothing on any rank")
         return np.full_like(ids, -1)
 
     def dispatch(self, call: DispatchCall):
@@ -178,7 +178,7 @@ class CpuRuntime(Runtime):
             else:
                 sent_counts = self.group.allgather(routed.sum(axis=0).astype(np.int64), "cpu rank prefix")
                 rank_prefix = np.cumsum(np.array(sent_counts).reshape(W, W), axis=0).astype(np.int32)
-                worst_rows = W * cfg.max_tokens_per_rank if call.worst_case else 0
+                worst_rows = sizes.worst_case_rows(cfg, W) if call.worst_case else 0
             if worst_rows:
                 res = reference.pad_token_major(res, worst_rows)
         else:

@@ -152,9 +152,8 @@ class HtRuntime(GpuRuntime):
         self.route_params = structs.pack(
             structs.HT_ROUTE_PARAMS, topk_ids=0, route=0, slot_idx=0, send_pos=0, chunk_cnt=bad + 4, bad=bad, info=0,
             host_epoch=self.host.ptr, host_info=self.host.ptr + 8, sig_peers=ptr(self.sig.table), err=self.err.ptr,
-            epoch_ctr=ptr(self.epoch_ctr), input_err=self.input_err.ptr, epoch=0, timeout_ns=self.timeout_ns, cnt_offset=self.layout.cnt_offset,
-            cnt_stride=self.layout.cnt_stride,
-            ids_64=0, rank=self.rank, world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts,
+            epoch_ctr=ptr(self.epoch_ctr), input_err=self.input_err.ptr, epoch=0, timeout_ns=self.timeout_ns,
+            cnt_offset=self.layout.cnt_offset, cnt_stride=self.layout.cnt_stride, ids_64=0, rank=self.rank, world=self.W, num_tokens=0, topk=cfg.topk, num_experts=cfg.num_experts,
             local_experts=self.L, nchunks=0, alignment=cfg.expert_alignment,
             expert_major=int(cfg.layout is DispatchLayout.EXPERT_MAJOR), record_invalid=0)
         self.k = load_kernels(group, tuning.kernels)
@@ -225,7 +224,7 @@ class HtRuntime(GpuRuntime):
         at = 2 * n_route + n_pos + self.info_lay["rank_prefix"]
         rank_prefix = workspace[at:at + W * W].reshape(W, W)
         self.exchange_seq += 1
-        rows = W * self.cfg.max_tokens_per_rank if call.worst_case else 0
+        rows = sizes.worst_case_rows(self.cfg, W) if call.worst_case else 0
         ids_ptr, ids_64 = ids.ptr, ids.dtype == "int64"
         params = self.route_params.update(topk_ids=ids_ptr, route=route, slot_idx=slot_idx, send_pos=send_pos,
                                 info=info, epoch=self.exchange_seq, ids_64=int(ids_64), num_tokens=T, nchunks=nchunks,
@@ -251,8 +250,7 @@ class HtRuntime(GpuRuntime):
     def _route_worst(self, pending: tuple, topk_ids: arrays.ArrayInfo, stream) -> Routing:
         """The layout of a worst-case dispatch: device arrays only, nothing waited for."""
         workspace, send_pos, info, T, _, dispatch_params, rank_prefix = pending
-        rows = self.W * self.cfg.max_tokens_per_rank
-        routing = Routing(workspace, send_pos, info, None, 0, 0, rows, None, T,
+        routing = Routing(workspace, send_pos, info, None, 0, 0, sizes.worst_case_rows(self.cfg, self.W), None, T,
                           self._topk_ids_copy(topk_ids, stream), dispatch_params, rank_prefix, worst=True)
         routing.combine_params = self._combine_params(routing)
         return routing

@@ -64,6 +64,11 @@ class HtLayout:
         return self.data_bytes + self.meta_bytes + self.sig_bytes + self.out_bytes + self.land_bytes + self.wland_bytes
 
 
+def worst_case_rows(cfg: MoECommunicatorConfig, world: int) -> int:
+    """Rows of a worst-case TOKEN_MAJOR output: the most a rank can receive, one per (source token, rank)."""
+    return world * cfg.max_tokens_per_rank
+
+
 def owned_output_rows(cfg: MoECommunicatorConfig, world: int) -> int:
     """Rows of the owned HT dispatch output: the most a FLAT output can need, every token of every rank naming
     min(K, L) of our experts, plus the alignment padding of every expert."""

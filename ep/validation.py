@@ -76,10 +76,6 @@ def _same_framework(arr, name: str, fw: str, like: str = "x") -> None:
 def stream_of(comm, stream, fw: str):
     """The stream an op of ``fw`` arrays runs on: ``stream`` resolved, or the caller's current one (None on
     the CPU backend)."""
-    return _stream(comm, stream, fw)
-
-
-def _stream(comm, stream, fw: str):
     if comm.backend != "gpu":
         if stream is not None:
             raise arrays.argument_error(ValueError, "stream", "stream: the CPU backend takes no stream")
@@ -230,7 +226,7 @@ def dispatch_call(comm, x, topk_ids, weights, scales, previous_handle,
             raise arrays.argument_error(ValueError, "worst_case", "worst_case: a cached dispatch takes the layout "
                                                                   "of its previous_handle; pass worst_case=False")
     return DispatchCall(x=xi, topk_ids=ii, weights=wi, previous=previous, output_buffer=oi,
-                        stream=_stream(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
+                        stream=stream_of(comm, stream, fw), framework=fw, fp8=fp8, cumulative_counts=ci,
                         recv_hook=return_recv_hook, scales=si, worst_case=bool(worst_case))
 
 
@@ -314,7 +310,7 @@ def combine_call(comm, expert_output, handle, out, stream, return_recv_hook=Fals
         cw = arrays.check_array(weights, "weights", shape=(T, cfg.topk), dtypes=("float32",), device=comm.device,
                                 fw=fw)
     return CombineCall(expert_output=yi, state=handle._state, out=oi, num_tokens=T,
-                       stream=_stream(comm, stream, fw), framework=fw, recv_hook=return_recv_hook, ready=ready,
+                       stream=stream_of(comm, stream, fw), framework=fw, recv_hook=return_recv_hook, ready=ready,
                        ready_target=target, topk_weights=wi, weights=cw)
 
 

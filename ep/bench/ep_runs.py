@@ -264,7 +264,7 @@ def _ht_graphs(ctx, comm, dev_inputs, state, snaps, cast=None) -> dict[str, list
     g1, (out1, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, sc, previous_handle=handle, stream=stream))
     g2, (out2, y2) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, handle))
     graphs = {"graph cached dispatch": g1, "graph cached dispatch+combine": g2}
-    worst = comm.config.layout is DispatchLayout.TOKEN_MAJOR and state["out"].num_tokens_per_expert_host is None
+    worst = ctx.args.worst_case
     if worst:   # the uncached worst-case dispatch waits on nothing: it is captured whole
         g3, (out3, _) = _capture(stream, lambda: comm.dispatch(x, ids, w, sc, stream=stream, worst_case=True))
         g4, (out4, y4) = _capture(stream, lambda: _dispatch_then_combine(comm, dev_inputs, stream, worst=True))
